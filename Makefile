@@ -1,0 +1,31 @@
+# Everything installs from nothing into .venv: torch first (the pinned build lies on this
+# machine's disk; any other version downloads gigabytes), then the package with its test extras.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/ray-dafusion demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/augment_overhead.py
+	$(PY) benchmarks/train_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
