@@ -1,0 +1,589 @@
+"""Augment: M img2img variations of every real train image, on a Ray Data actor pool.
+
+Shape of a run::
+
+    real/train/*.parquet ─> read (skip finished rows) ─> repartition into batch-sized blocks
+        ─> map_batches(DiffusionAugmenter, ActorPoolStrategy)   # each actor writes its own files
+        ─> summaries (file, rows, errors, seconds) back to the driver ─> verify N x M ─> manifest
+
+Exactly once: an actor writes ONE parquet file per batch, named from the (source_id, aug_index)
+pairs it covers, atomically. A retried batch rewrites the same name with the same content; a
+re-run reads only the committed pairs and generates the missing ones. The driver writes the
+manifest last, after checking that every (source_id, aug_index) exists exactly once.
+
+Reproducible per image: the seed, t0 and prompt template of augmentation k of source s are
+drawn from (run seed, s, k) alone, so an image does not depend on batch size, actors or order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from . import models, schema, storage, tokens, weights
+from .config import AugmentConfig, ConfigError
+
+__all__ = [
+    "AugmentResult",
+    "DiffusionAugmenter",
+    "augment",
+    "draw_augmentation",
+    "image_seed",
+    "class_prompts",
+    "to_model_size",
+    "from_model_size",
+]
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = "data"
+ERRORS_DIR = "errors"
+_REAL_COLUMNS = ["id", "image", "label", "class_name"]
+
+
+@dataclass
+class AugmentResult:
+    """What `augment` produced; counts are of (source_id, aug_index) pairs unless named rows."""
+
+    output: str
+    real_rows: int
+    synthetic_rows: int
+    generated: int
+    skipped_as_done: int
+    errors: int
+    wall_seconds: float
+    images_per_second: float
+    files_written: int = 0
+    already_complete: bool = False
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+# --------------------------------------------------------------------------------------
+# Per-image draws: pure functions of (run seed, source id, augmentation index)
+# --------------------------------------------------------------------------------------
+
+
+def image_seed(run_seed: int, source_id: str, aug_index: int) -> int:
+    """Stable non-negative int64 seed of one synthetic image."""
+    digest = hashlib.sha256(f"{run_seed}\x1f{source_id}\x1f{aug_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def draw_augmentation(
+    run_seed: int, source_id: str, aug_index: int, strengths: Sequence[float], templates: Sequence[str]
+) -> tuple[int, float, str]:
+    """(seed, t0, template) of augmentation `aug_index` of `source_id`.
+
+    t0 is drawn first, so adding templates does not change which t0 an image gets.
+    """
+    seed = image_seed(run_seed, source_id, aug_index)
+    rng = np.random.default_rng(seed)
+    strength = float(strengths[int(rng.integers(len(strengths)))])
+    template = templates[int(rng.integers(len(templates)))]
+    return seed, strength, template
+
+
+def class_word(class_name: str) -> str:
+    """The plain-language class word Real Guidance puts in its prompt."""
+    return " ".join(class_name.replace("_", " ").split())
+
+
+def class_prompts(cfg: AugmentConfig, classes: Sequence[schema.ClassInfo]) -> dict[str, list[str]]:
+    """Every prompt each class's rows can get in this run (what the leakage guard checks)."""
+    out = {}
+    for c in classes:
+        word = c.token if cfg.mode == "da_fusion" else class_word(c.name)
+        out[c.name] = [tokens.make_prompt(t, word) for t in cfg.prompt_templates]
+    return out
+
+
+def denoising_steps(num_inference_steps: int, strength: float) -> int:
+    """Scheduler steps diffusers' img2img runs for this t0 (its own rounding)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+# --------------------------------------------------------------------------------------
+# Resizing between the source size and the model's square
+# --------------------------------------------------------------------------------------
+
+
+def to_model_size(image: Image.Image, resolution: int, resize: str) -> Image.Image:
+    """squash: stretch to the square (the paper); keep_aspect: mirror-pad to a square first."""
+    if resize == "keep_aspect" and image.width != image.height:
+        w, h = image.size
+        side = max(w, h)
+        top, left = (side - h) // 2, (side - w) // 2
+        pixels = np.asarray(image)  # (H, W, 3)
+        pixels = np.pad(pixels, ((top, side - h - top), (left, side - w - left), (0, 0)), mode="symmetric")
+        image = Image.fromarray(pixels)
+    return image.resize((resolution, resolution), Image.BICUBIC)
+
+
+def from_model_size(result: Image.Image, size: tuple[int, int], resize: str) -> Image.Image:
+    """Undo `to_model_size`: back to the source's (width, height)."""
+    w, h = size
+    if resize == "keep_aspect" and w != h:
+        side = max(w, h)
+        top, left = (side - h) // 2, (side - w) // 2
+        return result.resize((side, side), Image.BICUBIC).crop((left, top, left + w, top + h))
+    return result.resize((w, h), Image.BICUBIC)
+
+
+# --------------------------------------------------------------------------------------
+# The actor
+# --------------------------------------------------------------------------------------
+
+
+def _batch_name(pairs: Iterable[tuple[str, int]]) -> str:
+    """File name determined by the (source_id, aug_index) pairs a batch covers."""
+    text = "\n".join(f"{s}\t{k}" for s, k in sorted(pairs))
+    return f"part-{hashlib.sha256(text.encode()).hexdigest()[:24]}.parquet"
+
+
+def _erasure_class():
+    """weights.ErasureWeights when this version has it (the erase stage lands it)."""
+    return getattr(weights, "ErasureWeights", None)
+
+
+class DiffusionAugmenter:
+    """Generates and writes the synthetic rows of one batch of real rows per call.
+
+    Loads the pipeline, the learned tokens and the optional erasure weights once. ``__call__``
+    takes a batch of real rows (a pyarrow Table or a dict of columns), writes one parquet file
+    under ``<output>/data/`` and, for bad rows, one under ``<output>/errors/``, and returns one
+    summary row: file, rows, errors, skipped, seconds.
+    """
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        classes: Sequence[schema.ClassInfo],
+        present: Optional[dict[str, list[int]]] = None,
+        expected_fingerprints: Optional[dict[str, str]] = None,
+        _faults: Optional[dict[str, Any]] = None,
+    ) -> None:
+        import torch
+
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.by_label = {c.label: c for c in self.classes}
+        self.class_names = [c.name for c in self.classes]
+        self.present = {k: set(v) for k, v in (present or {}).items()}
+        self.faults = dict(_faults or {})
+        self.batches_done = 0
+        self.torch = torch
+
+        self.pipe = models.load_pipeline(cfg.model, cache_dir=cfg.cache_dir, endpoint_url=cfg.endpoint_url)
+        self.model_fingerprint = models.model_fingerprint(
+            models.resolve_model(cfg.model, cfg.cache_dir, cfg.endpoint_url)
+        )
+        self.embeddings_fingerprint = ""
+        self.tokens: set[str] = set()
+        if cfg.mode == "da_fusion":
+            if not cfg.embeddings:
+                raise weights.EmbeddingsError("mode da_fusion needs `embeddings` (the invert stage's tokens.safetensors)")
+            tensors, self.embeddings_fingerprint = weights.load_embeddings(cfg.embeddings, cfg.endpoint_url)
+            weights.add_tokens(self.pipe, tensors)
+            self.tokens = set(tensors)
+        self.erasure = None
+        self.erasure_fingerprints: dict[str, str] = {}
+        self._erased_class: Optional[str] = None
+        if cfg.erasure:
+            erasure_cls = _erasure_class()
+            if erasure_cls is None:
+                raise ValueError("erasure weights are not supported by this installation (weights.ErasureWeights missing)")
+            self.erasure = erasure_cls(cfg.erasure, endpoint_url=cfg.endpoint_url)
+            self.erasure_fingerprints = {c: self.erasure.fingerprint(c) for c in self.erasure.classes()}
+        mine = {"model": self.model_fingerprint, "embeddings": self.embeddings_fingerprint}
+        for key, value in (expected_fingerprints or {}).items():
+            if key in mine and mine[key] != value:
+                raise RuntimeError(
+                    f"{key} fingerprint on this worker is {mine[key]} but the driver planned with {value}: "
+                    f"the {key} changed during the run"
+                )
+        self.schema = schema.synthetic_schema(self.class_names)
+        self.data_dir = storage.join(cfg.output, DATA_DIR)
+        self.errors_dir = storage.join(cfg.output, ERRORS_DIR)
+
+    # ---- one batch -------------------------------------------------------------------
+
+    def __call__(self, batch: Any) -> pa.Table:
+        start = time.perf_counter()
+        rows = batch.to_pylist() if isinstance(batch, pa.Table) else _dict_rows(batch)
+        m = self.cfg.num_augmentations
+
+        # 1. which augmentations of these rows are still missing
+        missing: list[tuple[dict[str, Any], list[int]]] = []
+        skipped = 0
+        for row in rows:
+            done = self.present.get(row["id"], set())
+            todo = [k for k in range(m) if k not in done]
+            skipped += m - len(todo)
+            if todo:
+                missing.append((row, todo))
+        pairs = [(row["id"], k) for row, todo in missing for k in todo]
+        if not pairs:
+            return _summary("", 0, 0, skipped, time.perf_counter() - start)
+        name = _batch_name(pairs)
+        data_uri = storage.join(self.data_dir, name)
+        if storage.exists(data_uri, self.cfg.endpoint_url):  # a retried batch whose file got committed
+            return _summary(name, 0, 0, skipped + len(pairs), time.perf_counter() - start)
+
+        # 2. quarantine bad rows, plan the good ones
+        jobs, errors = [], []
+        for row, todo in missing:
+            info, source, reason = self._check_row(row)
+            if reason is not None:
+                errors.append({"stage": "augment", "item": row["id"], "class_name": row.get("class_name"), "reason": reason})
+                continue
+            for k in todo:
+                seed, strength, template = draw_augmentation(
+                    self.cfg.seed, row["id"], k, self.cfg.strengths, self.cfg.prompt_templates
+                )
+                word = info.token if self.cfg.mode == "da_fusion" else class_word(info.name)
+                jobs.append({
+                    "row": row, "info": info, "source": source, "aug_index": k, "seed": seed,
+                    "strength": strength, "prompt": tokens.make_prompt(template, word),
+                })
+        if errors:
+            storage.write_parquet(
+                schema.error_table(errors),
+                storage.join(self.errors_dir, _batch_name((e["item"], -1) for e in errors)),
+                self.cfg.endpoint_url,
+            )
+
+        # 3. one pipeline call per (class if erasing, t0) group, chunked
+        out_rows = self._generate(jobs)
+
+        # 4. commit this batch's rows as one file
+        self._maybe_crash("before_write")
+        if out_rows:
+            out_rows.sort(key=lambda r: (r["source_id"], r["aug_index"]))
+            table = pa.Table.from_pylist(out_rows, schema=self.schema)
+            storage.write_parquet(table, data_uri, self.cfg.endpoint_url)
+        self._maybe_crash("after_write")
+        self.batches_done += 1
+        return _summary(name if out_rows else "", len(out_rows), len(errors), skipped, time.perf_counter() - start)
+
+    def _check_row(self, row: dict[str, Any]) -> tuple[Any, Any, Optional[str]]:
+        label = row.get("label")
+        info = self.by_label.get(label) if label is not None else None
+        if info is None:
+            return None, None, f"label {label!r} out of range 0..{len(self.classes) - 1}"
+        if row.get("class_name") not in (None, info.name):
+            return None, None, f"class_name {row.get('class_name')!r} does not match label {label} ({info.name!r})"
+        if self.cfg.mode == "da_fusion" and info.token not in self.tokens:
+            return None, None, f"class without a token: {info.token!r} is not in the embeddings file"
+        if self.erasure is not None and info.name not in self.erasure_fingerprints:
+            return None, None, f"class without erasure weights: {info.name!r}"
+        cell = row.get("image") or {}
+        try:
+            source = schema.decode_image(cell.get("bytes") if isinstance(cell, dict) else None)
+        except ValueError as exc:
+            return None, None, f"undecodable image: {exc}"
+        return info, source, None
+
+    def _generate(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+        for job in jobs:
+            groups[(job["info"].name if self.erasure is not None else "", job["strength"])].append(job)
+        out = []
+        for (class_name, strength), group in sorted(groups.items()):
+            if self.erasure is not None and class_name != self._erased_class:
+                self.erasure.apply(self.pipe.unet, class_name)
+                self._erased_class = class_name
+            for start in range(0, len(group), cfg.max_images_per_call):
+                chunk = group[start : start + cfg.max_images_per_call]
+                images = self.pipe(
+                    prompt=[j["prompt"] for j in chunk],
+                    image=[to_model_size(j["source"], cfg.resolution, cfg.resize) for j in chunk],
+                    strength=strength,
+                    guidance_scale=cfg.guidance_scale,
+                    num_inference_steps=cfg.num_inference_steps,
+                    generator=[self.torch.Generator("cpu").manual_seed(j["seed"]) for j in chunk],
+                    output_type="pil",
+                ).images
+                for job, image in zip(chunk, images):
+                    out.append(self._row(job, from_model_size(image, job["source"].size, cfg.resize)))
+        return out
+
+    def _row(self, job: dict[str, Any], image: Image.Image) -> dict[str, Any]:
+        row, info, k = job["row"], job["info"], job["aug_index"]
+        return {
+            "id": f"{row['id']}-{k}",
+            "source_id": row["id"],
+            "aug_index": k,
+            "label": info.label,
+            "class_name": info.name,
+            "token": info.token if self.cfg.mode == "da_fusion" else "",
+            "strength": job["strength"],
+            "seed": job["seed"],
+            "prompt": job["prompt"],
+            "guidance_scale": self.cfg.guidance_scale,
+            "num_inference_steps": self.cfg.num_inference_steps,
+            "model_fingerprint": self.model_fingerprint,
+            "embeddings_fingerprint": self.embeddings_fingerprint,
+            "erasure_fingerprint": self.erasure_fingerprints.get(info.name, "") if self.erasure is not None else "",
+            "image": schema.image_cell(schema.encode_image(image, "PNG"), f"{row['id']}-{k}.png"),
+        }
+
+    def _maybe_crash(self, point: str) -> None:
+        """Test hook: kill this actor process once (a marker file keeps its restart alive)."""
+        crash = self.faults.get("crash_actor")
+        if not crash or crash.get("point", "after_write") != point or self.batches_done != crash.get("after_batches", 0):
+            return
+        marker = crash["marker"]
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+
+
+def _dict_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    names = list(batch)
+    n = len(batch[names[0]]) if names else 0
+    return [{k: _plain(batch[k][i]) for k in names} for i in range(n)]
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _summary(file: str, rows: int, errors: int, skipped: int, seconds: float) -> pa.Table:
+    return pa.table({
+        "file": pa.array([file], pa.string()),
+        "rows": pa.array([rows], pa.int64()),
+        "errors": pa.array([errors], pa.int64()),
+        "skipped": pa.array([skipped], pa.int64()),
+        "seconds": pa.array([seconds], pa.float64()),
+    })
+
+
+# --------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------
+
+
+def _text_encoder_dim(local_model: str) -> Optional[int]:
+    path = os.path.join(local_model, "text_encoder", "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["hidden_size"])
+
+
+def _committed_pairs(output: str, endpoint_url: Optional[str]) -> pa.Table:
+    """(source_id, aug_index) of every committed synthetic row; reads only those columns."""
+    data_dir = storage.join(output, DATA_DIR)
+    if not storage.list_files(data_dir, ".parquet", endpoint_url):
+        return pa.table({"source_id": pa.array([], pa.string()), "aug_index": pa.array([], pa.int32())})
+    return storage.read_parquet(data_dir, endpoint_url, columns=["source_id", "aug_index"])
+
+
+def _quarantined(output: str, endpoint_url: Optional[str]) -> set[str]:
+    errors_dir = storage.join(output, ERRORS_DIR)
+    if not storage.list_files(errors_dir, ".parquet", endpoint_url):
+        return set()
+    return set(storage.read_parquet(errors_dir, endpoint_url, columns=["item"]).column("item").to_pylist())
+
+
+def _config_fingerprint(cfg: AugmentConfig, fingerprints: dict[str, Any], real_manifest: dict[str, Any]) -> str:
+    """Everything that changes the images: image-affecting fields, model, tokens, erasure, input."""
+    return storage.fingerprint({
+        "fields": {k: getattr(cfg, k) for k in (
+            "mode", "num_augmentations", "strengths", "guidance_scale", "num_inference_steps",
+            "prompt_templates", "resolution", "resize", "seed",
+        )},
+        "fingerprints": fingerprints,
+        "real": {"config_fingerprint": real_manifest.get("config_fingerprint"), "classes": real_manifest.get("classes")},
+    })
+
+
+def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> AugmentResult:
+    """Generate `num_augmentations` synthetic rows per real train row into `cfg.output`.
+
+    `_faults` is a test hook: {"stop_after_batches": k} stops the driver after k summaries (a
+    killed job); {"crash_actor": {"marker": path, "point": "after_write"}} kills one actor once.
+    """
+    import ray
+    import ray.data
+    from ray.data.expressions import col
+
+    started = time.time()
+    cfg.require("real", "output", "model")
+    if cfg.mode == "da_fusion":
+        cfg.require("embeddings")
+    ep = cfg.endpoint_url
+    for s in cfg.strengths:
+        if denoising_steps(cfg.num_inference_steps, s) < 1:
+            raise ConfigError(
+                f"config field 'strengths': t0={s} with num_inference_steps={cfg.num_inference_steps} "
+                "denoises 0 steps; raise num_inference_steps or t0"
+            )
+
+    # 1. classes, model, tokens, erasure: everything that can fail fails before any actor starts
+    classes = schema.read_class_table(cfg.real, ep)
+    real_manifest = storage.read_manifest(cfg.real, ep) or {}
+    local_model = models.resolve_model(cfg.model, cfg.cache_dir, ep)
+    fingerprints: dict[str, Any] = {"model": models.model_fingerprint(local_model), "embeddings": ""}
+    token_set: set[str] = set()
+    if cfg.mode == "da_fusion":
+        tensors, fingerprints["embeddings"] = weights.load_embeddings(cfg.embeddings, ep)
+        token_set = set(tensors)
+        dim = _text_encoder_dim(local_model)
+        for token, tensor in tensors.items():
+            if dim is not None and tensor.shape[-1] != dim:
+                raise weights.EmbeddingsError(
+                    f"token {token!r} has dimension {tensor.shape[-1]} but model {cfg.model!r} uses {dim}: "
+                    "the embeddings were learned on another model"
+                )
+        missing = [c.name for c in classes if c.token not in token_set]
+        if len(missing) == len(classes):
+            raise weights.EmbeddingsError(
+                f"the embeddings file {cfg.embeddings} holds none of this data set's tokens "
+                f"({', '.join(c.token for c in classes)}); was it learned on another data set?"
+            )
+        if missing:
+            logger.warning("classes without a token (their rows go to errors/): %s", ", ".join(missing))
+    if cfg.erasure:
+        erasure_cls = _erasure_class()
+        if erasure_cls is None:
+            raise ValueError("erasure weights are not supported by this installation (weights.ErasureWeights missing)")
+        erasure = erasure_cls(cfg.erasure, endpoint_url=ep)
+        fingerprints["erasure"] = {c: erasure.fingerprint(c) for c in erasure.classes()}
+
+    # 2. every prompt of the run, checked before any GPU work
+    prompts = class_prompts(cfg, [c for c in classes if cfg.mode != "da_fusion" or c.token in token_set])
+    if cfg.mode == "da_fusion":
+        tokens.check_prompts(prompts, [c.name for c in classes], sorted(token_set))
+
+    # 3. refuse another config's output; find what a previous run already committed
+    config_fp = _config_fingerprint(cfg, fingerprints, real_manifest)
+    done_manifest = storage.ensure_fresh_output(cfg.output, "augment", config_fp, cfg.overwrite, ep)
+    if done_manifest is not None:
+        counts = done_manifest.get("counts", {})
+        return AugmentResult(
+            output=cfg.output, real_rows=counts.get("real_rows", 0), synthetic_rows=counts.get("synthetic_rows", 0),
+            generated=0, skipped_as_done=counts.get("synthetic_rows", 0), errors=counts.get("errors", 0),
+            wall_seconds=time.time() - started, images_per_second=0.0, already_complete=True, manifest=done_manifest,
+        )
+    train_files = storage.parquet_files(storage.join(cfg.real, "train"), ep)
+    if not train_files:
+        raise FileNotFoundError(f"no train shards under {storage.join(cfg.real, 'train')}")
+    real_ids = storage.read_parquet(storage.join(cfg.real, "train"), ep, columns=["id"]).column("id").to_pylist()
+    if len(set(real_ids)) != len(real_ids):
+        raise ValueError(f"{cfg.real}/train has duplicate ids; re-run ingest (ids must be unique)")
+    m = cfg.num_augmentations
+    committed = _committed_pairs(cfg.output, ep)
+    present: dict[str, set[int]] = defaultdict(set)
+    for sid, k in zip(committed.column("source_id").to_pylist(), committed.column("aug_index").to_pylist()):
+        present[sid].add(k)
+    quarantined = _quarantined(cfg.output, ep)
+    finished = {sid for sid, ks in present.items() if len(ks) >= m} | quarantined
+    partial = {sid: sorted(ks) for sid, ks in present.items() if sid not in finished}
+    todo_rows = sum(1 for i in real_ids if i not in finished)
+    skipped = sum(len(ks) for ks in present.values())
+    logger.info("augment: %d real rows, %d finished earlier, %d to do", len(real_ids), len(finished), todo_rows)
+
+    # 4. the actor pool: read -> skip finished rows -> batch-sized blocks -> DiffusionAugmenter
+    summaries = []
+    if todo_rows:
+        fs, _ = storage.resolve(cfg.real, ep)
+        ds = ray.data.read_parquet([storage.resolve(f, ep)[1] for f in train_files], filesystem=fs,
+                                   columns=_REAL_COLUMNS)
+        if finished:
+            ds = ds.filter(expr=col("id").not_in(sorted(finished)))
+        # The few-shot real set is small: one block per batch spreads it over every actor.
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+        ds = ds.map_batches(
+            DiffusionAugmenter,
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "classes": classes,
+                "present": partial,
+                "expected_fingerprints": {"model": fingerprints["model"], "embeddings": fingerprints["embeddings"]},
+                "_faults": _faults,
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            # Ray Data's defaults are unlimited restarts; bound them so a broken node fails the job.
+            max_restarts=cfg.max_restarts,
+            max_task_retries=cfg.max_restarts,
+        )
+        stop_after = (_faults or {}).get("stop_after_batches")
+        for summary in ds.iter_rows():
+            summaries.append(summary)
+            if summary["rows"]:
+                logger.info("augment: wrote %s (%d rows, %.1fs)", summary["file"], summary["rows"], summary["seconds"])
+            if stop_after is not None and len(summaries) >= stop_after:
+                raise RuntimeError(f"injected stop after {len(summaries)} batches")
+
+    # 5. verify exactly N x M unique pairs (minus quarantined rows), then the manifest, last
+    committed = _committed_pairs(cfg.output, ep)
+    quarantined = _quarantined(cfg.output, ep)
+    pairs = list(zip(committed.column("source_id").to_pylist(), committed.column("aug_index").to_pylist()))
+    unique = set(pairs)
+    expected = {(sid, k) for sid in real_ids if sid not in quarantined for k in range(m)}
+    if len(unique) != len(pairs) or unique != expected:
+        raise RuntimeError(
+            f"augment output {cfg.output} is inconsistent: {len(pairs)} rows, {len(pairs) - len(unique)} duplicate "
+            f"pairs, {len(expected - unique)} missing, {len(unique - expected)} unexpected; re-run to repair"
+        )
+    wall = time.time() - started
+    generated = sum(s["rows"] for s in summaries)
+    counts = {
+        "real_rows": len(real_ids),
+        "synthetic_rows": len(pairs),
+        "generated": generated,
+        "skipped_as_done": skipped,
+        "errors": len(quarantined),
+        "files": len(storage.list_files(storage.join(cfg.output, DATA_DIR), ".parquet", ep)),
+    }
+    manifest = {
+        "stage": "augment",
+        "config": cfg.to_dict(),
+        "config_fingerprint": config_fp,
+        "real": cfg.real,
+        "model": cfg.model,
+        "model_fingerprint": fingerprints["model"],
+        "embeddings_fingerprint": fingerprints["embeddings"],
+        "erasure_fingerprints": fingerprints.get("erasure", {}),
+        "classes": [{"name": c.name, "label": c.label, "token": c.token} for c in classes],
+        "num_augmentations": m,
+        "counts": counts,
+        "timings": {"wall_seconds": wall, "images_per_second": generated / wall if wall > 0 else 0.0,
+                    "actor_seconds": sum(s["seconds"] for s in summaries)},
+        "versions": _versions(),
+    }
+    storage.write_manifest(cfg.output, manifest, ep)
+    return AugmentResult(
+        output=cfg.output, real_rows=len(real_ids), synthetic_rows=len(pairs), generated=generated,
+        skipped_as_done=skipped, errors=len(quarantined), wall_seconds=wall,
+        images_per_second=manifest["timings"]["images_per_second"],
+        files_written=sum(1 for s in summaries if s["rows"]), manifest=manifest,
+    )
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import ray
+    import torch
+
+    from . import __version__
+
+    return {"ray_dafusion": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "pyarrow": pa.__version__}
