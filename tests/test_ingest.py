@@ -1,0 +1,261 @@
+"""Ingest: image folders, VOC and COCO into split parquet shards; bad input never lost."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ray_dafusion import IngestConfig, schema, storage
+from ray_dafusion.ingest import ingest, load_image_file
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _png(seed: int, size=(20, 16), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+
+
+def _save(img: Image.Image, path, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, format=fmt)
+
+
+def _read_split(out, split):
+    files = storage.list_files(storage.join(out, split), ".parquet")
+    return storage.read_parquet(storage.join(out, split)).to_pylist() if files else []
+
+
+def _folder(tmp_path, classes=("cat", "dog"), n=6):
+    root = tmp_path / "src"
+    seed = 0
+    for cls in classes:
+        for i in range(n):
+            seed += 1
+            _save(_png(seed), str(root / cls / f"img{i}.png"))
+    return root
+
+
+def test_folder_splits_are_seeded_disjoint_and_nested(tmp_path):
+    root = _folder(tmp_path, n=10)
+    small = ingest(IngestConfig(source=str(root), output=str(tmp_path / "k2"), examples_per_class=2, seed=3))
+    big = ingest(IngestConfig(source=str(root), output=str(tmp_path / "k4"), examples_per_class=4, seed=3))
+    assert small.classes == ["cat", "dog"]
+    assert small.counts == {"train": 4, "val": 8, "test": 8}
+    assert big.counts == {"train": 8, "val": 6, "test": 6}
+    splits = {s: _read_split(big.output, s) for s in ("train", "val", "test")}
+    ids = {s: {r["id"] for r in rows} for s, rows in splits.items()}
+    assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
+    small_train = {r["source_path"] for r in _read_split(small.output, "train")}
+    big_train = {r["source_path"] for r in splits["train"]}
+    assert small_train < big_train  # smaller few-shot subsets are prefixes of larger ones
+    # a different seed picks a different subset
+    other = ingest(IngestConfig(source=str(root), output=str(tmp_path / "s9"), examples_per_class=4, seed=9))
+    assert {r["source_path"] for r in _read_split(other.output, "train")} != big_train
+    manifest = storage.read_manifest(big.output)
+    assert manifest["classes"] == [{"name": "cat", "label": 0, "token": "<cat>"},
+                                   {"name": "dog", "label": 1, "token": "<dog>"}]
+    assert manifest["counts"]["per_class"]["train"] == {"cat": 4, "dog": 4}
+    assert manifest["seed"] == 3
+
+
+def test_explicit_val_and_test_sizes_and_shard_bound(tmp_path):
+    root = _folder(tmp_path, n=9)
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=2,
+                              val_per_class=3, test_per_class=1, rows_per_file=2))
+    assert res.counts == {"train": 4, "val": 6, "test": 2}
+    for f in storage.list_files(storage.join(res.output, "val"), ".parquet"):
+        assert pq.read_metadata(f).num_rows <= 2
+
+
+def test_rerun_skips_and_changed_config_is_refused(tmp_path):
+    root = _folder(tmp_path)
+    out = str(tmp_path / "o")
+    ingest(IngestConfig(source=str(root), output=out, examples_per_class=2))
+    assert ingest(IngestConfig(source=str(root), output=out, examples_per_class=2)).reused
+    with pytest.raises(storage.StorageError, match="different config"):
+        ingest(IngestConfig(source=str(root), output=out, examples_per_class=3))
+    res = ingest(IngestConfig(source=str(root), output=out, examples_per_class=3, overwrite=True))
+    assert res.counts["train"] == 6 and not res.reused
+
+
+def test_bad_files_are_converted_or_quarantined_and_counted(tmp_path):
+    root = tmp_path / "src"
+    cls = root / "café au lait"  # unicode and spaces in a class name
+    for i in range(3):
+        _save(_png(100 + i), str(cls / f"ok{i}.PNG"))  # extension case does not matter
+    _save(_png(1), str(cls / "upper.JPG"), fmt="JPEG")
+    _save(_png(2, mode="L"), str(cls / "gray.png"))
+    _save(_png(3, mode="P"), str(cls / "palette.gif"), fmt="GIF")
+    rgba = _png(4).convert("RGBA")
+    rgba.putalpha(0)
+    _save(rgba, str(cls / "transparent.png"))
+    _save(_png(5).convert("CMYK"), str(cls / "cmyk.jpeg"), fmt="JPEG")
+    deep = Image.fromarray(np.arange(20 * 16, dtype=np.uint16).reshape(16, 20) * 200)
+    assert deep.mode == "I;16"
+    _save(deep, str(cls / "deep.png"))
+    good = io.BytesIO()
+    _png(6).save(good, format="PNG")
+    (cls / "truncated.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (cls / "empty.jpg").write_bytes(b"")
+    (cls / "notes.txt").write_text("not an image")
+    (cls / "copy.png").write_bytes((cls / "ok0.PNG").read_bytes())  # duplicate by content
+    (root / "stray.png").write_bytes((cls / "ok1.PNG").read_bytes())  # outside any class folder
+    (root / "empty class").mkdir()
+    other = root / "日本"
+    for i in range(4):
+        _save(_png(200 + i), str(other / f"{i}.webp"), fmt="WEBP")
+
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=2))
+    assert res.classes == ["café au lait", "日本"]
+    rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
+    kept = sorted(os.path.basename(r["source_path"]) for r in rows if r["class_name"] == "café au lait")
+    # of two identical files the first by path is kept, the other quarantined as its duplicate
+    assert kept == sorted(["copy.png", "ok1.PNG", "ok2.PNG", "upper.JPG", "gray.png", "palette.gif",
+                           "transparent.png", "cmyk.jpeg", "deep.png"])
+    for r in rows:  # every stored image decodes to RGB of the recorded size
+        img = Image.open(io.BytesIO(r["image"]["bytes"]))
+        assert img.convert("RGB").size == (r["width"], r["height"]) == (20, 16)
+        assert img.mode == "RGB"
+    errors = {os.path.basename(e["item"]): e["reason"] for e in storage.read_parquet(storage.join(res.output, "errors")).to_pylist()}
+    assert "truncated" in errors["truncated.png"]
+    assert errors["empty.jpg"] == "zero-byte file"
+    assert "not a readable image" in errors["notes.txt"]
+    assert errors["ok0.PNG"] == "duplicate of café au lait/copy.png (same pixels)"
+    assert "not inside a class folder" in errors["stray.png"]
+    manifest = storage.read_manifest(res.output)
+    assert manifest["counts"]["errors"] == len(errors) == 5
+    assert manifest["counts"]["empty_classes"] == ["empty class"]
+    assert manifest["counts"]["listed"] == 9 + 5 + 4
+    assert sum(manifest["counts"]["splits"].values()) + len(errors) == manifest["counts"]["listed"]
+    # transparent pixels are composited over white, not black
+    row = next(r for r in rows if r["source_path"].endswith("transparent.png"))
+    assert np.asarray(Image.open(io.BytesIO(row["image"]["bytes"]))).min() == 255
+
+
+def test_too_few_images_is_refused_unless_allowed(tmp_path):
+    root = _folder(tmp_path, classes=("cat",), n=6)
+    for i in range(2):
+        _save(_png(50 + i), str(root / "rare bird" / f"{i}.png"))
+    with pytest.raises(ValueError, match=r"'rare bird' \(2\).*allow_fewer"):
+        ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=4))
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o2"), examples_per_class=4, allow_fewer=True))
+    assert storage.read_manifest(res.output)["counts"]["per_class"]["train"] == {"cat": 4, "rare bird": 2}
+
+
+def test_same_image_under_two_classes_is_quarantined(tmp_path):
+    root = _folder(tmp_path, n=4)
+    (root / "dog" / "also_cat.png").write_bytes((root / "cat" / "img0.png").read_bytes())
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=2))
+    errors = {e["item"]: e["reason"] for e in storage.read_parquet(storage.join(res.output, "errors")).to_pylist()}
+    assert errors == {"cat/img0.png": "same image appears under several classes: cat, dog",
+                      "dog/also_cat.png": "duplicate of cat/img0.png (same pixels)"}
+    assert res.counts["train"] + res.counts["val"] + res.counts["test"] == 7
+
+
+def _voc_xml(filename, objects):
+    objs = "".join(
+        f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+        for n, (a, b, c, d) in objects
+    )
+    return f"<annotation><filename>{filename}</filename>{objs}</annotation>"
+
+
+def test_voc_largest_object_labels_the_image(tmp_path):
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    for i in range(4):
+        _save(_png(i), str(root / "JPEGImages" / f"{i}.jpg"), fmt="JPEG")
+        # a small cat and a large dog for images 0-1; a large cat and a small dog for 2-3
+        big, small = ("dog", "cat") if i < 2 else ("cat", "dog")
+        (root / "Annotations" / f"{i}.xml").write_text(
+            _voc_xml(f"{i}.jpg", [(small, (0, 0, 4, 4)), (big, (0, 0, 10, 12))]))
+    _save(_png(9), str(root / "JPEGImages" / "9.jpg"), fmt="JPEG")
+    (root / "Annotations" / "9.xml").write_text(_voc_xml("9.jpg", []))  # no objects: skipped
+    (root / "Annotations" / "bad.xml").write_text("<annotation><object>")  # unreadable
+    res = ingest(IngestConfig(source=str(root), format="voc", output=str(tmp_path / "o"), examples_per_class=1))
+    rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
+    labels = {os.path.basename(r["source_path"]): r["class_name"] for r in rows}
+    assert labels == {"0.jpg": "dog", "1.jpg": "dog", "2.jpg": "cat", "3.jpg": "cat"}
+    assert res.skipped == {"no_objects": 1}
+    errors = storage.read_parquet(storage.join(res.output, "errors")).to_pylist()
+    assert [e["item"] for e in errors] == ["Annotations/bad.xml"]
+    assert "unreadable annotation" in errors[0]["reason"]
+
+
+def test_coco_largest_area_labels_the_image(tmp_path):
+    images = tmp_path / "coco" / "images"
+    anns, imgs = [], []
+    for i in range(4):
+        _save(_png(i), str(images / f"{i}.png"))
+        imgs.append({"id": i, "file_name": f"{i}.png"})
+        anns.append({"id": 10 * i, "image_id": i, "category_id": 1, "area": 50.0 if i % 2 else 5.0})
+        anns.append({"id": 10 * i + 1, "image_id": i, "category_id": 2, "area": 20.0})
+    imgs.append({"id": 99, "file_name": "unlabelled.png"})
+    ann_file = tmp_path / "coco" / "instances.json"
+    ann_file.write_text(json.dumps({"images": imgs, "annotations": anns,
+                                    "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "traffic light"}]}))
+    res = ingest(IngestConfig(source=str(ann_file), format="coco", images_dir=str(images),
+                              output=str(tmp_path / "o"), examples_per_class=1))
+    rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
+    assert {r["source_path"]: r["class_name"] for r in rows} == {
+        "0.png": "traffic light", "1.png": "person", "2.png": "traffic light", "3.png": "person"}
+    assert res.skipped == {"no_objects": 1}
+    assert storage.read_manifest(res.output)["classes"][1]["token"] == "<traffic_light>"
+
+
+def test_unreadable_coco_json_is_a_clear_error(tmp_path):
+    bad = tmp_path / "instances.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ingest(IngestConfig(source=str(bad), format="coco", output=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ingest(IngestConfig(source=str(tmp_path / "nope"), output=str(tmp_path / "o2")))
+
+
+def test_output_opens_in_pyarrow_pandas_ray_and_datasets(tmp_path, ray_session):
+    import datasets
+    import pandas as pd
+
+    root = _folder(tmp_path, n=4)
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=2))
+    files = storage.list_files(storage.join(res.output, "train"), ".parquet")
+    table = pq.read_table(files[0])
+    assert table.schema.field("image").type == schema.IMAGE_TYPE
+    assert set(schema.REAL_COLUMNS) == set(table.column_names)
+    assert len(pd.read_parquet(files[0])) == table.num_rows
+    assert ray_session.data.read_parquet(files).count() == 4
+    ds = datasets.load_dataset("parquet", data_files={"train": files}, split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["label"], datasets.ClassLabel)
+    assert ds.features["label"].names == ["cat", "dog"]
+    assert isinstance(ds[0]["image"], Image.Image)
+
+
+def test_s3_source_and_output(tmp_path, s3_bucket):
+    bucket = s3_bucket("ingest-bucket")
+    root = _folder(tmp_path, n=4)
+    storage.upload_dir(str(root), f"{bucket}/src")
+    res = ingest(IngestConfig(source=f"{bucket}/src", output=f"{bucket}/real", examples_per_class=2))
+    assert res.counts == {"train": 4, "val": 2, "test": 2}
+    assert len(storage.read_parquet(f"{bucket}/real/train")) == 4
+    assert storage.read_manifest(f"{bucket}/real")["counts"]["splits"]["train"] == 4
+
+
+def test_load_image_file_keeps_rgb_originals_and_reencodes_the_rest():
+    buf = io.BytesIO()
+    _png(1).save(buf, format="PNG")
+    data, w, h, digest = load_image_file(buf.getvalue())
+    assert data == buf.getvalue() and (w, h) == (20, 16)
+    gray = io.BytesIO()
+    _png(1, mode="L").save(gray, format="PNG")
+    data2, *_ = load_image_file(gray.getvalue())
+    assert Image.open(io.BytesIO(data2)).mode == "RGB"
+    small, w2, h2, _ = load_image_file(buf.getvalue(), max_size=10)
+    assert (w2, h2) == (10, 8)
+    with pytest.raises(ValueError, match="zero-byte"):
+        load_image_file(b"")
