@@ -1,0 +1,123 @@
+"""Configs: typed, validated with named errors, loadable from YAML, overridable from the CLI."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ray_dafusion import config as C
+from ray_dafusion.cli import build_parser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_match_the_method():
+    a = C.AugmentConfig()
+    assert (a.num_augmentations, a.strengths, a.guidance_scale, a.num_inference_steps) == (10, [0.25, 0.5, 0.75, 1.0], 7.5, 50)
+    assert a.prompt_templates == ["a photo of a {}"] and a.mode == "da_fusion"
+    i = C.InvertConfig()
+    assert (i.steps, i.batch_size, i.learning_rate, i.initializer_token, i.num_vectors) == (1000, 4, 5e-4, "the", 1)
+    e = C.EraseConfig()
+    assert (e.iterations, e.learning_rate, e.negative_guidance, e.start_guidance) == (1000, 1e-5, 1.0, 3.0)
+    t = C.TrainConfig()
+    assert (t.alpha, t.arch, t.backbone, t.batch_size, t.learning_rate, t.image_size, t.rotation) == (
+        0.5, "resnet50", "linear_probe", 32, 1e-4, 256, 15.0)
+
+
+@pytest.mark.parametrize("cls, field, value, words", [
+    (C.AugmentConfig, "strengths", [0.5, 1.5], "t0 must lie in (0, 1]"),
+    (C.AugmentConfig, "strengths", [], "at least one"),
+    (C.AugmentConfig, "mode", "magic", "one of da_fusion, real_guidance"),
+    (C.AugmentConfig, "num_augmentations", 0, "must be > 0"),
+    (C.AugmentConfig, "num_augmentations", "ten", "must be an integer"),
+    (C.AugmentConfig, "prompt_templates", ["a photo"], "exactly one {}"),
+    (C.TrainConfig, "alpha", 1.5, "[0, 1]"),
+    (C.TrainConfig, "arch", "vgg", "one of resnet50"),
+    (C.IngestConfig, "format", "csv", "one of folder, voc, coco"),
+    (C.EraseConfig, "method", "half", "one of full, xattn"),
+    (C.IngestConfig, "allow_fewer", "yes", "true or false"),
+])
+def test_bad_values_name_the_field_and_value(cls, field, value, words):
+    with pytest.raises(C.ConfigError) as err:
+        cls(**{field: value})
+    shown = [repr(value)] + ([repr(v) for v in value] if isinstance(value, list) else [])
+    assert f"'{field}'" in str(err.value) and any(s in str(err.value) for s in shown)
+    assert words in str(err.value)
+
+
+def test_unknown_fields_and_required_fields():
+    with pytest.raises(C.ConfigError, match="unknown field.*num_augs"):
+        C.AugmentConfig.from_dict({"num_augs": 3})
+    with pytest.raises(C.ConfigError, match="'output': is required"):
+        C.IngestConfig(source="x").require("source", "output")
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text("num_augmentations: 3\nstrengths: [0.5]\nreal: /data/real\n")
+    cfg = C.AugmentConfig.from_args(str(path), {"num_augmentations": "5", "strengths": "0.25,0.75", "model": "tiny"})
+    assert cfg.num_augmentations == 5 and cfg.strengths == [0.25, 0.75] and cfg.real == "/data/real"
+    assert isinstance(cfg.strengths[0], float)
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.AugmentConfig.from_args(str(tmp_path / "missing.yaml"), {})
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(C.ConfigError, match="must hold a mapping"):
+        C.AugmentConfig.from_args(str(tmp_path / "bad.yaml"), {})
+
+
+def test_pipeline_sections_nest(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("workdir: /w\naugment:\n  num_augmentations: 2\ntrain:\n  epochs: 1\n")
+    cfg = C.PipelineConfig.from_args(str(path), {"augment.strengths": "[0.5]", "train.arch": "resnet18"})
+    assert isinstance(cfg.augment, C.AugmentConfig)
+    assert cfg.augment.num_augmentations == 2 and cfg.augment.strengths == [0.5]
+    assert cfg.train.epochs == 1 and cfg.train.arch == "resnet18"
+    with pytest.raises(C.ConfigError, match="'alpha'"):
+        C.PipelineConfig.from_dict({"train": {"alpha": 2}})
+
+
+def test_every_field_has_help_and_every_stage_lists_it():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "stage")
+    for stage, cls in C.CONFIGS.items():
+        docs = C.field_help(cls)
+        text = sub.choices[stage].format_help()
+        for f in C.dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            if stage != "pipeline":
+                assert f"--{f.name}" in text, f"`ray-dafusion {stage} --help` does not list {f.name}"
+    help_text = sub.choices["augment"].format_help()
+    assert "--num_augmentations" in help_text and "(default: 10)" in " ".join(help_text.split())
+
+
+def test_cli_help_runs_as_a_command():
+    out = subprocess.run([sys.executable, "-m", "ray_dafusion.cli", "ingest", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--examples_per_class" in out and "--config" in out
+
+
+def test_cli_reports_bad_values_without_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "ray_dafusion.cli", "augment", "--num_augmentations", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "'num_augmentations': must be > 0 (got 0)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _config_class_for(path: str):
+    name = os.path.basename(path).split(".")[0]
+    stage = name.split("_")[0].split("-")[0]
+    return C.CONFIGS.get(stage, C.PipelineConfig)
+
+
+def test_every_shipped_yaml_parses():
+    files = sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml")))
+    assert files, "jobs/configs/ holds no YAML"
+    for path in files:
+        cls = _config_class_for(path)
+        cfg = cls.from_yaml(path)
+        assert isinstance(cfg, cls), path
+        with open(path) as f:
+            assert set(yaml.safe_load(f) or {}) <= {x.name for x in C.dataclasses.fields(cls)}

@@ -1,0 +1,85 @@
+"""Model loading: built-in tiny model, local directories, s3:// prefixes and hub ids."""
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ray_dafusion import models, storage
+
+
+def _img2img(pipe, seed=0):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    return pipe(prompt=["a photo of the"], image=img, strength=0.5, num_inference_steps=4,
+                guidance_scale=7.5, generator=[torch.Generator().manual_seed(seed)], output_type="np").images[0]
+
+
+def test_tiny_model_is_built_once_and_loads_like_a_checkpoint(tiny_model, model_cache):
+    assert os.path.exists(os.path.join(tiny_model, "model_index.json"))
+    mtime = os.path.getmtime(os.path.join(tiny_model, "model_index.json"))
+    assert models.resolve_model("tiny", cache_dir=model_cache) == tiny_model
+    assert os.path.getmtime(os.path.join(tiny_model, "model_index.json")) == mtime  # not rebuilt
+    pipe = models.load_pipeline("tiny", device="cpu", cache_dir=model_cache)
+    assert pipe.unet.dtype == torch.float32 and pipe.safety_checker is None
+    start = time.perf_counter()
+    out = _img2img(pipe)
+    print(f"tiny 64x64 img2img, 4 steps: {time.perf_counter() - start:.3f}s")
+    assert out.shape == (64, 64, 3)
+    # the initializer word of textual inversion must be a single token
+    assert len(pipe.tokenizer("the", add_special_tokens=False).input_ids) == 1
+
+
+def test_same_seed_same_image_and_stable_fingerprint(tiny_model, model_cache):
+    pipe = models.load_pipeline("tiny", device="cpu", cache_dir=model_cache)
+    np.testing.assert_array_equal(_img2img(pipe, 1), _img2img(pipe, 1))
+    assert not np.array_equal(_img2img(pipe, 1), _img2img(pipe, 2))
+    fp = models.model_fingerprint(tiny_model)
+    assert fp == models.model_fingerprint(tiny_model) and len(fp) == 16
+
+
+def test_local_directory_and_file_uri(tiny_model, tmp_path, model_cache):
+    local = str(tmp_path / "my-model")
+    shutil.copytree(tiny_model, local)
+    assert models.resolve_model(local) == local
+    assert models.resolve_model("file://" + local) == local
+    pipe = models.load_pipeline(local, device="cpu", cache_dir=model_cache)
+    reference = models.load_pipeline("tiny", device="cpu", cache_dir=model_cache)
+    np.testing.assert_array_equal(_img2img(pipe), _img2img(reference))
+    assert models.model_fingerprint(local) == models.model_fingerprint(tiny_model)
+
+
+def test_s3_prefix_is_staged_once_per_node(tiny_model, tmp_path, s3_bucket):
+    bucket = s3_bucket("models")
+    storage.upload_dir(tiny_model, f"{bucket}/sd-tiny")
+    cache = str(tmp_path / "cache")
+    staged = models.resolve_model(f"{bucket}/sd-tiny", cache_dir=cache)
+    assert staged.startswith(cache) and os.path.exists(os.path.join(staged, ".complete"))
+    assert models.model_fingerprint(staged) == models.model_fingerprint(tiny_model)
+    marker = os.path.join(staged, "unet", "config.json")
+    mtime = os.path.getmtime(marker)
+    assert models.resolve_model(f"{bucket}/sd-tiny", cache_dir=cache) == staged
+    assert os.path.getmtime(marker) == mtime  # second call reuses the staged copy
+    pipe = models.load_pipeline(f"{bucket}/sd-tiny", device="cpu", cache_dir=cache)
+    assert _img2img(pipe).shape == (64, 64, 3)
+    storage.write_bytes(f"{bucket}/not-a-model/readme.txt", b"hello")
+    with pytest.raises(ValueError, match="no model_index.json"):
+        models.resolve_model(f"{bucket}/not-a-model", cache_dir=cache)
+
+
+def test_bad_model_uris_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        models.resolve_model("./no/such/model", cache_dir=str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no model_index.json"):
+        models.resolve_model(str(empty), cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unsupported model URI"):
+        models.resolve_model("gs://bucket/model", cache_dir=str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.resolve_model("CompVis/stable-diffusion-v1-4", cache_dir=str(tmp_path)) == "CompVis/stable-diffusion-v1-4"
+    with pytest.raises(OSError, match="cannot load diffusion model 'CompVis/stable-diffusion-v1-4'"):
+        models.load_pipeline("CompVis/stable-diffusion-v1-4", device="cpu", cache_dir=str(tmp_path))
