@@ -1,0 +1,187 @@
+"""The stages in order under one workdir: ingest -> invert -> (erase) -> augment -> train -> evaluate.
+
+Each stage's inputs and outputs default to fixed places under ``workdir``; each stage skips an
+output that is already complete with the same config, so re-running a pipeline resumes it.
+``demo`` is the pipeline on the embedded default: local files, the tiny model and the digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import storage
+from .config import (
+    AugmentConfig,
+    EvaluateConfig,
+    GalleryConfig,
+    IngestConfig,
+    PipelineConfig,
+    StageConfig,
+    TrainConfig,
+)
+
+__all__ = ["pipeline", "demo", "PipelineResult", "stage_configs", "DEMO_CONFIG"]
+
+# Methods whose training reads a synthetic set, and the augment mode that makes it.
+_SYNTHETIC_MODE = {"da_fusion": "da_fusion", "real_guidance": "real_guidance"}
+
+# The embedded default of `ray-dafusion demo` / `make demo`: small enough to finish in minutes
+# on two CPU cores, and the same code path as a real run.
+DEMO_CONFIG: dict[str, Any] = {
+    "workdir": "./runs/demo",
+    "methods": ["baseline", "da_fusion"],
+    "ingest": {"examples_per_class": 4, "val_per_class": 10, "test_per_class": 20, "seed": 0},
+    "invert": {"model": "tiny", "steps": 60, "resolution": 64, "batch_size": 4, "num_cpus": 1.0},
+    "augment": {"model": "tiny", "num_augmentations": 4, "num_inference_steps": 20, "resolution": 64,
+                "batch_size": 4, "num_cpus": 0.5, "max_actors": 2},
+    "train": {"arch": "resnet18", "backbone": "finetune", "image_size": 32, "epochs": 8, "batch_size": 16,
+              "learning_rate": 1e-3, "rotation": 10.0, "num_workers": 1, "cpus_per_worker": 0.5},
+}
+
+
+@dataclass
+class PipelineResult:
+    """Where each stage's output went, and the headline results."""
+
+    workdir: str
+    outputs: dict[str, str] = field(default_factory=dict)
+    results: Optional[dict[str, Any]] = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _fill(section: StageConfig, parent: PipelineConfig, **defaults: Any) -> Any:
+    """A stage config with unset URIs filled from the workdir and the shared endpoint."""
+    changes = {k: v for k, v in defaults.items() if getattr(section, k) in (None, "", [])}
+    if section.endpoint_url is None and parent.endpoint_url is not None:
+        changes["endpoint_url"] = parent.endpoint_url
+    if parent.overwrite and not section.overwrite:
+        changes["overwrite"] = True
+    return dataclasses.replace(section, **changes)
+
+
+def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every stage's config as the pipeline will run it (URIs resolved under workdir)."""
+    w = cfg.workdir
+    real = cfg.ingest.output or storage.join(w, "real")
+    tokens = cfg.invert.output or storage.join(w, "tokens")
+    erasure = cfg.erase.output or storage.join(w, "erasure")
+    out: dict[str, Any] = {
+        "ingest": _fill(cfg.ingest, cfg, output=real),
+        "invert": _fill(cfg.invert, cfg, real=real, output=tokens),
+        "erase": _fill(cfg.erase, cfg, real=real, output=erasure),
+        "augment": {},
+        "train": {},
+    }
+    for method in cfg.methods:
+        mode = _SYNTHETIC_MODE.get(method)
+        if mode and mode not in out["augment"]:
+            extra: dict[str, Any] = {}
+            if mode == "da_fusion":
+                extra["embeddings"] = tokens
+                if cfg.run_erase:
+                    extra["erasure"] = erasure
+            section = dataclasses.replace(cfg.augment, mode=mode)
+            if mode == "real_guidance" and cfg.augment.strengths == AugmentConfig().strengths:
+                section = dataclasses.replace(section, strengths=[0.5])  # Real Guidance's t0
+            out["augment"][mode] = _fill(section, cfg, real=real, output=storage.join(w, "synthetic", mode), **extra)
+        synthetic = out["augment"][mode].output if mode else None
+        name = f"{cfg.train.name}-{method}" if cfg.train.name else method
+        section = dataclasses.replace(cfg.train, method=method, name=name)
+        out["train"][method] = _fill(section, cfg, real=real, output=storage.join(w, "train"),
+                                     **({"synthetic": synthetic} if synthetic else {}))
+    return out
+
+
+def _timed(seconds: dict[str, float], name: str, fn, *args):
+    start = time.time()
+    print(f"\n=== {name} ===", flush=True)
+    result = fn(*args)
+    seconds[name] = round(time.time() - start, 1)
+    return result
+
+
+def pipeline(cfg: PipelineConfig) -> PipelineResult:
+    """Run every stage in order; complete outputs are skipped, so a re-run resumes."""
+    from .augment import augment
+    from .evaluate import evaluate
+    from .gallery import gallery
+    from .ingest import ingest
+    from .inversion import invert
+    from .train import train
+
+    configs = stage_configs(cfg)
+    if configs["ingest"].source == "":
+        configs["ingest"].require("source")
+    result = PipelineResult(workdir=cfg.workdir)
+    secs = result.seconds
+
+    # 1. real images -> real/{train,val,test}
+    result.outputs["real"] = _timed(secs, "ingest", ingest, configs["ingest"]).output
+    # 2. one learned token per class (only da_fusion prompts use them)
+    if "da_fusion" in configs["augment"]:
+        result.outputs["tokens"] = _timed(secs, "invert", invert, configs["invert"]).output
+        # 3. optional concept erasure
+        if cfg.run_erase:
+            from .erasure import erase
+
+            result.outputs["erasure"] = _timed(secs, "erase", erase, configs["erase"]).output
+    # 4. synthetic sets, one per augment mode the methods need
+    for mode, aug_cfg in configs["augment"].items():
+        result.outputs[f"synthetic/{mode}"] = _timed(secs, f"augment ({mode})", augment, aug_cfg).output
+        sheet = gallery(GalleryConfig(synthetic=aug_cfg.output, real=aug_cfg.real, endpoint_url=aug_cfg.endpoint_url))
+        result.outputs[f"gallery/{mode}"] = sheet.output
+    # 5. one classifier per method
+    runs = []
+    for method, train_cfg in configs["train"].items():
+        trained = _timed(secs, f"train ({method})", train, train_cfg)
+        runs.append(trained.output)
+        result.outputs[f"train/{method}"] = trained.output
+    # 6. evaluate on test with the checkpoints chosen on val
+    eval_cfg = _fill(cfg.evaluate, cfg, real=result.outputs["real"], output=storage.join(cfg.workdir, "results"))
+    eval_cfg = dataclasses.replace(eval_cfg, runs=eval_cfg.runs or runs)
+    evaluated = _timed(secs, "evaluate", evaluate, eval_cfg)
+    result.outputs["results"] = eval_cfg.output
+    result.results = dataclasses.asdict(evaluated) if dataclasses.is_dataclass(evaluated) else evaluated
+
+    print("\n=== done ===")
+    print(f"results table : {storage.join(eval_cfg.output, 'results.md')}")
+    print(f"results (json): {storage.join(eval_cfg.output, 'results.json')}")
+    print(f"plots         : {eval_cfg.output}/*.png")
+    for key, uri in result.outputs.items():
+        if key.startswith("gallery/"):
+            print(f"gallery       : {uri}")
+    print(f"stage seconds : {secs}")
+    return result
+
+
+def demo(cfg: Optional[PipelineConfig] = None) -> PipelineResult:
+    """The pipeline on the embedded default: local Ray and files, the tiny model, the digits.
+
+    Fields set in `cfg` (e.g. from `ray-dafusion demo --train.epochs 2`) override the defaults.
+    """
+    from .sample_data import write_digits
+
+    base = PipelineConfig.from_dict(DEMO_CONFIG)
+    merged = _merge(base, cfg) if cfg is not None else base
+    if not merged.ingest.source:
+        source = storage.join(merged.workdir, "sample", "digits")
+        counts = write_digits(source)
+        print(f"demo: {sum(counts.values())} scanned handwritten digits (scikit-learn) written to {source}")
+        merged = dataclasses.replace(merged, ingest=dataclasses.replace(merged.ingest, source=source))
+    return pipeline(merged)
+
+
+def _merge(base: StageConfig, override: StageConfig) -> Any:
+    """Fields of `override` that differ from their class defaults replace those of `base`."""
+    default = type(override)()
+    changes = {}
+    for f in dataclasses.fields(override):
+        value, dvalue = getattr(override, f.name), getattr(default, f.name)
+        if isinstance(value, StageConfig):
+            changes[f.name] = _merge(getattr(base, f.name), value)
+        elif value != dvalue:
+            changes[f.name] = value
+    return dataclasses.replace(base, **changes)
