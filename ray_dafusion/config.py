@@ -495,8 +495,21 @@ class TrainConfig(StageConfig):
     """Seeds mixing choices, model init and augmentation."""
     max_failures: int = 2
     """Worker failures Ray Train survives by restarting from the last checkpoint."""
+    hflip: bool = True
+    """Random horizontal flips in the train transform (RandAugment is added by method standard)."""
+    num_to_keep: int = 2
+    """Checkpoints kept besides the latest (the best on val_mean_class_acc are kept)."""
+    steps_per_epoch: Optional[int] = None
+    """Cap on optimiser steps per epoch (default: one full pass; a cap breaks exactness, for benchmarks)."""
+    prefetch_batches: int = 2
+    """Batches each worker reads and decodes ahead of the one being trained on."""
+    shuffle_buffer: int = 512
+    """Rows in each worker's local shuffle buffer (seeded by seed and epoch)."""
+    debug_dir: Optional[str] = None
+    """Testing aid: each worker writes its pid and the rows it trained on per epoch here."""
 
     def validate(self) -> None:
+        _positive(self, "num_to_keep", "prefetch_batches", "shuffle_buffer", "steps_per_epoch")
         _one_of(self, "method", TRAIN_METHODS)
         _one_of(self, "arch", ARCHS)
         _one_of(self, "backbone", BACKBONES)
@@ -520,8 +533,13 @@ class EvaluateConfig(StageConfig):
     """Split to report on (the checkpoint is chosen on val)."""
     batch_size: int = 64
     """Evaluation batch size."""
+    num_cpus: float = 0.5
+    """CPUs per scoring actor (fractional leaves room for Ray Data's readers)."""
+    num_gpus: float = 0.0
+    """GPUs per scoring actor."""
 
     def validate(self) -> None:
+        _positive(self, "num_cpus", "num_gpus", allow_zero=True)
         _one_of(self, "split", ("val", "test"))
         _positive(self, "batch_size")
 

@@ -1,0 +1,581 @@
+"""Train a ResNet classifier with Ray Train on alpha-mixed, streamed real/synthetic batches.
+
+Data path (nothing is gathered on one node):
+
+    real/train/*.parquet ──┐  Ray Data read + project to (id, source_id, aug_index, label, image_bytes)
+    synthetic/**.parquet ──┴─> union ─> randomize_block_order ─> streaming_split(workers, equal=False)
+        └─> each worker, each epoch: local shuffle buffer (seed, epoch, rank)
+            └─> collate (Ray Data's prefetch threads): keep the rows mixing.keep_mask chooses for
+                this epoch, decode + transform only those ─> exact-size batches ─> DDP step
+
+The mixing choice is stateless (mixing.choose), so keeping "the chosen row of every source" in
+each worker's stream gives every real example exactly once per epoch, whichever worker reads it.
+Shards then differ in size by a few rows; DDP's Join context lets a worker that runs out early
+shadow the collectives of the others, so no rows are dropped and nobody hangs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from . import mixing, schema, storage
+from .config import ConfigError, TrainConfig
+
+__all__ = [
+    "TrainResult",
+    "train",
+    "method_settings",
+    "build_model",
+    "make_transform",
+    "MixedCollate",
+    "exact_batches",
+    "load_run_model",
+]
+
+CHECKPOINT_MODEL = "model.pt"
+CHECKPOINT_STATE = "train_state.pt"
+CHECKPOINT_META = "meta.json"
+RESULT_FILE = "train_result.json"
+
+# Fields that define what is trained; a resumed run must match them (epochs may grow).
+_IDENTITY_FIELDS = ("real", "synthetic", "method", "alpha", "arch", "backbone", "weights", "image_size",
+                    "rotation", "hflip", "batch_size", "learning_rate", "seed")
+
+
+@dataclass
+class TrainResult:
+    """What `train` produced."""
+
+    output: str
+    """Run URI: <output>/<name> (Ray Train's run directory, train_result.json, manifest.json)."""
+    name: str
+    method: str
+    alpha: float
+    best_checkpoint: Optional[str]
+    """URI of the checkpoint with the best val_mean_class_acc."""
+    best_val_mean_class_acc: Optional[float]
+    epochs_completed: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per epoch (loss, val accuracy, synthetic fraction, samples/s)."""
+    seconds: float = 0.0
+
+
+def method_settings(cfg: TrainConfig) -> tuple[float, bool]:
+    """(alpha actually used, RandAugment on) for the configured method."""
+    if cfg.method == "baseline":
+        return 0.0, False
+    if cfg.method == "standard":
+        return 0.0, True
+    return cfg.alpha, False
+
+
+# --------------------------------------------------------------------------------------
+# Model and transforms (used by the workers, by evaluate and by the benchmark)
+# --------------------------------------------------------------------------------------
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none", backbone: str = "finetune",
+                endpoint_url: Optional[str] = None):
+    """A torchvision ResNet with a `num_classes` head; linear_probe freezes all but `fc`."""
+    import torch
+    import torchvision
+
+    ctor = getattr(torchvision.models, arch)
+    if weights == "imagenet":
+        try:
+            model = ctor(weights="DEFAULT")
+        except Exception as exc:  # offline machines end up here
+            raise ConfigError(
+                f"config field 'weights': torchvision could not fetch ImageNet weights for {arch} "
+                f"({type(exc).__name__}: {exc}); on an offline machine pass a state-dict file "
+                "(local or s3://) or weights: none"
+            ) from None
+    else:
+        model = ctor(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    if weights not in ("none", "imagenet"):
+        _load_state_dict_file(model, weights, endpoint_url)
+    if backbone == "linear_probe":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("fc.")
+    return model
+
+
+def _load_state_dict_file(model, uri: str, endpoint_url: Optional[str]) -> None:
+    import torch
+
+    try:
+        data = storage.read_bytes(uri, endpoint_url)
+    except FileNotFoundError:
+        raise ConfigError(f"config field 'weights': no such state-dict file {uri}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"config field 'weights': {uri} is not a torch state dict loadable with "
+                          f"weights_only=True ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"config field 'weights': {uri} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    # A head trained for other classes is dropped: the new fc starts fresh.
+    for key in ("fc.weight", "fc.bias"):
+        if key in state and state[key].shape != own[key].shape:
+            del state[key]
+    bad_shape = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.startswith("fc.")]
+    unexpected = [k for k in state if k not in own]
+    if bad_shape or missing or unexpected:
+        raise ConfigError(
+            f"config field 'weights': {uri} does not match the {type(model).__name__} architecture: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {bad_shape[:5]} "
+            "(is `arch` right?)"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def make_transform(image_size: int, train: bool, rotation: float = 15.0, hflip: bool = True,
+                   randaugment: bool = False):
+    """torchvision v2 transform on a uint8 (3, H, W) tensor -> float (3, S, S) normalised to [-1, 1]."""
+    import torch
+    from torchvision.transforms import v2
+
+    steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
+    if train:
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if rotation > 0:
+            steps.append(v2.RandomRotation(rotation))
+        if randaugment:
+            steps.append(v2.RandAugment())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    return v2.Compose(steps)
+
+
+def decode_uint8(data: bytes):
+    """Encoded PNG/JPEG bytes -> uint8 tensor (3, H, W) RGB."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+class MixedCollate(NumpyBatchCollateFn):
+    """Ray Data collate: keep this epoch's chosen rows, decode and transform only those.
+
+    Runs in Ray Data's prefetch threads. Returns (images (B, 3, S, S), labels (B,), aug_index (B,),
+    ids (B,)); B may be 0 when no row of the batch is chosen.
+    """
+
+    def __init__(self, transform, image_size: int, candidates: Optional[dict] = None, seed: int = 0,
+                 epoch: int = 0, alpha: float = 0.0, keep_all: bool = False):
+        self.transform, self.image_size = transform, image_size
+        self.candidates, self.seed, self.epoch, self.alpha = candidates or {}, seed, epoch, alpha
+        self.keep_all = keep_all
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import torch
+
+        if self.keep_all:
+            mask = np.ones(len(batch["label"]), dtype=bool)
+        else:
+            mask = mixing.keep_mask(batch["source_id"], batch["aug_index"], self.candidates,
+                                    self.seed, self.epoch, self.alpha)
+        images = [self.transform(decode_uint8(b)) for b in batch["image_bytes"][mask]]
+        x = torch.stack(images) if images else torch.empty(0, 3, self.image_size, self.image_size)
+        y = torch.as_tensor(np.asarray(batch["label"][mask], dtype=np.int64))
+        return x, y, np.asarray(batch["aug_index"][mask]), np.asarray(batch["id"][mask])
+
+
+def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
+    """Re-cut variable-size (x, y, aug, ids) chunks into batches of exactly `batch_size` (last may be short)."""
+    import torch
+
+    pending: list[tuple] = []
+    count = 0
+    for chunk in chunks:
+        if len(chunk[1]) == 0:
+            continue
+        pending.append(chunk)
+        count += len(chunk[1])
+        while count >= batch_size:
+            x = torch.cat([c[0] for c in pending])
+            y = torch.cat([c[1] for c in pending])
+            aug = np.concatenate([c[2] for c in pending])
+            ids = np.concatenate([c[3] for c in pending])
+            yield x[:batch_size], y[:batch_size], aug[:batch_size], ids[:batch_size]
+            rest = (x[batch_size:], y[batch_size:], aug[batch_size:], ids[batch_size:])
+            pending, count = ([rest] if len(rest[1]) else []), len(rest[1])
+    if count:
+        yield (torch.cat([c[0] for c in pending]), torch.cat([c[1] for c in pending]),
+               np.concatenate([c[2] for c in pending]), np.concatenate([c[3] for c in pending]))
+
+
+def _freeze_batchnorm(model) -> None:
+    """A linear probe keeps the frozen backbone's BatchNorm statistics too."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def load_run_model(checkpoint_uri: str, endpoint_url: Optional[str] = None):
+    """(model in eval mode, meta dict) from a checkpoint written by `train`."""
+    import torch
+
+    meta = storage.read_json(storage.join(checkpoint_uri, CHECKPOINT_META), endpoint_url)
+    model = build_model(meta["arch"], meta["num_classes"], "none")
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint_uri, CHECKPOINT_MODEL), endpoint_url)),
+                       map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+# --------------------------------------------------------------------------------------
+# The per-worker loop
+# --------------------------------------------------------------------------------------
+
+
+def _allreduce_sum(values, device):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def _debug_write(debug_dir: Optional[str], name: str, obj: Any) -> None:
+    if debug_dir:
+        storage.write_json(storage.join(debug_dir, name), obj)
+
+
+def _train_loop(loop: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.algorithms.join import Join
+
+    cfg = TrainConfig.from_dict(loop["config"])
+    alpha, randaugment = loop["alpha"], loop["randaugment"]
+    num_classes, candidates = loop["num_classes"], loop["candidates"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_amp = device.type == "cuda"
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    _debug_write(cfg.debug_dir, f"pid-rank{rank}-{os.getpid()}.json", {"rank": rank, "pid": os.getpid()})
+
+    # 1. model, optimiser, AMP scaler
+    model = build_model(cfg.arch, num_classes, cfg.weights, cfg.backbone, cfg.endpoint_url)
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    # 2. resume from the latest checkpoint (after a worker failure or a re-submitted run)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            bare.load_state_dict(torch.load(os.path.join(d, CHECKPOINT_MODEL), map_location=device, weights_only=True))
+            state = torch.load(os.path.join(d, CHECKPOINT_STATE), map_location=device, weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            meta = json.load(open(os.path.join(d, CHECKPOINT_META)))
+        start_epoch, history = meta["epoch"] + 1, meta["history"]
+        if rank == 0:
+            print(f"[train] resuming after epoch {meta['epoch']} from {checkpoint.path}", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    local_batch = max(1, cfg.batch_size // world)
+    read_batch = local_batch * loop["rows_per_real"]
+    train_tf = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, randaugment)
+    eval_tf = make_transform(cfg.image_size, False)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        # 3. train on this epoch's exact mixture
+        model.train()
+        if cfg.backbone == "linear_probe":
+            _freeze_batchnorm(model)
+        collate = MixedCollate(train_tf, cfg.image_size, candidates, cfg.seed, epoch, alpha)
+        chunks = train_shard.iter_torch_batches(
+            batch_size=read_batch, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
+            local_shuffle_buffer_size=max(cfg.shuffle_buffer, read_batch),
+            local_shuffle_seed=cfg.seed * 100_003 + epoch * 1009 + rank,
+        )
+        loss_sum = seen = synthetic = steps = 0
+        seen_rows: list[list[Any]] = []
+        t0 = time.perf_counter()
+        with Join([model]) if world > 1 else contextlib.nullcontext():
+            for x, y, aug, ids in exact_batches(chunks, local_batch):
+                if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                steps += 1
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                synthetic += int((aug >= 0).sum())
+                if cfg.debug_dir:
+                    seen_rows += [[str(i), int(a), int(lbl)] for i, a, lbl in zip(ids, aug, y.tolist())]
+        train_seconds = time.perf_counter() - t0
+        _debug_write(cfg.debug_dir, f"epoch{epoch}-rank{rank}-{os.getpid()}.json", seen_rows)
+        loss_sum, seen, synthetic, slowest = _allreduce_sum([loss_sum, seen, synthetic, 0.0], device)[:4]
+
+        # 4. validate: per-class counts summed over workers
+        confusion = np.zeros((num_classes, num_classes))
+        eval_model = bare.eval()
+        with torch.no_grad():
+            for x, y, _, _ in val_shard.iter_torch_batches(
+                batch_size=local_batch, device="cpu", prefetch_batches=cfg.prefetch_batches,
+                collate_fn=MixedCollate(eval_tf, cfg.image_size, keep_all=True),
+            ):
+                if len(y) == 0:
+                    continue
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    pred = eval_model(x.to(device)).argmax(1).cpu()
+                np.add.at(confusion, (y.numpy(), pred.numpy()), 1)
+        confusion = _allreduce_sum(confusion, device).reshape(num_classes, num_classes)
+        support = confusion.sum(1)
+        per_class = np.diag(confusion)[support > 0] / support[support > 0]
+        metrics = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum / max(seen, 1)),
+            "train_samples": int(seen),
+            "synthetic_fraction": float(synthetic / max(seen, 1)),
+            "samples_per_s": float(seen / train_seconds) if train_seconds > 0 else 0.0,
+            "val_mean_class_acc": float(per_class.mean()) if len(per_class) else 0.0,
+            "val_top1": float(np.trace(confusion) / max(confusion.sum(), 1)),
+        }
+        history.append(metrics)
+
+        # 5. checkpoint (rank 0 writes it) and report from every rank
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save(bare.state_dict(), os.path.join(tmp, CHECKPOINT_MODEL))
+                torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+                           os.path.join(tmp, CHECKPOINT_STATE))
+                with open(os.path.join(tmp, CHECKPOINT_META), "w") as f:
+                    json.dump({"epoch": epoch, "history": history, "arch": cfg.arch, "num_classes": num_classes,
+                               "image_size": cfg.image_size, "classes": loop["classes"], "method": cfg.method,
+                               "alpha": alpha}, f, indent=2)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                print(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {metrics['train_loss']:.4f} "
+                      f"val_mean_class_acc {metrics['val_mean_class_acc']:.4f} "
+                      f"synthetic {metrics['synthetic_fraction']:.3f} "
+                      f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+# --------------------------------------------------------------------------------------
+# Driver side
+# --------------------------------------------------------------------------------------
+
+
+def _read(uris: list[str], columns: list[str], endpoint_url: Optional[str]):
+    import ray.data
+
+    fs, _ = storage.resolve(uris[0], endpoint_url)
+    paths = [storage.resolve(u, endpoint_url)[1] for u in uris]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+
+
+def _union_rows(batch: pa.Table, synthetic: bool) -> pa.Table:
+    """Project real or synthetic rows onto the columns the training stream needs."""
+    n = batch.num_rows
+    images = batch.column("image").combine_chunks() if n else pa.array([], schema.IMAGE_TYPE)
+    return pa.table({
+        "id": batch.column("id").cast(pa.string()),
+        "source_id": batch.column("source_id").cast(pa.string()) if synthetic else batch.column("id").cast(pa.string()),
+        "aug_index": batch.column("aug_index").cast(pa.int32()) if synthetic else pa.array([mixing.REAL] * n, pa.int32()),
+        "label": batch.column("label").cast(pa.int64()),
+        "image_bytes": images.field("bytes"),
+    })
+
+
+def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int]) -> tuple[list[str], dict]:
+    """Synthetic parquet files and source_id -> aug indices, checked against the real train set."""
+    manifest = storage.read_manifest(cfg.synthetic, cfg.endpoint_url)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"synthetic set {cfg.synthetic} is incomplete (no {storage.MANIFEST}); let `ray-dafusion augment` finish "
+            "(a re-run resumes) before training on it"
+        )
+    files = storage.list_files(cfg.synthetic, ".parquet", cfg.endpoint_url, recursive=True)
+    files = [f for f in files if "/errors/" not in f.replace(cfg.synthetic, "", 1)]
+    if not files:
+        raise FileNotFoundError(f"synthetic set {cfg.synthetic} has a manifest but no parquet files")
+    # Only three small columns reach the driver: the candidate table, not the images.
+    meta = storage.read_parquet(cfg.synthetic, cfg.endpoint_url, columns=["source_id", "aug_index", "label"])
+    meta = meta.to_pydict()
+    foreign = sorted({s for s in meta["source_id"] if s not in real_labels})
+    if foreign:
+        raise ValueError(
+            f"synthetic set {cfg.synthetic} holds images of {len(foreign)} sources that are not in "
+            f"{cfg.real}/train (e.g. {foreign[:3]}); it was made from another real set"
+        )
+    wrong = [(s, lbl) for s, lbl in zip(meta["source_id"], meta["label"]) if real_labels[s] != lbl]
+    if wrong:
+        raise ValueError(f"synthetic images carry a label different from their source's, e.g. {wrong[:3]}")
+    return files, mixing.candidate_table(meta["source_id"], meta["aug_index"])
+
+
+class _ExactSplit:
+    """Build lazily (ray.train imports stay out of module import)."""
+
+    @staticmethod
+    def make():
+        from ray.train import DataConfig
+
+        class ExactSplitDataConfig(DataConfig):
+            """streaming_split with equal=False: equal=True may drop rows, which would break exactness."""
+
+            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+                output: list[dict] = [{} for _ in range(world_size)]
+                hints = worker_node_ids if getattr(self, "_enable_shard_locality", False) else None
+                for name, ds in datasets.items():
+                    ds = ds.copy(ds)
+                    ds.context.execution_options = self._resolve_execution_options(name)
+                    for i, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                        output[i][name] = it
+                return output
+
+        return ExactSplitDataConfig()
+
+
+def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
+    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.output) else checkpoint.path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train `cfg.method` with Ray Train; re-running the same name and output resumes."""
+    import ray.data
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg.require("real", "output")
+    started = time.time()
+    alpha, randaugment = method_settings(cfg)
+    name = cfg.name or cfg.method
+    run_uri = storage.join(cfg.output, name)
+    ep = cfg.endpoint_url
+
+    # 1. real data: class table, splits, labels of the train ids
+    classes = schema.read_class_table(cfg.real, ep)
+    splits = {s: storage.list_files(storage.join(cfg.real, s), ".parquet", ep, recursive=True) for s in ("train", "val")}
+    for split, files in splits.items():
+        if not files:
+            raise FileNotFoundError(f"no parquet files under {storage.join(cfg.real, split)}")
+    ids = storage.read_parquet(storage.join(cfg.real, "train"), ep, columns=["id", "label"]).to_pydict()
+    real_labels = dict(zip(ids["id"], ids["label"]))
+
+    # 2. synthetic data, needed exactly when alpha > 0
+    synthetic_files: list[str] = []
+    candidates: dict[str, tuple[int, ...]] = {}
+    if alpha > 0:
+        if not cfg.synthetic:
+            raise ConfigError(f"config field 'synthetic': method {cfg.method} with alpha {alpha} needs a synthetic "
+                              "set (the output of `ray-dafusion augment`); or set alpha: 0")
+        synthetic_files, candidates = _synthetic_candidates(cfg, real_labels)
+
+    # 3. fail early on the driver: weights that cannot load, a run made with another config
+    build_model(cfg.arch, len(classes), cfg.weights, cfg.backbone, ep)
+    identity = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
+    identity.update(alpha=alpha, name=name)
+    storage.ensure_fresh_output(run_uri, "train", storage.fingerprint(identity), cfg.overwrite, ep)
+
+    # 4. streaming datasets: the real+synthetic union for training, val for model selection
+    train_ds = _read(splits["train"], ["id", "label", "image"], ep).map_batches(
+        _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": False}, zero_copy_batch=True)
+    if synthetic_files:
+        synth_ds = _read(synthetic_files, ["id", "source_id", "aug_index", "label", "image"], ep).map_batches(
+            _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": True}, zero_copy_batch=True)
+        train_ds = train_ds.union(synth_ds)
+    train_ds = train_ds.randomize_block_order(seed=cfg.seed)
+    val_ds = _read(splits["val"], ["id", "label", "image"], ep).map_batches(
+        _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": False}, zero_copy_batch=True)
+    n_union = len(real_labels) + sum(len(c) for c in candidates.values())
+
+    # 5. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
+    fs, path = storage.resolve(cfg.output, ep)
+    run_config = RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs if storage.is_s3(cfg.output) else None,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep, checkpoint_score_attribute="val_mean_class_acc",
+                                           checkpoint_score_order="max"),
+    )
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "config": cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(classes),
+            "candidates": candidates, "classes": [dataclasses.asdict(c) for c in classes],
+            "rows_per_real": max(1, math.ceil(n_union / max(len(real_labels), 1))),
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=run_config,
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=_ExactSplit.make(),
+    )
+    result = trainer.fit()
+
+    # 6. results: best on val, per-epoch history (kept in every checkpoint, so it survives resumes)
+    history: list[dict[str, Any]] = []
+    if result.checkpoint is not None:
+        latest = _checkpoint_uri(cfg, result.checkpoint)
+        history = storage.read_json(storage.join(latest, CHECKPOINT_META), ep)["history"]
+    best_uri, best_acc = None, None
+    scored = [(m.get("val_mean_class_acc", -1.0), m.get("epoch", -1), c) for c, m in (result.best_checkpoints or [])]
+    if scored:
+        best_acc, _, best = max(scored, key=lambda t: (t[0], t[1]))
+        best_uri = _checkpoint_uri(cfg, best)
+    out = TrainResult(
+        output=run_uri, name=name, method=cfg.method, alpha=alpha, best_checkpoint=best_uri,
+        best_val_mean_class_acc=best_acc, epochs_completed=len(history), metrics=history,
+        seconds=round(time.time() - started, 2),
+    )
+    storage.write_json(storage.join(run_uri, RESULT_FILE), {
+        **dataclasses.asdict(out), "config": cfg.to_dict(), "randaugment": randaugment,
+        "classes": [dataclasses.asdict(c) for c in classes], "real": cfg.real, "synthetic": cfg.synthetic,
+        "num_real_train": len(real_labels), "num_synthetic": n_union - len(real_labels),
+    }, ep)
+    storage.write_manifest(run_uri, {
+        "stage": "train", "config": cfg.to_dict(), "config_fingerprint": storage.fingerprint(identity),
+        "counts": {"epochs": len(history), "real_train": len(real_labels), "synthetic": n_union - len(real_labels)},
+        "timings": {"seconds": out.seconds}, "versions": _versions(),
+    }, ep)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import ray
+    import torch
+    import torchvision
+
+    return {"ray": ray.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__}

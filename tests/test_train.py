@@ -1,0 +1,221 @@
+"""Training through Ray Train on tiny data: exact mixing as seen by the workers, DDP on two
+workers with fractional CPUs, a worker killed mid-run, resume, S3 storage and weights."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import threading
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from ray_dafusion import schema, storage
+from ray_dafusion.config import ConfigError, TrainConfig
+from ray_dafusion.train import build_model, exact_batches, train
+
+CLASSES = ("cat", "dog", "fox")
+
+
+def write_synthetic(real: str, out: str, m: int = 3, skip_sources=(), complete: bool = True, endpoint_url=None) -> str:
+    """M synthetic rows per real train row (none for `skip_sources`), in the augment layout."""
+    src = storage.read_parquet(storage.join(real, "train"), endpoint_url, columns=["id", "label", "class_name"])
+    rows = []
+    for r in src.to_pylist():
+        if r["id"] in skip_sources:
+            continue
+        for a in range(m):
+            img = Image.fromarray(np.full((32, 32, 3), 20 * a + 40 * r["label"], "uint8"))
+            rows.append({
+                "id": f"{r['id']}-{a}", "source_id": r["id"], "aug_index": a, "label": r["label"],
+                "class_name": r["class_name"], "token": f"<{r['class_name']}>", "strength": 0.5, "seed": a,
+                "prompt": "a photo of a x", "guidance_scale": 7.5, "num_inference_steps": 2,
+                "model_fingerprint": "t", "embeddings_fingerprint": "t", "erasure_fingerprint": "",
+                "image": schema.image_cell(schema.encode_image(img), f"{r['id']}-{a}.png"),
+            })
+    table = pa.Table.from_pylist(rows, schema=schema.synthetic_schema(list(CLASSES)))
+    half = len(rows) // 2  # two files in nested folders: the reader must find both
+    storage.write_parquet(table.slice(0, half), storage.join(out, "data", "a", "part-0.parquet"), endpoint_url)
+    storage.write_parquet(table.slice(half), storage.join(out, "data", "b", "part-1.parquet"), endpoint_url)
+    if complete:
+        storage.write_manifest(out, {"stage": "augment", "counts": {"synthetic": len(rows)}}, endpoint_url)
+    return out
+
+
+def _epoch_rows(debug_dir: str) -> dict[tuple[int, int], list]:
+    """(epoch, pid) -> rows [id, aug_index, label] a worker trained on."""
+    out = {}
+    for path in glob.glob(os.path.join(debug_dir, "epoch*-rank*-*.json")):
+        epoch, rank, pid = map(int, re.match(r"epoch(\d+)-rank(\d+)-(\d+)\.json", os.path.basename(path)).groups())
+        out[(epoch, pid)] = (rank, json.load(open(path)))
+    return out
+
+
+def _check_exact(rows, real_ids: dict, skip=()):
+    """Each real id once (itself or one of its own synthetic images), same label."""
+    sources = Counter()
+    for rid, aug, label in rows:
+        source = rid if aug == -1 else rid.rsplit("-", 1)[0]
+        if aug != -1:
+            assert rid == f"{source}-{aug}" and source not in skip  # only its own synthetic images
+        assert label == real_ids[source]
+        sources[source] += 1
+    assert sources == Counter(list(real_ids)), "every real train id exactly once per epoch"
+
+
+def _real_ids(real):
+    t = storage.read_parquet(storage.join(real, "train"), columns=["id", "label"]).to_pydict()
+    return dict(zip(t["id"], t["label"]))
+
+
+def test_mixed_stream_exact_per_epoch_then_resume(ray_session, make_real, tmp_path):
+    real = make_real(class_names=CLASSES, per_split={"train": 4, "val": 2, "test": 2}, size=32)
+    skip = ("train-0-0", "train-2-3")
+    synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=3, skip_sources=skip)
+    debug = str(tmp_path / "debug")
+    cfg = TrainConfig(real=real, synthetic=synthetic, output=str(tmp_path / "runs"), name="mix", method="da_fusion",
+                      alpha=0.5, arch="resnet18", backbone="finetune", image_size=32, epochs=2, batch_size=4,
+                      num_workers=1, cpus_per_worker=0.5, debug_dir=debug, shuffle_buffer=8)
+    result = train(cfg)
+    assert result.epochs_completed == 2 and [m["epoch"] for m in result.metrics] == [0, 1]
+    ids = _real_ids(real)
+    seen = _epoch_rows(debug)
+    assert sorted(e for e, _ in seen) == [0, 1]
+    n_synth = 0
+    for (epoch, _), (_, rows) in seen.items():
+        _check_exact(rows, ids, skip)
+        n_synth += sum(aug != -1 for _, aug, _ in rows)
+        assert all(row[0] in ids for row in rows if row[0] in skip)  # sources without synthetics stay real
+    assert 0 < n_synth < 2 * len(ids)  # alpha 0.5 mixes both kinds
+    for m in result.metrics:
+        assert m["train_samples"] == len(ids) and 0.0 <= m["val_mean_class_acc"] <= 1.0
+    written = json.load(open(os.path.join(result.output, "train_result.json")))
+    assert written["method"] == "da_fusion" and written["alpha"] == 0.5 and len(written["metrics"]) == 2
+    assert written["best_checkpoint"] and os.path.exists(os.path.join(written["best_checkpoint"], "model.pt"))
+    assert [c["name"] for c in written["classes"]] == list(CLASSES)
+
+    # Re-submitting the same name and storage continues after the last checkpoint.
+    first_pids = {pid for _, pid in seen}
+    resumed = train(cfg.replace(epochs=3))
+    assert [m["epoch"] for m in resumed.metrics] == [0, 1, 2]
+    assert resumed.metrics[:2] == result.metrics
+    new = {k: v for k, v in _epoch_rows(debug).items() if k[1] not in first_pids}
+    assert sorted(e for e, _ in new) == [2], "epochs 0 and 1 were not trained again"
+    _check_exact(next(iter(new.values()))[1], ids, skip)
+
+
+def test_two_workers_survive_a_killed_worker(ray_session, make_real, tmp_path):
+    real = make_real(class_names=CLASSES, per_split={"train": 5, "val": 2, "test": 1}, size=32)
+    synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=2)
+    debug = str(tmp_path / "debug")
+    cfg = TrainConfig(real=real, synthetic=synthetic, output=str(tmp_path / "runs"), name="ddp", alpha=1.0,
+                      arch="resnet18", backbone="finetune", image_size=32, epochs=3, batch_size=4,
+                      num_workers=2, cpus_per_worker=0.5, max_failures=1, debug_dir=debug, shuffle_buffer=4)
+    killed = []
+
+    def kill_rank0_after_first_epoch():
+        deadline = time.time() + 400
+        while time.time() < deadline and not killed:
+            for path in glob.glob(os.path.join(debug, "epoch0-rank0-*.json")):
+                pid = int(re.search(r"-(\d+)\.json$", path).group(1))
+                os.kill(pid, signal.SIGKILL)  # the Ray Train worker process itself
+                killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_rank0_after_first_epoch, daemon=True)
+    killer.start()
+    result = train(cfg)
+    killer.join(timeout=1)
+    assert killed, "the worker was never killed"
+    assert [m["epoch"] for m in result.metrics] == [0, 1, 2]
+    ids = _real_ids(real)
+    seen = _epoch_rows(debug)
+    pids_after = {pid for _, pid in seen} - {killed[0]}
+    assert pids_after - {pid for (e, pid) in seen if e == 0}, "a new worker took over after the kill"
+    by_attempt = defaultdict(list)
+    for (epoch, pid), (rank, rows) in seen.items():
+        by_attempt[epoch].append((pid, rank, rows))
+    for epoch in range(3):
+        # the last complete pair of ranks that trained this epoch saw each real id once
+        ranks = {}
+        for pid, rank, rows in sorted(by_attempt[epoch], key=lambda t: os.path.getmtime(
+                os.path.join(debug, f"epoch{epoch}-rank{t[1]}-{t[0]}.json"))):
+            ranks[rank] = rows
+        assert set(ranks) == {0, 1}
+        both = ranks[0] + ranks[1]
+        _check_exact(both, ids)
+        assert all(aug != -1 for _, aug, _ in both)  # alpha 1: no real row where every source has synthetics
+    assert all(m["train_samples"] == len(ids) and m["synthetic_fraction"] == 1.0 for m in result.metrics)
+
+
+def test_s3_storage_state_dict_weights_linear_probe(ray_session, make_real, s3_bucket, tmp_path):
+    bucket = s3_bucket("train-runs")
+    real = make_real(class_names=CLASSES, per_split={"train": 2, "val": 1, "test": 1}, size=32)
+    donor = build_model("resnet18", 1000, "none")
+    buf = __import__("io").BytesIO()
+    torch.save(donor.state_dict(), buf)
+    storage.write_bytes(f"{bucket}/weights/r18.pt", buf.getvalue())
+    cfg = TrainConfig(real=real, output=f"{bucket}/runs", method="standard", alpha=0.5, arch="resnet18",
+                      weights=f"{bucket}/weights/r18.pt", backbone="linear_probe", image_size=32, epochs=1,
+                      batch_size=4, num_workers=1, cpus_per_worker=0.5)
+    result = train(cfg)
+    assert result.output == f"{bucket}/runs/standard" and result.alpha == 0.0  # standard: alpha 0 + RandAugment
+    assert result.best_checkpoint.startswith(f"{bucket}/runs/standard/checkpoint_")
+    written = storage.read_json(f"{result.output}/train_result.json")
+    assert written["randaugment"] is True and written["num_synthetic"] == 0
+    state = torch.load(__import__("io").BytesIO(storage.read_bytes(f"{result.best_checkpoint}/model.pt")),
+                       weights_only=True)
+    # linear probe: the backbone is exactly the loaded weights, only the head moved
+    assert torch.equal(state["conv1.weight"], donor.state_dict()["conv1.weight"])
+    assert torch.equal(state["layer4.1.bn2.running_mean"], donor.state_dict()["layer4.1.bn2.running_mean"])
+    assert state["fc.weight"].shape == (3, 512)
+
+
+def test_clear_errors_before_training(make_real, tmp_path):
+    real = make_real(class_names=CLASSES, per_split={"train": 2, "val": 1, "test": 1}, size=32)
+    base = dict(real=real, output=str(tmp_path / "runs"), arch="resnet18", image_size=32, epochs=1)
+    with pytest.raises(ConfigError, match="synthetic"):
+        train(TrainConfig(**base, method="da_fusion", alpha=0.5))
+    partial = write_synthetic(real, str(tmp_path / "partial"), complete=False)
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        train(TrainConfig(**base, method="real_guidance", synthetic=partial))
+    other = make_real(class_names=CLASSES, per_split={"train": 2, "val": 1, "test": 1}, size=32, seed=1)
+    foreign = write_synthetic(real, str(tmp_path / "foreign"))
+    t = storage.read_parquet(foreign + "/data/a/part-0.parquet")
+    storage.write_parquet(t.set_column(t.schema.get_field_index("source_id"), "source_id",
+                                       pa.array(["elsewhere"] * t.num_rows)), foreign + "/data/a/part-0.parquet")
+    with pytest.raises(ValueError, match="not in"):
+        train(TrainConfig(**{**base, "real": other}, method="da_fusion", synthetic=foreign))
+    wrong = str(tmp_path / "r34.pt")
+    torch.save(build_model("resnet34", 10, "none").state_dict(), wrong)
+    with pytest.raises(ConfigError, match="does not match"):
+        build_model("resnet18", 3, wrong)
+    junk = str(tmp_path / "junk.pt")
+    open(junk, "wb").write(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="weights_only"):
+        build_model("resnet18", 3, junk)
+    with pytest.raises(ConfigError, match="no such"):
+        build_model("resnet18", 3, str(tmp_path / "missing.pt"))
+
+
+def test_exact_batches_recut_without_loss():
+    chunks = [(torch.zeros(n, 1), torch.arange(n), np.full(n, -1), np.array([f"{i}-{k}" for k in range(n)]))
+              for i, n in enumerate([3, 0, 5, 1, 6])]
+    sizes = [len(b[1]) for b in exact_batches(chunks, 4)]
+    assert sizes == [4, 4, 4, 3]
+    ids = np.concatenate([b[3] for b in exact_batches(chunks, 4)])
+    assert sorted(ids) == sorted(np.concatenate([c[3] for c in chunks]))
+
+
+def test_shipped_train_yaml_parses():
+    root = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "train.yaml")
+    cfg = TrainConfig.from_yaml(root)
+    assert cfg.arch == "resnet50" and cfg.method in ("baseline", "standard", "real_guidance", "da_fusion")
