@@ -1,0 +1,46 @@
+"""cluster.yaml: valid for Ray's own autoscaler schema and shaped as DESIGN.md says."""
+
+import os
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    with open(os.path.join(ROOT, "cluster.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_yaml_passes_rays_autoscaler_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(_load())  # merges Ray's AWS defaults, as `ray up` does
+    validate_config(config)
+
+
+def test_cluster_shape():
+    config = _load()
+    types = config["available_node_types"]
+    head = config["head_node_type"]
+    assert types[head]["resources"] == {"CPU": 0}
+    assert config["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
+    workers = {k: v for k, v in types.items() if k != head}
+    assert {"cpu-worker", "gen-gpu", "train-gpu"} <= set(workers)
+    for name, spec in workers.items():
+        assert spec["min_workers"] == 0, name
+        assert "Arn" in spec["node_config"]["IamInstanceProfile"], f"{name} has no instance profile: no S3 access"
+    assert types["gen-gpu"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert "InstanceMarketOptions" not in types["train-gpu"]["node_config"]
+    assert any("pip install" in c and "ray-dafusion" in c for c in config["setup_commands"])
+
+
+def test_validation_catches_a_broken_node_type():
+    import jsonschema
+    import pytest
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = _load()
+    config["available_node_types"]["gen-gpu"]["min_wrokers"] = 0  # a typo Ray must reject
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(config))
