@@ -17,6 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray would otherwise bind to the machine's external interface; tests keep all traffic on loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +38,11 @@ def tiny_model(model_cache) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(model_cache):
-    """One local Ray for the whole session (2 CPUs, like the machine)."""
+def ray_session(model_cache, s3_server):
+    """One local Ray for the whole session (2 CPUs, like the machine).
+
+    Starts after the loopback S3 server so Ray workers inherit its endpoint and test keys
+    (workers copy the environment of ray.init; set later, S3 tests would fail in workers)."""
     import ray
 
     if not ray.is_initialized():
