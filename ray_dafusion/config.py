@@ -611,3 +611,33 @@ def load_config(stage: str, path: Optional[str] = None, **overrides: Any) -> Sta
     data = _read_yaml(path) if path else {}
     data.update(overrides)
     return CONFIGS[stage].from_dict(data)
+
+
+def config_reference() -> str:
+    """docs/configuration.md, generated from the config classes (a test keeps the file in step)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `ray_dafusion/config.py`; do not edit by hand. Regenerate with",
+        "`python -c 'from ray_dafusion.config import config_reference as r; print(r(), end=\"\")' > docs/configuration.md`.",
+        "",
+        "Every field can be set in a YAML file (`--config FILE.yaml`) and overridden on the command line",
+        "(`--field value`; lists as `--strengths 0.25,0.5` or `--strengths '[0.25, 0.5]'`). The pipeline",
+        "takes one section per stage (`--augment.num_augmentations 5`).",
+    ]
+    hints_cache: dict[type, Any] = {}
+    for stage, cls in CONFIGS.items():
+        docs = field_help(cls)
+        hints = hints_cache.setdefault(cls, typing.get_type_hints(cls))
+        lines += ["", f"## `{stage}`: {cls.__name__}", "", (cls.__doc__ or "").strip(), "",
+                  "| field | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if isinstance(default, StageConfig):
+                shown = f"see `{type(default).__name__}`"
+            else:
+                shown = "`" + yaml.safe_dump(default, default_flow_style=True, width=10_000).strip().removesuffix("...").strip() + "`"
+            tp = str(hints[f.name]).replace("typing.", "").replace("ray_dafusion.config.", "")
+            tp = getattr(hints[f.name], "__name__", tp) if not typing.get_args(hints[f.name]) else tp
+            lines.append(f"| `{f.name}` | `{tp}` | {shown} | {docs.get(f.name, '').replace('|', '/')} |")
+    return "\n".join(lines) + "\n"

@@ -44,3 +44,14 @@ def test_validation_catches_a_broken_node_type():
     config["available_node_types"]["gen-gpu"]["min_wrokers"] = 0  # a typo Ray must reject
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(config))
+
+
+def test_kuberay_rayjob_manifest():
+    with open(os.path.join(ROOT, "docs", "kuberay-rayjob.yaml")) as f:
+        job = yaml.safe_load(f)
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    script = job["spec"]["entrypoint"].split()[1].replace("/app/", "")
+    assert os.path.exists(os.path.join(ROOT, script))
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == "2.60.0" and spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert all(g["minReplicas"] == 0 for g in spec["workerGroupSpecs"])
