@@ -200,27 +200,38 @@ class MixedCollate(NumpyBatchCollateFn):
 
 
 def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
-    """Re-cut variable-size (x, y, aug, ids) chunks into batches of exactly `batch_size` (last may be short)."""
+    """Re-cut variable-size (x, y, aug, ids) chunks into batches of `batch_size` rows.
+
+    The remainder joins the last batch (so it holds batch_size..2*batch_size-1 rows): no row is
+    dropped, and BatchNorm never sees a lone trailing sample.
+    """
     import torch
+
+    def cat(parts):
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
 
     pending: list[tuple] = []
     count = 0
+    held = None  # the last full batch, kept back until we know whether a remainder follows
     for chunk in chunks:
         if len(chunk[1]) == 0:
             continue
         pending.append(chunk)
         count += len(chunk[1])
         while count >= batch_size:
-            x = torch.cat([c[0] for c in pending])
-            y = torch.cat([c[1] for c in pending])
-            aug = np.concatenate([c[2] for c in pending])
-            ids = np.concatenate([c[3] for c in pending])
-            yield x[:batch_size], y[:batch_size], aug[:batch_size], ids[:batch_size]
+            x, y, aug, ids = cat(pending)
+            if held is not None:
+                yield held
+            held = (x[:batch_size], y[:batch_size], aug[:batch_size], ids[:batch_size])
             rest = (x[batch_size:], y[batch_size:], aug[batch_size:], ids[batch_size:])
             pending, count = ([rest] if len(rest[1]) else []), len(rest[1])
-    if count:
-        yield (torch.cat([c[0] for c in pending]), torch.cat([c[1] for c in pending]),
-               np.concatenate([c[2] for c in pending]), np.concatenate([c[3] for c in pending]))
+    if held is not None and count:
+        yield cat([held, *pending])
+    elif held is not None:
+        yield held
+    elif count:
+        yield cat(pending)
 
 
 def _freeze_batchnorm(model) -> None:

@@ -1,0 +1,272 @@
+"""Score trained runs on a held-out split: mean per-class accuracy (the paper's metric),
+per-class accuracy, top-1 and the confusion matrix; tables and plots for comparing methods.
+
+Each run's checkpoint is the one `train` selected on val; the numbers come from `split`
+(test by default). Scoring streams the split through a Ray Data actor pool; only (id, label,
+prediction) triples reach the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import posixpath
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from . import schema, storage
+from .config import EvaluateConfig
+
+__all__ = ["EvaluateResult", "evaluate", "class_metrics", "Scorer"]
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+SHOTS_PLOT = "accuracy_vs_shots.png"
+
+
+@dataclass
+class EvaluateResult:
+    """What `evaluate` produced."""
+
+    output: str
+    split: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    """Per run: name, method, alpha, examples_per_class, mean_class_acc, top1, ..."""
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def class_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Confusion matrix (rows: true class, columns: predicted), per-class and mean per-class accuracy, top-1.
+
+    Classes absent from `labels` get accuracy None and do not enter the mean.
+    """
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
+    support = confusion.sum(axis=1)
+    per_class = [float(confusion[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
+    present = [a for a in per_class if a is not None]
+    return {
+        "confusion": confusion.tolist(),
+        "per_class_acc": per_class,
+        "mean_class_acc": float(np.mean(present)) if present else 0.0,
+        "top1": float(np.trace(confusion) / confusion.sum()) if confusion.sum() else 0.0,
+        "num_examples": int(confusion.sum()),
+    }
+
+
+# ---- the classifier, rebuilt from a train checkpoint (model.pt + meta.json) -----------------
+
+
+def _load_classifier(checkpoint_uri: str, endpoint_url: Optional[str]):
+    import torch
+    import torchvision
+
+    meta = storage.read_json(storage.join(checkpoint_uri, "meta.json"), endpoint_url)
+    model = getattr(torchvision.models, meta["arch"])(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, int(meta["num_classes"]))
+    data = storage.read_bytes(storage.join(checkpoint_uri, "model.pt"), endpoint_url)
+    model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    return model.eval(), meta
+
+
+class Scorer:
+    """Ray Data actor: encoded images -> predicted labels with a run's best checkpoint."""
+
+    def __init__(self, checkpoint_uri: str, endpoint_url: Optional[str] = None, use_gpu: bool = False):
+        import torch
+        from torchvision.transforms import v2
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model, meta = _load_classifier(checkpoint_uri, endpoint_url)
+        self.model.to(self.device)
+        size = int(meta["image_size"])
+        # the train stage's eval transform: squash to the training size, normalise to [-1, 1]
+        self.transform = v2.Compose([v2.Resize((size, size), antialias=True),
+                                     v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+        from torchvision.io import ImageReadMode, decode_image
+
+        images = batch.column("image").combine_chunks().field("bytes").to_pylist()
+        x = torch.stack([
+            self.transform(decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB))
+            for b in images
+        ])  # (B, 3, S, S)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            pred = self.model(x.to(self.device)).argmax(1).cpu().numpy()
+        return pa.table({"id": batch.column("id"), "label": batch.column("label"), "pred": pa.array(pred, pa.int64())})
+
+
+def _score(cfg: EvaluateConfig, checkpoint_uri: str, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    import ray.data
+
+    fs, _ = storage.resolve(files[0], cfg.endpoint_url)
+    ds = ray.data.read_parquet([storage.resolve(f, cfg.endpoint_url)[1] for f in files], filesystem=fs,
+                               columns=["id", "label", "image"])
+    scored = ds.map_batches(
+        Scorer, batch_format="pyarrow", batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "endpoint_url": cfg.endpoint_url,
+                               "use_gpu": cfg.num_gpus > 0},
+    )
+    rows = scored.select_columns(["label", "pred"]).take_all()  # two ints per test image
+    return np.array([r["label"] for r in rows], np.int64), np.array([r["pred"] for r in rows], np.int64)
+
+
+def _examples_per_class(real: str, endpoint_url: Optional[str]) -> Optional[int]:
+    """From the ingest manifest's config when recorded, else the most common train count per class."""
+    manifest = storage.read_manifest(real, endpoint_url) or {}
+    value = (manifest.get("config") or {}).get("examples_per_class")
+    if value is not None:
+        return int(value)
+    try:
+        labels = storage.read_parquet(storage.join(real, "train"), endpoint_url, columns=["label"])
+    except FileNotFoundError:
+        return None
+    counts = Counter(labels.column("label").to_pylist())
+    return Counter(counts.values()).most_common(1)[0][0] if counts else None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "run"
+
+
+def _write_png(fig, uri: str, endpoint_url: Optional[str]) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    storage.write_bytes(uri, buf.getvalue(), endpoint_url)
+
+
+def _confusion_plot(run: dict[str, Any], class_names: list[str], uri: str, endpoint_url: Optional[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(run["confusion"])
+    size = max(4.0, 0.35 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    if len(class_names) <= 20:
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{run['name']}: mean per-class acc {run['mean_class_acc']:.3f}")
+    _write_png(fig, uri, endpoint_url)
+    plt.close(fig)
+
+
+def _shots_plot(runs: list[dict[str, Any]], uri: str, endpoint_url: Optional[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # runs of the same method and shots (e.g. several seeds) are averaged
+    points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        points[r["method"]][r["examples_per_class"] or 0].append(r["mean_class_acc"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, by_shots in sorted(points.items()):
+        xs = sorted(by_shots)
+        ax.plot(xs, [float(np.mean(by_shots[x])) for x in xs], marker="o", label=method)
+    ax.set_xlabel("examples per class")
+    ax.set_ylabel("mean per-class accuracy")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _write_png(fig, uri, endpoint_url)
+    plt.close(fig)
+
+
+def _markdown(runs: list[dict[str, Any]], split: str) -> str:
+    lines = [
+        f"| run | method | examples per class | alpha | mean per-class acc ({split}) | top-1 ({split}) | best val mean per-class acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        val = f"{r['best_val_mean_class_acc']:.4f}" if r.get("best_val_mean_class_acc") is not None else "-"
+        lines.append(f"| {r['name']} | {r['method']} | {r['examples_per_class']} | {r['alpha']} | "
+                     f"{r['mean_class_acc']:.4f} | {r['top1']:.4f} | {val} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
+    """Score every run in `cfg.runs` on `cfg.split`; write results.json, results.md and plots."""
+    cfg.require("real", "runs", "output")
+    started = time.time()
+    ep = cfg.endpoint_url
+    config_fp = storage.fingerprint(cfg.to_dict())
+    done = storage.ensure_fresh_output(cfg.output, "evaluate", config_fp, cfg.overwrite, ep)
+    if done is not None:  # the same evaluation is complete: report it again
+        previous = storage.read_json(storage.join(cfg.output, RESULTS_JSON), ep)
+        return EvaluateResult(cfg.output, cfg.split, previous["runs"], previous["files"], 0.0)
+
+    # 1. the split to score and the class table every run must share
+    classes = schema.read_class_table(cfg.real, ep)
+    class_names = [c.name for c in classes]
+    files = storage.list_files(storage.join(cfg.real, cfg.split), ".parquet", ep, recursive=True)
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {storage.join(cfg.real, cfg.split)}")
+    default_shots = _examples_per_class(cfg.real, ep)
+
+    # 2. score each run's best-on-val checkpoint
+    runs: list[dict[str, Any]] = []
+    names_used: Counter = Counter()
+    for run_uri in cfg.runs:
+        try:
+            record = storage.read_json(storage.join(run_uri, "train_result.json"), ep)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{run_uri} holds no train_result.json; is it a finished `ray-dafusion train` run?") from None
+        if not record.get("best_checkpoint"):
+            raise ValueError(f"run {run_uri} has no checkpoint to evaluate (did it train any epoch?)")
+        run_classes = [c["name"] for c in record.get("classes", [])]
+        if run_classes != class_names:
+            raise ValueError(f"run {run_uri} was trained on classes {run_classes[:5]}..., "
+                             f"but {cfg.real} has {class_names[:5]}...; evaluate it on its own data set")
+        labels, preds = _score(cfg, record["best_checkpoint"], files)
+        # shots of the real set the run trained on (few-shot subsets share val/test with cfg.real)
+        shots = _examples_per_class(record["real"], ep) if record.get("real") else None
+        shots = shots if shots is not None else default_shots
+        name = record.get("name") or posixpath.basename(run_uri.rstrip("/"))
+        names_used[name] += 1
+        if names_used[name] > 1:  # the same run name under two outputs
+            name = f"{name}-{names_used[name]}"
+        runs.append({
+            "name": name, "run": run_uri, "method": record["method"], "alpha": record["alpha"],
+            "examples_per_class": shots, "best_checkpoint": record["best_checkpoint"],
+            "best_val_mean_class_acc": record.get("best_val_mean_class_acc"),
+            **class_metrics(labels, preds, len(classes)),
+        })
+
+    # 3. tables and plots; the manifest last
+    written = []
+    for r in runs:
+        uri = storage.join(cfg.output, f"confusion_{_safe(r['name'])}.png")
+        _confusion_plot(r, class_names, uri, ep)
+        written.append(uri)
+    if len(runs) > 1:
+        uri = storage.join(cfg.output, SHOTS_PLOT)
+        _shots_plot(runs, uri, ep)
+        written.append(uri)
+    storage.write_bytes(storage.join(cfg.output, RESULTS_MD), _markdown(runs, cfg.split).encode(), ep)
+    written.append(storage.join(cfg.output, RESULTS_MD))
+    written.insert(0, storage.join(cfg.output, RESULTS_JSON))
+    result = EvaluateResult(cfg.output, cfg.split, runs, written, round(time.time() - started, 2))
+    storage.write_json(written[0], {**dataclasses.asdict(result), "classes": class_names, "metric": "mean per-class accuracy"}, ep)
+    storage.write_manifest(cfg.output, {
+        "stage": "evaluate", "config": cfg.to_dict(), "config_fingerprint": config_fp,
+        "counts": {"runs": len(runs)}, "timings": {"seconds": result.seconds},
+    }, ep)
+    return result

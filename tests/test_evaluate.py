@@ -1,0 +1,87 @@
+"""Evaluate: metrics on hand-checked cases, results.json/md and plots from stored checkpoints."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ray_dafusion import storage
+from ray_dafusion.config import EvaluateConfig
+from ray_dafusion.evaluate import class_metrics, evaluate
+
+CLASSES = ("cat", "dog", "fox")
+
+
+def test_mean_per_class_accuracy_from_a_known_confusion_matrix():
+    # true 0: 2 right, 1 called 1; true 1: 1 right, 1 called 2; true 2: 3 right; class 3 absent
+    labels = [0, 0, 0, 1, 1, 2, 2, 2]
+    preds = [0, 0, 1, 1, 2, 2, 2, 2]
+    m = class_metrics(np.array(labels), np.array(preds), 4)
+    assert m["confusion"] == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 3, 0], [0, 0, 0, 0]]
+    assert m["per_class_acc"] == [pytest.approx(2 / 3), 0.5, 1.0, None]
+    assert m["mean_class_acc"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)  # 0.7222, unlike top-1
+    assert m["top1"] == pytest.approx(6 / 8)
+    assert m["num_examples"] == 8
+
+
+def _constant_run(root: str, name: str, method: str, predicts: int, real: str, alpha: float = 0.0) -> str:
+    """A stored run whose best checkpoint always predicts class `predicts` (fc weight 0, one-hot bias)."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = torch.nn.Linear(512, len(CLASSES))
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.nn.functional.one_hot(torch.tensor(predicts), len(CLASSES)).float() * 10)
+    run = storage.join(root, name)
+    ckpt = storage.join(run, "checkpoint_000")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    storage.write_bytes(storage.join(ckpt, "model.pt"), buf.getvalue())
+    storage.write_json(storage.join(ckpt, "meta.json"),
+                       {"arch": "resnet18", "num_classes": len(CLASSES), "image_size": 32, "epoch": 0, "history": []})
+    storage.write_json(storage.join(run, "train_result.json"), {
+        "name": name, "method": method, "alpha": alpha, "best_checkpoint": ckpt, "best_val_mean_class_acc": 0.5,
+        "real": real, "classes": [{"name": n, "label": i, "token": f"<{n}>"} for i, n in enumerate(CLASSES)],
+    })
+    return run
+
+
+def test_results_table_and_plots(ray_session, make_real, tmp_path):
+    real4 = make_real(class_names=CLASSES, per_split={"train": 4, "val": 1, "test": 2}, size=32)
+    real1 = make_real(class_names=CLASSES, per_split={"train": 1, "val": 1, "test": 2}, size=32)
+    runs = [
+        _constant_run(str(tmp_path / "runs"), "base-1", "baseline", 0, real1),
+        _constant_run(str(tmp_path / "runs"), "base-4", "baseline", 1, real4),
+        _constant_run(str(tmp_path / "runs"), "daf-4", "da_fusion", 2, real4, alpha=0.5),
+    ]
+    out = str(tmp_path / "results")
+    result = evaluate(EvaluateConfig(real=real4, runs=runs, output=out, batch_size=4))
+    by_name = {r["name"]: r for r in result.runs}
+    # test split: 2 images per class; a constant prediction gets one class fully right
+    for name, k in (("base-1", 0), ("base-4", 1), ("daf-4", 2)):
+        r = by_name[name]
+        expected = np.zeros((3, 3), int)
+        expected[:, k] = 2
+        assert r["confusion"] == expected.tolist()
+        assert r["mean_class_acc"] == pytest.approx(1 / 3) and r["top1"] == pytest.approx(1 / 3)
+        assert r["per_class_acc"] == [1.0 if c == k else 0.0 for c in range(3)]
+    assert [by_name[n]["examples_per_class"] for n in ("base-1", "base-4", "daf-4")] == [1, 4, 4]
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved["split"] == "test" and len(saved["runs"]) == 3
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| daf-4 | da_fusion | 4 | 0.5 | 0.3333 | 0.3333 |" in table
+    for png in ("confusion_base-1.png", "confusion_daf-4.png", "accuracy_vs_shots.png"):
+        assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert storage.read_manifest(out)["counts"] == {"runs": 3}
+    # a run trained on other classes is refused by name
+    other = make_real(class_names=("a", "b"), per_split={"train": 1, "val": 1, "test": 1}, size=32)
+    with pytest.raises(ValueError, match="trained on classes"):
+        evaluate(EvaluateConfig(real=other, runs=runs[:1], output=str(tmp_path / "r2")))
+    with pytest.raises(FileNotFoundError, match="train_result.json"):
+        evaluate(EvaluateConfig(real=real4, runs=[str(tmp_path)], output=str(tmp_path / "r3")))
