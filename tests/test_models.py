@@ -83,3 +83,15 @@ def test_bad_model_uris_are_clear(tmp_path, monkeypatch):
     assert models.resolve_model("CompVis/stable-diffusion-v1-4", cache_dir=str(tmp_path)) == "CompVis/stable-diffusion-v1-4"
     with pytest.raises(OSError, match="cannot load diffusion model 'CompVis/stable-diffusion-v1-4'"):
         models.load_pipeline("CompVis/stable-diffusion-v1-4", device="cpu", cache_dir=str(tmp_path))
+
+
+def test_sd15_shape_has_stable_diffusion_15_sizes():
+    """The GPU benchmark model: SD 1.5's shapes (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        pipe = models.build_pipeline("sd15-shape")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert round(count(pipe.unet) / 1e6) == 860  # SD 1.x UNet: 859.5M parameters
+    assert round(count(pipe.vae) / 1e6) == 84
+    assert pipe.text_encoder.config.hidden_size == 768 and pipe.text_encoder.config.num_hidden_layers == 12
+    assert pipe.text_encoder.config.vocab_size == 49408
+    assert pipe.vae_scale_factor == 8
