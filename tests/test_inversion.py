@@ -1,0 +1,204 @@
+"""Textual inversion on the tiny model: only the token moves, the loss falls, the outputs load
+into a fresh pipeline (ours and diffusers' loader), re-runs skip finished classes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ray_dafusion import storage, weights
+from ray_dafusion.config import InvertConfig
+from ray_dafusion.inversion import class_file_name, invert, learn_token
+from ray_dafusion.models import load_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def one_thread():
+    """Two shared cores: one intra-op thread avoids thrashing (and is what a Ray task gets)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pipe(tiny_model):
+    return load_pipeline(tiny_model, device="cpu", torch_dtype=torch.float32)
+
+
+def _images(n: int = 2, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    base = np.array([180, 40, 150])
+    return [Image.fromarray(np.clip(base + rng.integers(-30, 30, (32, 32, 3)), 0, 255).astype("uint8"))
+            for _ in range(n)]
+
+
+def _cfg(**kw) -> InvertConfig:
+    base = dict(real="unused", output="unused", steps=4, batch_size=2, resolution=64, learning_rate=0.05)
+    return InvertConfig(**{**base, **kw})
+
+
+def _generate(pipe, prompt: str) -> np.ndarray:
+    image = _images(1, seed=7)[0].resize((64, 64))
+    out = pipe(prompt=prompt, image=image, strength=0.75, num_inference_steps=4, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    return out.images[0]
+
+
+def test_only_the_token_moves(tiny_model, one_thread):
+    pipe = _pipe(tiny_model)
+    before = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+              for name in ("unet", "vae", "text_encoder")}
+    rows_before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    the = rows_before[pipe.tokenizer.encode("the", add_special_tokens=False)[0]]
+
+    learned = learn_token(pipe, "<cat>", _images(), _cfg(steps=4), seed=0)
+
+    rows_after = pipe.text_encoder.get_input_embeddings().weight.detach()
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<cat>")
+    assert token_id == rows_before.shape[0] and rows_after.shape[0] == rows_before.shape[0] + 1
+    assert torch.equal(rows_after[:token_id], rows_before)  # every other row, bit for bit
+    assert torch.equal(rows_after[token_id], learned.embedding)
+    assert learned.embedding.shape == the.shape
+    assert not torch.allclose(learned.embedding, the)  # the token itself did move
+    for name, state in before.items():
+        after = getattr(pipe, name).state_dict()
+        assert set(after) == set(state)
+        for key, value in state.items():
+            if name == "text_encoder" and key.endswith("token_embedding.weight"):
+                continue  # checked row by row above (it grew by the new token)
+            assert torch.equal(after[key], value), f"{name}.{key} changed"
+
+
+def test_loss_falls_because_the_token_learns(tiny_model, one_thread):
+    # The draws (images, flips, noise, timesteps, templates) depend only on the seed, so a run
+    # with a vanishing learning rate sees the very same batches: a paired control.
+    steps, k = 60, 15
+    curves = {}
+    for lr in (0.05, 1e-30):
+        curves[lr] = np.array(learn_token(_pipe(tiny_model), "<cat>", _images(), _cfg(steps=steps, batch_size=4,
+                                                                                    learning_rate=lr), seed=0).losses)
+    trained, control = curves[0.05], curves[1e-30]
+    assert trained[0] == pytest.approx(control[0], rel=1e-6)  # step 0: both still hold "the"
+    assert trained[:k].mean() > trained[-k:].mean()
+    # ...and it falls by more than the batches alone explain: the learned token lowers the loss
+    assert trained[:k].mean() - trained[-k:].mean() > control[:k].mean() - control[-k:].mean()
+    assert (trained[-k:] < control[-k:]).mean() >= 0.8
+
+
+def test_initializer_must_be_one_token(tiny_model):
+    with pytest.raises(ValueError, match="exactly one"):
+        learn_token(_pipe(tiny_model), "<cat>", _images(), _cfg(initializer_token="zebra crossing"), seed=0)
+
+
+def test_invert_outputs_load_and_rerun_skips(ray_session, make_real, tiny_model, tmp_path):
+    real = make_real(class_names=("cat", "leafy spurge"))
+    out = str(tmp_path / "tokens")
+    cfg = InvertConfig(real=real, model="tiny", output=out, steps=6, batch_size=2, resolution=64,
+                       learning_rate=0.05, num_cpus=0.5)
+
+    # 1. one task per class; all tokens in one file, per-class files, loss curves
+    result = invert(cfg)
+    assert sorted(result.trained) == ["cat", "leafy spurge"] and result.num_classes == 2
+    tensors, fingerprint = weights.load_embeddings(out)
+    assert set(tensors) == {"<cat>", "<leafy_spurge>"}
+    assert all(t.shape == (32,) and t.dtype == torch.float32 for t in tensors.values())
+    manifest = storage.read_manifest(out)
+    assert manifest["embeddings"]["fingerprint"] == fingerprint
+    assert [r["name"] for r in manifest["classes"]] == ["cat", "leafy spurge"]
+    for record in manifest["classes"]:
+        assert len(record["losses"]) == 6 and all(np.isfinite(record["losses"]))
+        assert record["seconds"] > 0 and record["num_images"] == 2
+        assert storage.exists(storage.join(out, record["file"]))
+    assert set(manifest["timings"]["seconds_per_class"]) == {"cat", "leafy spurge"}
+
+    # 2. round trip into a fresh pipeline: the rows equal the learned tensors, the token matters
+    pipe = _pipe(tiny_model)
+    weights.add_tokens(pipe, tensors)
+    rows = pipe.text_encoder.get_input_embeddings().weight
+    for token, tensor in tensors.items():
+        assert torch.equal(rows[pipe.tokenizer.convert_tokens_to_ids(token)], tensor)
+    with_token = _generate(pipe, "a photo of a <leafy_spurge>")
+    with_the = _generate(pipe, "a photo of a the")
+    assert with_token.shape == (64, 64, 3)
+    assert np.abs(with_token - with_the).max() > 1e-3
+
+    # 3. diffusers' own loader takes a per-class file, and the combined file as tokens + tensors
+    one = _pipe(tiny_model)
+    one.load_textual_inversion(storage.join(out, "classes", class_file_name("<cat>")))
+    assert torch.equal(one.text_encoder.get_input_embeddings().weight[-1], tensors["<cat>"])
+    every = _pipe(tiny_model)
+    every.load_textual_inversion(list(tensors.values()), token=list(tensors))
+    for token, tensor in tensors.items():
+        assert torch.equal(every.text_encoder.get_input_embeddings().weight[every.tokenizer.convert_tokens_to_ids(token)],
+                           tensor)
+
+    # 4. re-runs: a complete output is all skipped; a lost class file is the only one redone
+    assert invert(cfg).skipped == ["cat", "leafy spurge"]
+    storage.delete(storage.join(out, "classes", class_file_name("<cat>")))
+    storage.delete(storage.join(out, "manifest.json"))
+    again = invert(cfg)
+    assert again.trained == ["cat"] and again.skipped == ["leafy spurge"]
+    tensors_again, _ = weights.load_embeddings(out)
+    assert torch.equal(tensors_again["<leafy_spurge>"], tensors["<leafy_spurge>"])
+    assert torch.equal(tensors_again["<cat>"], tensors["<cat>"])  # same seed, same result
+
+    # 5. another config is refused rather than mixed in
+    with pytest.raises(storage.StorageError, match="different config"):
+        invert(cfg.replace(steps=7))
+
+
+def test_job_script_multi_vector_token(ray_session, make_real, tiny_model, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("invert_job", os.path.join(ROOT, "jobs", "invert.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    real = make_real(class_names=("cat", "dog"))
+    out = str(tmp_path / "tokens")
+    assert job.main(["--config", os.path.join(ROOT, "jobs", "configs", "invert.yaml"), "--real", real,
+                     "--output", out, "--steps", "2", "--resolution", "64", "--classes", "dog",
+                     "--num_vectors", "2", "--learning_rate", "0.05"]) == 0
+    assert out in capsys.readouterr().out
+    tensors, _ = weights.load_embeddings(out)
+    assert list(tensors) == ["<dog>"] and tensors["<dog>"].shape == (2, 32)
+    # both loaders expand a multi-vector token to "<dog>", "<dog>_1"
+    pipe = _pipe(tiny_model)
+    weights.add_tokens(pipe, tensors)
+    rows = pipe.text_encoder.get_input_embeddings().weight
+    for i, name in enumerate(["<dog>", "<dog>_1"]):
+        assert torch.equal(rows[pipe.tokenizer.convert_tokens_to_ids(name)], tensors["<dog>"][i])
+    fresh = _pipe(tiny_model)
+    fresh.load_textual_inversion(weights.resolve_embeddings_uri(out))
+    assert torch.equal(fresh.text_encoder.get_input_embeddings().weight[-2:], tensors["<dog>"])
+    assert _generate(fresh, "a photo of a <dog>").shape == (64, 64, 3)
+
+
+def test_missing_or_malformed_embeddings_are_clear_errors(tmp_path, tiny_model):
+    with pytest.raises(weights.EmbeddingsError, match="not found"):
+        weights.load_embeddings(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(weights.EmbeddingsError, match="run `ray-dafusion invert`"):
+        weights.load_embeddings(str(tmp_path))  # a directory without tokens.safetensors
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(weights.EmbeddingsError, match="not valid safetensors"):
+        weights.load_embeddings(str(garbage))
+    from safetensors.torch import save_file
+
+    save_file({"<cat>": torch.zeros(2, 3, 32)}, str(tmp_path / "cube.safetensors"))
+    with pytest.raises(weights.EmbeddingsError, match="expected a float tensor"):
+        weights.load_embeddings(str(tmp_path / "cube.safetensors"))
+    save_file({"<cat>": torch.zeros(768)}, str(tmp_path / "wide.safetensors"))
+    tensors, _ = weights.load_embeddings(str(tmp_path / "wide.safetensors"))
+    with pytest.raises(weights.EmbeddingsError, match="another model"):
+        weights.add_tokens(_pipe(tiny_model), tensors)
+
+
+def test_invert_yaml_parses():
+    cfg = InvertConfig.from_yaml(os.path.join(ROOT, "jobs", "configs", "invert.yaml"))
+    assert (cfg.steps, cfg.batch_size, cfg.learning_rate, cfg.resolution) == (1000, 4, 5e-4, 512)
+    assert cfg.initializer_token == "the" and cfg.num_vectors == 1 and cfg.scale_lr
