@@ -28,6 +28,7 @@ __all__ = ["EvaluateResult", "evaluate", "class_metrics", "Scorer"]
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 SHOTS_PLOT = "accuracy_vs_shots.png"
+_RUNS_PER_PASS = 8  # models one scoring actor holds at once
 
 
 @dataclass
@@ -77,35 +78,43 @@ def _load_classifier(checkpoint_uri: str, endpoint_url: Optional[str]):
 
 
 class Scorer:
-    """Ray Data actor: encoded images -> predicted labels with a run's best checkpoint."""
+    """Ray Data actor: encoded images -> one predicted-label column per run (``pred_<i>``).
 
-    def __init__(self, checkpoint_uri: str, endpoint_url: Optional[str] = None, use_gpu: bool = False):
+    Holds several runs' best checkpoints so the split is read and decoded once for all of them.
+    """
+
+    def __init__(self, checkpoint_uris: list[str], endpoint_url: Optional[str] = None, use_gpu: bool = False):
         import torch
         from torchvision.transforms import v2
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model, meta = _load_classifier(checkpoint_uri, endpoint_url)
-        self.model.to(self.device)
-        size = int(meta["image_size"])
-        # the train stage's eval transform: squash to the training size, normalise to [-1, 1]
-        self.transform = v2.Compose([v2.Resize((size, size), antialias=True),
-                                     v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+        self.models, self.transforms = [], []
+        for uri in checkpoint_uris:
+            model, meta = _load_classifier(uri, endpoint_url)
+            size = int(meta["image_size"])
+            self.models.append(model.to(self.device))
+            # the train stage's eval transform: squash to the training size, normalise to [-1, 1]
+            self.transforms.append(v2.Compose([v2.Resize((size, size), antialias=True),
+                                               v2.ToDtype(torch.float32, scale=True),
+                                               v2.Normalize([0.5] * 3, [0.5] * 3)]))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
         from torchvision.io import ImageReadMode, decode_image
 
-        images = batch.column("image").combine_chunks().field("bytes").to_pylist()
-        x = torch.stack([
-            self.transform(decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB))
-            for b in images
-        ])  # (B, 3, S, S)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-            pred = self.model(x.to(self.device)).argmax(1).cpu().numpy()
-        return pa.table({"id": batch.column("id"), "label": batch.column("label"), "pred": pa.array(pred, pa.int64())})
+        images = [decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                  for b in batch.column("image").combine_chunks().field("bytes").to_pylist()]
+        out = {"id": batch.column("id"), "label": batch.column("label")}
+        for i, (model, transform) in enumerate(zip(self.models, self.transforms)):
+            x = torch.stack([transform(img) for img in images])  # (B, 3, S, S)
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16,
+                                                 enabled=self.device.type == "cuda"):
+                out[f"pred_{i}"] = pa.array(model(x.to(self.device)).argmax(1).cpu().numpy(), pa.int64())
+        return pa.table(out)
 
 
-def _score(cfg: EvaluateConfig, checkpoint_uri: str, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _score(cfg: EvaluateConfig, checkpoint_uris: list[str], files: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(labels, predictions per checkpoint) over the split, in one streaming pass."""
     import ray.data
 
     fs, _ = storage.resolve(files[0], cfg.endpoint_url)
@@ -114,11 +123,13 @@ def _score(cfg: EvaluateConfig, checkpoint_uri: str, files: list[str]) -> tuple[
     scored = ds.map_batches(
         Scorer, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "endpoint_url": cfg.endpoint_url,
+        fn_constructor_kwargs={"checkpoint_uris": checkpoint_uris, "endpoint_url": cfg.endpoint_url,
                                "use_gpu": cfg.num_gpus > 0},
     )
-    rows = scored.select_columns(["label", "pred"]).take_all()  # two ints per test image
-    return np.array([r["label"] for r in rows], np.int64), np.array([r["pred"] for r in rows], np.int64)
+    cols = ["label"] + [f"pred_{i}" for i in range(len(checkpoint_uris))]
+    rows = scored.select_columns(cols).take_all()  # a few ints per test image
+    labels = np.array([r["label"] for r in rows], np.int64)
+    return labels, [np.array([r[c] for r in rows], np.int64) for c in cols[1:]]
 
 
 def _examples_per_class(real: str, endpoint_url: Optional[str]) -> Optional[int]:
@@ -221,9 +232,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         raise FileNotFoundError(f"no parquet files under {storage.join(cfg.real, cfg.split)}")
     default_shots = _examples_per_class(cfg.real, ep)
 
-    # 2. score each run's best-on-val checkpoint
-    runs: list[dict[str, Any]] = []
-    names_used: Counter = Counter()
+    # 2. each run's best-on-val checkpoint, checked against the class table
+    records = []
     for run_uri in cfg.runs:
         try:
             record = storage.read_json(storage.join(run_uri, "train_result.json"), ep)
@@ -235,7 +245,17 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         if run_classes != class_names:
             raise ValueError(f"run {run_uri} was trained on classes {run_classes[:5]}..., "
                              f"but {cfg.real} has {class_names[:5]}...; evaluate it on its own data set")
-        labels, preds = _score(cfg, record["best_checkpoint"], files)
+        records.append((run_uri, record))
+
+    # 3. score: the split streams once per group of runs (a scoring actor holds a group's models)
+    predictions: list[np.ndarray] = []
+    for start in range(0, len(records), _RUNS_PER_PASS):
+        group = records[start:start + _RUNS_PER_PASS]
+        labels, preds = _score(cfg, [r["best_checkpoint"] for _, r in group], files)
+        predictions += preds
+    runs: list[dict[str, Any]] = []
+    names_used: Counter = Counter()
+    for (run_uri, record), preds in zip(records, predictions):
         # shots of the real set the run trained on (few-shot subsets share val/test with cfg.real)
         shots = _examples_per_class(record["real"], ep) if record.get("real") else None
         shots = shots if shots is not None else default_shots
@@ -250,7 +270,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             **class_metrics(labels, preds, len(classes)),
         })
 
-    # 3. tables and plots; the manifest last
+    # 4. tables and plots; the manifest last
     written = []
     for r in runs:
         uri = storage.join(cfg.output, f"confusion_{_safe(r['name'])}.png")

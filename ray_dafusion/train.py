@@ -42,6 +42,10 @@ __all__ = [
     "make_transform",
     "MixedCollate",
     "exact_batches",
+    "train_step",
+    "streaming_data",
+    "StreamingData",
+    "exact_split_config",
     "load_run_model",
 ]
 
@@ -234,6 +238,21 @@ def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
         yield cat(pending)
 
 
+def train_step(model, optimizer, scaler, x, y, device):
+    """One optimiser step (AMP on CUDA); returns the detached loss."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def _freeze_batchnorm(model) -> None:
     """A linear probe keeps the frozen backbone's BatchNorm statistics too."""
     import torch
@@ -279,7 +298,6 @@ def _train_loop(loop: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.nn.functional as F
     from torch.distributed.algorithms.join import Join
 
     cfg = TrainConfig.from_dict(loop["config"])
@@ -338,13 +356,7 @@ def _train_loop(loop: dict[str, Any]) -> None:
             for x, y, aug, ids in exact_batches(chunks, local_batch):
                 if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
                     break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    loss = F.cross_entropy(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                loss = train_step(model, optimizer, scaler, x, y, device)
                 steps += 1
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
@@ -454,45 +466,45 @@ def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int]) -> tupl
     return files, mixing.candidate_table(meta["source_id"], meta["aug_index"])
 
 
-class _ExactSplit:
-    """Build lazily (ray.train imports stay out of module import)."""
+def exact_split_config():
+    """A Ray Train DataConfig that splits every dataset without dropping rows.
 
-    @staticmethod
-    def make():
-        from ray.train import DataConfig
+    Ray Train's default splits with equal=True, which may drop up to world_size - 1 rows per
+    epoch; a dropped chosen row would break "every real example exactly once".
+    """
+    from ray.train import DataConfig  # imported here so the module imports without Ray Train
 
-        class ExactSplitDataConfig(DataConfig):
-            """streaming_split with equal=False: equal=True may drop rows, which would break exactness."""
+    class ExactSplitDataConfig(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output: list[dict] = [{} for _ in range(world_size)]
+            hints = worker_node_ids if getattr(self, "_enable_shard_locality", False) else None
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[i][name] = it
+            return output
 
-            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-                output: list[dict] = [{} for _ in range(world_size)]
-                hints = worker_node_ids if getattr(self, "_enable_shard_locality", False) else None
-                for name, ds in datasets.items():
-                    ds = ds.copy(ds)
-                    ds.context.execution_options = self._resolve_execution_options(name)
-                    for i, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
-                        output[i][name] = it
-                return output
-
-        return ExactSplitDataConfig()
-
-
-def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
-    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.output) else checkpoint.path
+    return ExactSplitDataConfig()
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train `cfg.method` with Ray Train; re-running the same name and output resumes."""
-    import ray.data
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+@dataclass
+class StreamingData:
+    """The lazily read datasets of a run and what the workers need to mix them."""
 
-    cfg.require("real", "output")
-    started = time.time()
-    alpha, randaugment = method_settings(cfg)
-    name = cfg.name or cfg.method
-    run_uri = storage.join(cfg.output, name)
+    classes: list
+    real_labels: dict[str, int]
+    candidates: dict[str, tuple[int, ...]]
+    train: Any
+    """Ray Dataset: real rows (aug_index -1) and synthetic rows, columns id, source_id, aug_index, label, image_bytes."""
+    val: Any
+    num_synthetic: int
+    rows_per_real: int
+    """Union rows per real row: how many rows to read for one batch of chosen rows."""
+
+
+def streaming_data(cfg: TrainConfig, alpha: float) -> StreamingData:
+    """Check the inputs and build the (lazy, streaming) Ray datasets; only ids and labels reach the driver."""
     ep = cfg.endpoint_url
 
     # 1. real data: class table, splits, labels of the train ids
@@ -513,13 +525,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                               "set (the output of `ray-dafusion augment`); or set alpha: 0")
         synthetic_files, candidates = _synthetic_candidates(cfg, real_labels)
 
-    # 3. fail early on the driver: weights that cannot load, a run made with another config
-    build_model(cfg.arch, len(classes), cfg.weights, cfg.backbone, ep)
-    identity = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
-    identity.update(alpha=alpha, name=name)
-    storage.ensure_fresh_output(run_uri, "train", storage.fingerprint(identity), cfg.overwrite, ep)
-
-    # 4. streaming datasets: the real+synthetic union for training, val for model selection
+    # 3. the union for training (block order shuffled; rows are shuffled again in each worker), val as is
     train_ds = _read(splits["train"], ["id", "label", "image"], ep).map_batches(
         _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": False}, zero_copy_batch=True)
     if synthetic_files:
@@ -529,9 +535,41 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_ds = train_ds.randomize_block_order(seed=cfg.seed)
     val_ds = _read(splits["val"], ["id", "label", "image"], ep).map_batches(
         _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": False}, zero_copy_batch=True)
-    n_union = len(real_labels) + sum(len(c) for c in candidates.values())
+    n_synth = sum(len(c) for c in candidates.values())
+    return StreamingData(classes, real_labels, candidates, train_ds, val_ds, n_synth,
+                         max(1, math.ceil((len(real_labels) + n_synth) / max(len(real_labels), 1))))
 
-    # 5. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
+
+def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
+    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.output) else checkpoint.path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train `cfg.method` with Ray Train; re-running the same name and output resumes."""
+    import ray.data
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg.require("real", "output")
+    started = time.time()
+    alpha, randaugment = method_settings(cfg)
+    name = cfg.name or cfg.method
+    run_uri = storage.join(cfg.output, name)
+    ep = cfg.endpoint_url
+
+    # 1. the streaming datasets (real+synthetic union, val) and the mixing candidates
+    data = streaming_data(cfg, alpha)
+    classes, real_labels, candidates = data.classes, data.real_labels, data.candidates
+
+    # 2. fail early on the driver: weights that cannot load, a run made with another config
+    build_model(cfg.arch, len(classes), cfg.weights, cfg.backbone, ep)
+    identity = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
+    identity.update(alpha=alpha, name=name)
+    storage.ensure_fresh_output(run_uri, "train", storage.fingerprint(identity), cfg.overwrite, ep)
+    n_union = len(real_labels) + data.num_synthetic
+
+    # 3. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
     fs, path = storage.resolve(cfg.output, ep)
     run_config = RunConfig(
         name=name,
@@ -546,17 +584,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         train_loop_config={
             "config": cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(classes),
             "candidates": candidates, "classes": [dataclasses.asdict(c) for c in classes],
-            "rows_per_real": max(1, math.ceil(n_union / max(len(real_labels), 1))),
+            "rows_per_real": data.rows_per_real,
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=run_config,
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=_ExactSplit.make(),
+        datasets={"train": data.train, "val": data.val},
+        dataset_config=exact_split_config(),
     )
     result = trainer.fit()
 
-    # 6. results: best on val, per-epoch history (kept in every checkpoint, so it survives resumes)
+    # 4. results: best on val, per-epoch history (kept in every checkpoint, so it survives resumes)
     history: list[dict[str, Any]] = []
     if result.checkpoint is not None:
         latest = _checkpoint_uri(cfg, result.checkpoint)

@@ -1,0 +1,188 @@
+"""Training throughput: the streaming alpha-mixed parquet pipeline vs tensors preloaded in memory.
+
+Both modes run the same Ray Train TorchTrainer (same model, batch, workers, optimiser, steps,
+fractional CPUs). Only the batch source differs:
+
+* stream: the train stage's own path: parquet (real + M synthetic per real) -> Ray Data union ->
+  streaming_split -> per-epoch exact mixing filter, decode and train transforms in Ray Data's
+  prefetch threads -> exact-size batches;
+* preloaded: the same rows, mixed, decoded and transformed once into tensors in worker memory
+  before the clock starts, then cycled.
+
+Timed: the wall time of `--steps` optimiser steps after `--warmup` untimed steps, in the worker,
+including the wait for each next batch (Ray start-up, dataset planning and the preload are not
+timed). samples/s = steps x global batch / time. Prints both and their ratio (stream / preloaded).
+
+    python benchmarks/train_overhead.py --arch resnet50 --image-size 128 --batch-size 16 --steps 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def make_data(root: str, num_real: int, m: int, size: int, classes: int = 4) -> tuple[str, str]:
+    """A real set (train/val) and a synthetic set with M images per real image, as parquet."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from ray_dafusion import schema, storage
+
+    rng = np.random.default_rng(0)
+    names = [f"class{i}" for i in range(classes)]
+
+    def image(label: int) -> dict:
+        base = rng.integers(0, 255, (8, 8, 3)).astype("uint8")  # smooth-ish content: realistic PNG sizes
+        img = Image.fromarray(base).resize((size, size), Image.BILINEAR)
+        return schema.image_cell(schema.encode_image(img), "x.png")
+
+    real, synth = os.path.join(root, "real"), os.path.join(root, "synthetic")
+    for split, n in (("train", num_real), ("val", classes)):
+        rows = [{"id": f"{split}-{i}", "image": image(i % classes), "label": i % classes, "class_name": names[i % classes],
+                 "source_path": "", "sha256": "", "width": size, "height": size} for i in range(n)]
+        for part in range(4):  # a few files: several read tasks
+            storage.write_parquet(pa.Table.from_pylist(rows[part::4], schema=schema.real_schema(names)),
+                                  os.path.join(real, split, f"part-{part}.parquet"))
+    storage.write_manifest(real, {"stage": "ingest", "classes": [{"name": n, "label": i, "token": f"<{n}>"}
+                                                                for i, n in enumerate(names)]})
+    rows = []
+    for i in range(num_real):
+        for a in range(m):
+            rows.append({"id": f"train-{i}-{a}", "source_id": f"train-{i}", "aug_index": a, "label": i % classes,
+                         "class_name": names[i % classes], "token": "", "strength": 0.5, "seed": a, "prompt": "",
+                         "guidance_scale": 7.5, "num_inference_steps": 50, "model_fingerprint": "",
+                         "embeddings_fingerprint": "", "erasure_fingerprint": "", "image": image(i % classes)})
+    table = pa.Table.from_pylist(rows, schema=schema.synthetic_schema(names))
+    for part in range(8):
+        storage.write_parquet(table.slice(part * len(rows) // 8, len(rows) // 8 + 1),
+                              os.path.join(synth, "data", f"part-{part}.parquet"))
+    storage.write_manifest(synth, {"stage": "augment"})
+    return real, synth
+
+
+def _bench_loop(loop: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ray_dafusion.config import TrainConfig
+    from ray_dafusion.train import MixedCollate, build_model, exact_batches, make_transform, train_step
+
+    cfg = TrainConfig.from_dict(loop["config"])
+    world = ray.train.get_context().get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(0)
+    model = ray.train.torch.prepare_model(build_model(cfg.arch, loop["num_classes"], "none", cfg.backbone))
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    local_batch = cfg.batch_size // world
+    shard = ray.train.get_dataset_shard("train")
+    tf = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, False)
+
+    def stream():  # epoch after epoch of the train stage's exact mixed stream
+        for epoch in itertools.count():
+            collate = MixedCollate(tf, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"])
+            chunks = shard.iter_torch_batches(
+                batch_size=local_batch * loop["rows_per_real"], collate_fn=collate, device="cpu",
+                prefetch_batches=cfg.prefetch_batches, local_shuffle_buffer_size=cfg.shuffle_buffer,
+                local_shuffle_seed=epoch)
+            yield from exact_batches(chunks, local_batch)
+
+    total = loop["warmup"] + loop["steps"]
+    if loop["mode"] == "preloaded":
+        batches = list(itertools.islice(stream(), total))  # decoded + transformed before the clock starts
+        source = iter(batches)
+    else:
+        source = stream()
+    times = []
+    for step in range(total):
+        t0 = time.perf_counter()
+        x, y, _, _ = next(source)
+        loss = train_step(model, optimizer, scaler, x, y, device)
+        float(loss)  # wait for the step to finish (CUDA is asynchronous)
+        times.append(time.perf_counter() - t0)
+    timed = sum(times[loop["warmup"]:])
+    ray.train.report({"samples_per_s": loop["steps"] * cfg.batch_size / timed, "seconds": timed,
+                      "step_s": times[loop["warmup"]:]})
+
+
+def run(mode: str, args, real: str, synth: str) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_dafusion.config import TrainConfig
+    from ray_dafusion.train import exact_split_config, streaming_data
+
+    cfg = TrainConfig(real=real, synthetic=synth, output=args.workdir, arch=args.arch, image_size=args.image_size,
+                      batch_size=args.batch_size, backbone=args.backbone, num_workers=args.workers,
+                      use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, alpha=args.alpha,
+                      shuffle_buffer=max(64, args.batch_size * 4))
+    data = streaming_data(cfg, cfg.alpha)
+    trainer = TorchTrainer(
+        _bench_loop,
+        train_loop_config={"config": cfg.to_dict(), "mode": mode, "alpha": cfg.alpha, "candidates": data.candidates,
+                           "num_classes": len(data.classes), "rows_per_real": data.rows_per_real,
+                           "warmup": args.warmup, "steps": args.steps},
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
+                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        run_config=RunConfig(name=f"bench-{mode}-{time.time_ns()}", storage_path=args.workdir),
+        datasets={"train": data.train, "val": data.val},
+        dataset_config=exact_split_config(),
+    )
+    return trainer.fit().metrics
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--source-size", type=int, default=160, help="side of the stored PNGs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--backbone", default="finetune")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--m", type=int, default=4, help="synthetic images per real image")
+    p.add_argument("--repeats", type=int, default=1, help="alternate the two modes this many times")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args()
+    args.workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="train-bench-"))
+
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    num_real = args.batch_size * (args.steps + args.warmup)  # one epoch covers every timed step
+    real, synth = make_data(os.path.join(args.workdir, "data"), num_real, args.m, args.source_size)
+    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    results: dict[str, list[float]] = {"stream": [], "preloaded": []}
+    for _ in range(args.repeats):
+        for mode in ("preloaded", "stream"):
+            metrics = run(mode, args, real, synth)
+            results[mode].append(metrics["samples_per_s"])
+            print(f"{mode:>9}: {metrics['samples_per_s']:.3f} samples/s over {args.steps} steps "
+                  f"({metrics['seconds']:.1f}s; step s median {np.median(metrics['step_s']):.3f})", flush=True)
+    stream, preloaded = float(np.median(results["stream"])), float(np.median(results["preloaded"]))
+    summary = {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+               "steps": args.steps, "warmup": args.warmup, "alpha": args.alpha, "m": args.m, "backbone": args.backbone,
+               "stream_samples_per_s": stream, "preloaded_samples_per_s": preloaded, "ratio": stream / preloaded,
+               "runs": results}
+    print(json.dumps(summary, indent=2))
+    print(f"ratio stream / preloaded = {stream / preloaded:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
