@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 from . import storage
@@ -18,6 +19,7 @@ __all__ = [
     "resolve_embeddings_uri",
     "load_embeddings",
     "add_tokens",
+    "ErasureWeights",
 ]
 
 EMBEDDINGS_FILE = "tokens.safetensors"
@@ -86,3 +88,114 @@ def add_tokens(pipe: Any, embeddings: dict[str, Any]) -> None:
         pipe.load_textual_inversion(
             [v.detach() for v in vectors], token=tokens, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
         )
+
+
+class ErasureWeights:
+    """The per-class UNet edits of an ``erase`` output, applied to a loaded UNet on demand.
+
+    ``apply(unet, name)`` puts class ``name``'s erased weights into ``unet`` in place
+    (``xattn``: original + delta for each cross-attention key/value weight; ``full``: that
+    class's whole UNet state); ``apply(unet, None)`` restores the original weights. Only the
+    affected original tensors are copied (once, the first time a UNet is seen), so swapping
+    per class group is a few tensor copies and never reloads the pipeline. Class files are read
+    lazily and kept in CPU memory (``max_cached`` bounds how many; ``full`` files are whole UNets).
+    """
+
+    def __init__(self, uri: str, endpoint_url: Optional[str] = None, max_cached: Optional[int] = None) -> None:
+        manifest = storage.read_manifest(uri, endpoint_url)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"{uri} holds no complete erase output (no {storage.MANIFEST}); run `ray-dafusion erase` first"
+            )
+        if manifest.get("stage") != "erase" or manifest.get("method") not in ("full", "xattn"):
+            raise ValueError(f"{uri} is not an erase output (stage {manifest.get('stage')!r}, "
+                             f"method {manifest.get('method')!r})")
+        self.uri = uri
+        self.endpoint_url = endpoint_url
+        self.method: str = manifest["method"]
+        self.max_cached = max_cached
+        self._classes: dict[str, dict[str, Any]] = dict(manifest.get("classes") or {})
+        self._cache: dict[str, dict[str, Any]] = {}  # class -> tensors on CPU, most recent last
+        self._originals: dict[str, Any] = {}  # parameter name -> original tensor of the UNet
+        self._unet: Any = None  # weak reference to the UNet whose originals are held
+        self._current: Optional[str] = None
+
+    def classes(self) -> list[str]:
+        """Class names that have an erasure."""
+        return sorted(self._classes)
+
+    def fingerprint(self, class_name: str) -> str:
+        """Hash of that class's weights file (for lineage columns)."""
+        return str(self._entry(class_name)["fingerprint"])
+
+    def apply(self, unet: Any, class_name: Optional[str]) -> None:
+        """Put `class_name`'s erased weights into `unet`, or the original ones for None."""
+        import torch
+
+        if class_name is not None:
+            self._entry(class_name)  # unknown class: a clear error before touching the UNet
+        if self._unet is None or self._unet() is not unet:  # a new UNet: start its originals afresh
+            self._originals, self._current, self._unet = {}, None, weakref.ref(unet)
+        if self._current == class_name:  # None: the UNet already holds its original weights
+            return
+        params = dict(unet.named_parameters())
+        if class_name is None:
+            with torch.no_grad():
+                for name, original in self._originals.items():
+                    params[name].copy_(original)
+            self._current = None
+            return
+        tensors = self._load(class_name)
+        known = set(params) if self.method == "xattn" else set(params) | {n for n, _ in unet.named_buffers()}
+        unknown = [n for n in tensors if n not in known]
+        if unknown:
+            raise ValueError(
+                f"erasure of {class_name!r} in {self.uri} does not fit this UNet: it has no {unknown[:3]}; "
+                "the erasure was made for another model"
+            )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                if name not in params:
+                    continue  # a buffer of a full state: never changed by training
+                param = params[name]
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(f"erasure of {class_name!r}: {name} has shape {tuple(tensor.shape)}, "
+                                     f"the UNet's is {tuple(param.shape)}: made for another model")
+                if name not in self._originals:  # xattn originals stay on the device; full ones on CPU
+                    self._originals[name] = param.detach().clone() if self.method == "xattn" else param.detach().cpu().clone()
+                original = self._originals[name]
+                if self.method == "xattn":  # base + delta in fp32, then the UNet's dtype
+                    new = original.float() + tensor.to(original.device, torch.float32)
+                else:
+                    new = tensor
+                param.copy_(new.to(param.device, param.dtype))
+        self._current = class_name
+
+    def _entry(self, class_name: str) -> dict[str, Any]:
+        if class_name not in self._classes:
+            raise ValueError(
+                f"no erasure for class {class_name!r} in {self.uri}; classes with one: {', '.join(self.classes()) or 'none'}"
+            )
+        return self._classes[class_name]
+
+    def _load(self, class_name: str) -> dict[str, Any]:
+        from safetensors.torch import load as load_safetensors
+
+        if class_name in self._cache:
+            self._cache[class_name] = self._cache.pop(class_name)  # most recently used last
+            return self._cache[class_name]
+        entry = self._entry(class_name)
+        path = storage.join(self.uri, entry["file"])
+        try:
+            data = storage.read_bytes(path, self.endpoint_url)
+        except FileNotFoundError:
+            raise ValueError(f"erasure file of {class_name!r} is missing: {path}") from None
+        if file_fingerprint(data) != entry["fingerprint"]:
+            raise ValueError(f"erasure file {path} changed since `erase` wrote it (fingerprint mismatch)")
+        tensors = load_safetensors(data)
+        del data
+        if self.max_cached is not None:
+            while self._cache and len(self._cache) >= max(1, self.max_cached):
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[class_name] = tensors
+        return tensors

@@ -1,0 +1,199 @@
+"""ESD concept erasure on the tiny model: the loss falls, xattn touches only cross-attention
+key/value weights, the outputs apply per class to a loaded UNet and restore exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ray_dafusion import storage
+from ray_dafusion.config import EraseConfig
+from ray_dafusion.erasure import erase, erase_concept, xattn_parameter_names
+from ray_dafusion.models import load_pipeline
+from ray_dafusion.weights import ErasureWeights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def one_thread():
+    """Two shared cores: one intra-op thread avoids thrashing (and is what a Ray task gets)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pipe(tiny_model):
+    return load_pipeline(tiny_model, device="cpu", torch_dtype=torch.float32)
+
+
+def _cfg(**kw) -> EraseConfig:
+    base = dict(real="unused", output="unused", iterations=4, resolution=64, num_inference_steps=10,
+                learning_rate=1e-3)
+    return EraseConfig(**{**base, **kw})
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _paired_curves(tiny_model, method: str, iterations: int, lr: float):
+    # x_t, t and the targets come from the frozen original and the seed only, so a run with a
+    # vanishing learning rate sees the very same samples: a paired control.
+    runs = {}
+    for rate in (lr, 1e-30):
+        pipe = _pipe(tiny_model)
+        runs[rate] = (pipe, erase_concept(pipe, "cat", _cfg(method=method, iterations=iterations, learning_rate=rate),
+                                          seed=0))
+    return runs[lr], runs[1e-30][1]
+
+
+def _assert_loss_fell(trained, control, k):
+    trained, control = np.array(trained), np.array(control)
+    assert trained[0] == pytest.approx(control[0], rel=1e-5)  # first step: both are the original
+    assert trained[:k].mean() > trained[-k:].mean()
+    assert trained[-k:].mean() < 0.7 * control[-k:].mean()
+    assert (trained[-k:] < control[-k:]).mean() >= 0.8
+
+
+def test_xattn_loss_falls_and_only_key_value_weights_change(tiny_model, one_thread):
+    original = _pipe(tiny_model)
+    unet_before, text_before = _state(original.unet), _state(original.text_encoder)
+    (pipe, erased), control = _paired_curves(tiny_model, "xattn", iterations=30, lr=1e-3)
+    _assert_loss_fell(erased.losses, control.losses, k=8)
+
+    names = xattn_parameter_names(pipe.unet)
+    assert names and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in names)
+    assert sorted(erased.tensors) == sorted(names)
+    after = _state(pipe.unet)
+    for key, value in unet_before.items():
+        if key in names:  # trained: the saved delta is exactly new - original
+            assert not torch.equal(after[key], value), f"{key} did not move"
+            assert torch.equal(erased.tensors[key], after[key] - value)
+        else:
+            assert torch.equal(after[key], value), f"{key} changed"
+    assert all(torch.equal(v, text_before[k]) for k, v in _state(pipe.text_encoder).items())
+
+
+def test_full_loss_falls_and_saves_the_whole_unet(tiny_model, one_thread):
+    (pipe, erased), control = _paired_curves(tiny_model, "full", iterations=20, lr=1e-4)
+    _assert_loss_fell(erased.losses, control.losses, k=6)
+    after = _state(pipe.unet)
+    assert sorted(erased.tensors) == sorted(after)
+    assert all(torch.equal(erased.tensors[k], after[k]) for k in after)
+    before = _state(_pipe(tiny_model).unet)
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert len(changed) > len(xattn_parameter_names(pipe.unet))  # beyond cross-attention
+
+
+def test_erase_xattn_stage_applies_per_class_and_restores(ray_session, make_real, tiny_model, tmp_path):
+    real = make_real(class_names=("cat", "dog"))
+    out = str(tmp_path / "erasure")
+    cfg = EraseConfig(real=real, model="tiny", output=out, method="xattn", iterations=4, resolution=64,
+                      num_inference_steps=5, learning_rate=1e-3, num_cpus=0.5)
+
+    # 1. one task per class name; per-class deltas, records and the manifest
+    result = erase(cfg)
+    assert sorted(result.trained) == ["cat", "dog"] and result.num_classes == 2 and result.method == "xattn"
+    manifest = storage.read_manifest(out)
+    assert manifest["method"] == "xattn" and sorted(manifest["classes"]) == ["cat", "dog"]
+    for name, record in manifest["classes"].items():
+        assert len(record["losses"]) == 4 and record["seconds"] > 0
+        assert record["prompt"] == f"a photo of a {name}"
+        assert storage.exists(storage.join(out, record["file"]))
+
+    # 2. apply: original + delta on exactly the key/value weights; None restores bit for bit
+    pipe = _pipe(tiny_model)
+    unet = pipe.unet
+    original = _state(unet)
+    erasure = ErasureWeights(out)
+    assert erasure.classes() == ["cat", "dog"]
+    assert erasure.fingerprint("cat") == manifest["classes"]["cat"]["fingerprint"] != erasure.fingerprint("dog")
+    deltas = {n: load_file(os.path.join(out, manifest["classes"][n]["file"])) for n in ("cat", "dog")}
+    for name in ("cat", "dog", "cat"):
+        erasure.apply(unet, name)
+        state = _state(unet)
+        for key, value in original.items():
+            if key in deltas[name]:
+                assert torch.allclose(state[key], value + deltas[name][key], atol=1e-7)
+                assert not torch.equal(state[key], value)
+            else:
+                assert torch.equal(state[key], value), f"{key} changed"
+    erasure.apply(unet, None)
+    assert all(torch.equal(v, original[k]) for k, v in _state(unet).items())
+
+    # 3. a class without an erasure is a clear error, and leaves the UNet alone
+    erasure.apply(unet, "dog")
+    with pytest.raises(ValueError, match=r"no erasure for class 'bird'.*cat, dog"):
+        erasure.apply(unet, "bird")
+    with pytest.raises(ValueError, match="'bird'"):
+        erasure.fingerprint("bird")
+    erasure.apply(unet, None)
+    assert all(torch.equal(v, original[k]) for k, v in _state(unet).items())
+
+    # 4. the erased UNet changes what the class prompt generates (and only while applied)
+    def generate():
+        return pipe(prompt="a photo of a cat", image=np.full((64, 64, 3), 0.5, np.float32), strength=0.75,
+                    num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    plain = generate()
+    erasure.apply(unet, "cat")
+    erased = generate()
+    erasure.apply(unet, None)
+    assert np.abs(erased - plain).max() > 1e-4
+    assert np.array_equal(generate(), plain)
+
+    # 5. re-runs skip finished classes; another config is refused
+    assert erase(cfg).skipped == ["cat", "dog"]
+    with pytest.raises(storage.StorageError, match="different config"):
+        erase(cfg.replace(iterations=5))
+
+
+def test_job_script_full_erasure(ray_session, make_real, tiny_model, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("erase_job", os.path.join(ROOT, "jobs", "erase.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    real = make_real(class_names=("cat", "dog"))
+    out = str(tmp_path / "erasure-full")
+    assert job.main(["--config", os.path.join(ROOT, "jobs", "configs", "erase.yaml"), "--real", real,
+                     "--output", out, "--method", "full", "--iterations", "2", "--resolution", "64",
+                     "--num_inference_steps", "5", "--classes", "dog", "--learning_rate", "0.001"]) == 0
+    assert out in capsys.readouterr().out
+    erasure = ErasureWeights(out)
+    assert erasure.method == "full" and erasure.classes() == ["dog"]
+    unet = _pipe(tiny_model).unet
+    original = _state(unet)
+    erasure.apply(unet, "dog")
+    saved = load_file(os.path.join(out, storage.read_manifest(out)["classes"]["dog"]["file"]))
+    assert all(torch.equal(v, saved[k]) for k, v in _state(unet).items())
+    assert any(not torch.equal(saved[k], original[k]) for k in original)
+    erasure.apply(unet, None)
+    assert all(torch.equal(v, original[k]) for k, v in _state(unet).items())
+    with pytest.raises(ValueError, match="no erasure for class 'cat'.*dog"):
+        erasure.apply(unet, "cat")
+
+
+def test_erasure_weights_refuse_missing_or_changed_output(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `ray-dafusion erase`"):
+        ErasureWeights(str(tmp_path / "nothing"))
+    storage.write_manifest(str(tmp_path / "tokens"), {"stage": "invert"})
+    with pytest.raises(ValueError, match="not an erase output"):
+        ErasureWeights(str(tmp_path / "tokens"))
+    out = str(tmp_path / "erasure")
+    storage.write_bytes(storage.join(out, "classes", "cat.safetensors"), b"tampered")
+    storage.write_manifest(out, {"stage": "erase", "method": "xattn", "classes": {
+        "cat": {"name": "cat", "file": "classes/cat.safetensors", "fingerprint": "0" * 16}}})
+    with pytest.raises(ValueError, match="changed since"):
+        ErasureWeights(out).apply(torch.nn.Linear(2, 2), "cat")
+
+
+def test_erase_yaml_parses():
+    cfg = EraseConfig.from_yaml(os.path.join(ROOT, "jobs", "configs", "erase.yaml"))
+    assert (cfg.iterations, cfg.learning_rate, cfg.negative_guidance, cfg.start_guidance) == (1000, 1e-5, 1.0, 3.0)
+    assert cfg.method == "xattn"
