@@ -1,0 +1,66 @@
+"""The gallery: a PNG contact sheet of an augment output, from Python and the command line."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ray_dafusion import schema, storage
+from ray_dafusion.augment import DiffusionAugmenter
+from ray_dafusion.cli import main
+from ray_dafusion.config import AugmentConfig, GalleryConfig
+from ray_dafusion.gallery import PAD, gallery, sheet_size
+
+M = 3
+
+
+@pytest.fixture
+def synthetic(tmp_path, make_real, tiny_model):
+    """An augment output made by the actor in-process, with the manifest augment writes."""
+    real = make_real(per_split={"train": 3, "val": 1, "test": 1})
+    save_file({"<cat>": torch.randn(32), "<dog>": torch.randn(32)}, str(tmp_path / "t.safetensors"))
+    cfg = AugmentConfig(real=real, output=str(tmp_path / "syn"), embeddings=str(tmp_path / "t.safetensors"),
+                        num_augmentations=M, num_inference_steps=4, resolution=32, strengths=[0.25, 1.0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_augment: spinning threads on a shared 2-core machine
+    try:
+        DiffusionAugmenter(cfg, schema.read_class_table(real))(storage.read_parquet(storage.join(real, "train")))
+    finally:
+        torch.set_num_threads(threads)
+    storage.write_manifest(cfg.output, {"stage": "augment", "real": real, "config": cfg.to_dict()})
+    return cfg
+
+
+def test_gallery_sheet_has_one_row_per_source_real_image_first(synthetic):
+    result = gallery(GalleryConfig(synthetic=synthetic.output, max_sources=4, thumb_size=48))
+    assert result.output == storage.join(synthetic.output, "gallery.png")
+    sheet = Image.open(io.BytesIO(storage.read_bytes(result.output)))
+    assert sheet.format == "PNG"
+    assert sheet.size == sheet_size(4, 1 + M, 48) == (PAD + (1 + M) * (48 + PAD), result.height)
+    assert (result.sources, result.augmentations) == (4, 4 * M)
+    # the first cell of the first row is the (enlarged) real image of the first source id
+    real = {r["id"]: r for r in storage.read_parquet(storage.join(synthetic.real, "train")).to_pylist()}
+    first = sorted(real)[0]
+    expected = np.asarray(schema.decode_image(real[first]["image"]["bytes"]).resize((48, 48), Image.BICUBIC)).astype(int)
+    cell = np.asarray(sheet.convert("RGB"))[PAD : PAD + 48, PAD : PAD + 48].astype(int)
+    assert np.abs(cell - expected).mean() < 2
+    # and the caption strip under it is not blank (text was drawn)
+    strip = np.asarray(sheet.convert("L"))[PAD + 48 : PAD + 48 + 12, PAD + 48 + PAD : PAD + 2 * (48 + PAD)]
+    assert strip.min() < 128
+
+
+def test_gallery_command_line_writes_png(synthetic, tmp_path, capsys):
+    out = str(tmp_path / "sheet.png")
+    assert main(["gallery", synthetic.output, "--output", out, "--max_sources", "2", "--thumb_size", "32"]) == 0
+    assert Image.open(out).size == sheet_size(2, 1 + M, 32)
+    assert "sheet.png" in capsys.readouterr().out
+
+
+def test_gallery_refuses_incomplete_output(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete augment output"):
+        gallery(GalleryConfig(synthetic=str(tmp_path / "nothing")))
