@@ -198,7 +198,6 @@ class DiffusionAugmenter:
             self.tokens = set(tensors)
         self.erasure = None
         self.erasure_fingerprints: dict[str, str] = {}
-        self._erased_class: Optional[str] = None
         if cfg.erasure:
             erasure_cls = _erasure_class()
             if erasure_cls is None:
@@ -301,9 +300,8 @@ class DiffusionAugmenter:
             groups[(job["info"].name if self.erasure is not None else "", job["strength"])].append(job)
         out = []
         for (class_name, strength), group in sorted(groups.items()):
-            if self.erasure is not None and class_name != self._erased_class:
+            if self.erasure is not None:  # a few in-place tensor copies; a no-op for the same class
                 self.erasure.apply(self.pipe.unet, class_name)
-                self._erased_class = class_name
             for start in range(0, len(group), cfg.max_images_per_call):
                 chunk = group[start : start + cfg.max_images_per_call]
                 images = self.pipe(

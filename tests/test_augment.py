@@ -399,3 +399,45 @@ def test_s3_input_and_output(s3_bucket, s3_server, tmp_path, tiny_model, ray_ses
     _check_complete(cfg.output, ids, endpoint_url=s3_server)
     assert result.synthetic_rows == len(ids) * M
     assert storage.read_manifest(cfg.output, s3_server)["counts"]["synthetic_rows"] == len(ids) * M
+
+
+def _erasure(root, deltas: dict[str, float]) -> str:
+    """A hand-made `xattn` erase output: per class, random deltas of scale `deltas[class]` on every
+    cross-attention key and value weight (the files `erase --method xattn` writes)."""
+    from safetensors.torch import save
+
+    from ray_dafusion.models import file_fingerprint, load_pipeline
+
+    unet = load_pipeline("tiny").unet
+    keys = {n: p.shape for n, p in unet.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n}
+    g = torch.Generator().manual_seed(0)
+    classes = {}
+    for name, value in deltas.items():
+        data = save({n: value * torch.randn(shape, generator=g) for n, shape in keys.items()})
+        storage.write_bytes(storage.join(root, "classes", f"{name}.safetensors"), data)
+        classes[name] = {"name": name, "file": f"classes/{name}.safetensors", "fingerprint": file_fingerprint(data)}
+    storage.write_manifest(root, {"stage": "erase", "method": "xattn", "classes": classes})
+    return root
+
+
+@pytest.mark.skipif(not hasattr(weights, "ErasureWeights"), reason="weights.ErasureWeights not available")
+def test_erasure_is_applied_per_class_group(setup, tmp_path):
+    real, _, cfg = setup
+    classes = schema.read_class_table(real)
+    plain = cfg(output=str(tmp_path / "plain"))
+    DiffusionAugmenter(plain, classes)(_real_rows(real))
+    # cat's keys change a lot; dog's delta is zero, so dog rows must equal the plain run,
+    # which only holds if cat's edit was undone before dog's group (the batch has both)
+    erased = cfg(output=str(tmp_path / "erased"), erasure=_erasure(str(tmp_path / "erase"), {"cat": 2.0, "dog": 0.0}))
+    DiffusionAugmenter(erased, classes)(_real_rows(real))
+    a = _rows(storage.read_parquet(str(tmp_path / "plain" / "data")))
+    b = _rows(storage.read_parquet(str(tmp_path / "erased" / "data")))
+    diff = {key: np.abs(_pixels(a[key]["image"]) - _pixels(b[key]["image"])).max() for key in a}
+    assert all(diff[k] > PIXEL_TOLERANCE for k in diff if a[k]["class_name"] == "cat")
+    assert all(diff[k] <= PIXEL_TOLERANCE for k in diff if a[k]["class_name"] == "dog")
+    assert {r["erasure_fingerprint"] for r in b.values() if r["class_name"] == "cat"} == {
+        weights.ErasureWeights(erased.erasure).fingerprint("cat")}
+    # a class the erase output lacks goes to errors/ instead of being generated unerased
+    only_cat = cfg(output=str(tmp_path / "only-cat"), erasure=_erasure(str(tmp_path / "erase-cat"), {"cat": 2.0}))
+    summary = DiffusionAugmenter(only_cat, classes)(_real_rows(real)).to_pylist()[0]
+    assert (summary["rows"], summary["errors"]) == (2 * M, 2)
