@@ -197,3 +197,34 @@ def test_erase_yaml_parses():
     cfg = EraseConfig.from_yaml(os.path.join(ROOT, "jobs", "configs", "erase.yaml"))
     assert (cfg.iterations, cfg.learning_rate, cfg.negative_guidance, cfg.start_guidance) == (1000, 1e-5, 1.0, 3.0)
     assert cfg.method == "xattn"
+
+
+def test_tokens_and_erasure_round_trip_through_the_augmenter(ray_session, make_real, tiny_model, tmp_path):
+    from ray_dafusion import schema, weights
+    from ray_dafusion.augment import DiffusionAugmenter
+    from ray_dafusion.config import AugmentConfig, InvertConfig
+    from ray_dafusion.inversion import invert
+    from ray_dafusion.tokens import find_leak
+
+    real = make_real(class_names=("cat", "dog"))
+    tokens_out, erase_out = str(tmp_path / "tokens"), str(tmp_path / "erasure")
+    invert(InvertConfig(real=real, output=tokens_out, steps=2, batch_size=2, resolution=64, num_cpus=0.5))
+    erase(EraseConfig(real=real, output=erase_out, iterations=2, resolution=64, num_inference_steps=5,
+                      learning_rate=1e-3, num_cpus=0.5))
+    cfg = AugmentConfig(real=real, embeddings=tokens_out, erasure=erase_out, output=str(tmp_path / "synthetic"),
+                        num_augmentations=1, strengths=[0.5], num_inference_steps=4, resolution=64)
+    augmenter = DiffusionAugmenter(cfg, schema.read_class_table(real))
+
+    tensors, fingerprint = weights.load_embeddings(tokens_out)
+    rows = augmenter.pipe.text_encoder.get_input_embeddings().weight
+    for token, tensor in tensors.items():
+        assert torch.equal(rows[augmenter.pipe.tokenizer.convert_tokens_to_ids(token)], tensor)
+    summary = augmenter(storage.read_parquet(storage.join(real, "train"))).to_pylist()[0]
+    assert summary["rows"] == 4 and summary["errors"] == 0
+    synthetic = storage.read_parquet(storage.join(cfg.output, "data")).to_pylist()
+    erasure = ErasureWeights(erase_out)
+    for row in synthetic:
+        assert row["token"] in row["prompt"]
+        assert find_leak(row["prompt"], ["cat", "dog"], list(tensors)) is None
+        assert row["embeddings_fingerprint"] == fingerprint
+        assert row["erasure_fingerprint"] == erasure.fingerprint(row["class_name"])
