@@ -99,6 +99,8 @@ def connect_ray() -> None:
 def _print_result(result: Any) -> None:
     if dataclasses.is_dataclass(result):
         result = dataclasses.asdict(result)
+    if isinstance(result, dict) and "outputs" in result:  # a pipeline: where things went, not every number
+        result = {k: result[k] for k in ("workdir", "outputs", "seconds") if k in result}
     print(json.dumps(result, indent=2, default=str))
 
 
