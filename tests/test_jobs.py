@@ -38,6 +38,9 @@ def _ports(n: int) -> list[int]:
 def ray_head(tmp_path):
     """A Ray head on loopback in its own process group; SIGTERM to `ray start --block` stops
     exactly this cluster (`ray stop` would stop every Ray on the machine)."""
+    import ray
+
+    ray.shutdown()  # the session's local Ray: these tests run last (see conftest)
     gcs, dash, agent, agent_grpc, rt_env, metrics, nm, om, client = _ports(9)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
