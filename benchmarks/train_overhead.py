@@ -61,8 +61,9 @@ def make_data(root: str, num_real: int, m: int, size: int, classes: int = 4) -> 
                          "guidance_scale": 7.5, "num_inference_steps": 50, "model_fingerprint": "",
                          "embeddings_fingerprint": "", "erasure_fingerprint": "", "image": image(i % classes)})
     table = pa.Table.from_pylist(rows, schema=schema.synthetic_schema(names))
+    bounds = np.linspace(0, len(rows), 9).astype(int)
     for part in range(8):
-        storage.write_parquet(table.slice(part * len(rows) // 8, len(rows) // 8 + 1),
+        storage.write_parquet(table.slice(bounds[part], bounds[part + 1] - bounds[part]),
                               os.path.join(synth, "data", f"part-{part}.parquet"))
     storage.write_manifest(synth, {"stage": "augment"})
     return real, synth
@@ -99,7 +100,9 @@ def _bench_loop(loop: dict) -> None:
 
     total = loop["warmup"] + loop["steps"]
     if loop["mode"] == "preloaded":
-        batches = list(itertools.islice(stream(), total))  # decoded + transformed before the clock starts
+        gen = stream()
+        batches = list(itertools.islice(gen, total))  # decoded + transformed before the clock starts
+        gen.close()  # stops the Ray Data execution, which would otherwise compete for CPU
         source = iter(batches)
     else:
         source = stream()
@@ -111,8 +114,11 @@ def _bench_loop(loop: dict) -> None:
         float(loss)  # wait for the step to finish (CUDA is asynchronous)
         times.append(time.perf_counter() - t0)
     timed = sum(times[loop["warmup"]:])
-    ray.train.report({"samples_per_s": loop["steps"] * cfg.batch_size / timed, "seconds": timed,
-                      "step_s": times[loop["warmup"]:]})
+    if ray.train.get_context().get_world_rank() == 0:  # V2 Result.metrics only carry checkpointed reports
+        with open(loop["result_file"], "w") as f:
+            json.dump({"samples_per_s": loop["steps"] * cfg.batch_size / timed, "seconds": timed,
+                       "torch_threads": torch.get_num_threads(),
+                       "step_s": times[loop["warmup"]:]}, f)
 
 
 def run(mode: str, args, real: str, synth: str) -> dict:
@@ -127,18 +133,21 @@ def run(mode: str, args, real: str, synth: str) -> dict:
                       use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, alpha=args.alpha,
                       shuffle_buffer=max(64, args.batch_size * 4))
     data = streaming_data(cfg, cfg.alpha)
+    result_file = os.path.join(args.workdir, f"result-{mode}-{time.time_ns()}.json")
     trainer = TorchTrainer(
         _bench_loop,
         train_loop_config={"config": cfg.to_dict(), "mode": mode, "alpha": cfg.alpha, "candidates": data.candidates,
                            "num_classes": len(data.classes), "rows_per_real": data.rows_per_real,
-                           "warmup": args.warmup, "steps": args.steps},
+                           "warmup": args.warmup, "steps": args.steps, "result_file": result_file},
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
         run_config=RunConfig(name=f"bench-{mode}-{time.time_ns()}", storage_path=args.workdir),
         datasets={"train": data.train, "val": data.val},
         dataset_config=exact_split_config(),
     )
-    return trainer.fit().metrics
+    trainer.fit()
+    with open(result_file) as f:
+        return json.load(f)
 
 
 def main() -> int:
@@ -173,7 +182,8 @@ def main() -> int:
             metrics = run(mode, args, real, synth)
             results[mode].append(metrics["samples_per_s"])
             print(f"{mode:>9}: {metrics['samples_per_s']:.3f} samples/s over {args.steps} steps "
-                  f"({metrics['seconds']:.1f}s; step s median {np.median(metrics['step_s']):.3f})", flush=True)
+                  f"({metrics['seconds']:.1f}s; step s median {np.median(metrics['step_s']):.3f}; "
+                  f"torch threads {metrics['torch_threads']})", flush=True)
     stream, preloaded = float(np.median(results["stream"])), float(np.median(results["preloaded"]))
     summary = {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
                "steps": args.steps, "warmup": args.warmup, "alpha": args.alpha, "m": args.m, "backbone": args.backbone,

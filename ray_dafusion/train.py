@@ -365,7 +365,7 @@ def _train_loop(loop: dict[str, Any]) -> None:
                     seen_rows += [[str(i), int(a), int(lbl)] for i, a, lbl in zip(ids, aug, y.tolist())]
         train_seconds = time.perf_counter() - t0
         _debug_write(cfg.debug_dir, f"epoch{epoch}-rank{rank}-{os.getpid()}.json", seen_rows)
-        loss_sum, seen, synthetic, slowest = _allreduce_sum([loss_sum, seen, synthetic, 0.0], device)[:4]
+        loss_sum, seen, synthetic = _allreduce_sum([loss_sum, seen, synthetic], device)
 
         # 4. validate: per-class counts summed over workers
         confusion = np.zeros((num_classes, num_classes))

@@ -169,13 +169,14 @@ def test_s3_storage_state_dict_weights_linear_probe(ray_session, make_real, s3_b
     torch.save(donor.state_dict(), buf)
     storage.write_bytes(f"{bucket}/weights/r18.pt", buf.getvalue())
     cfg = TrainConfig(real=real, output=f"{bucket}/runs", method="standard", alpha=0.5, arch="resnet18",
-                      weights=f"{bucket}/weights/r18.pt", backbone="linear_probe", image_size=32, epochs=1,
-                      batch_size=4, num_workers=1, cpus_per_worker=0.5)
+                      weights=f"{bucket}/weights/r18.pt", backbone="linear_probe", image_size=32, epochs=2,
+                      batch_size=2, steps_per_epoch=2, num_workers=1, cpus_per_worker=0.5)
     result = train(cfg)
     assert result.output == f"{bucket}/runs/standard" and result.alpha == 0.0  # standard: alpha 0 + RandAugment
     assert result.best_checkpoint.startswith(f"{bucket}/runs/standard/checkpoint_")
     written = storage.read_json(f"{result.output}/train_result.json")
     assert written["randaugment"] is True and written["num_synthetic"] == 0
+    assert [m["train_samples"] for m in written["metrics"]] == [4, 4]  # 6 real rows, capped at 2 steps of 2
     state = torch.load(__import__("io").BytesIO(storage.read_bytes(f"{result.best_checkpoint}/model.pt")),
                        weights_only=True)
     # linear probe: the backbone is exactly the loaded weights, only the head moved
