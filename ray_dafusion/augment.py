@@ -23,8 +23,9 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -66,7 +67,6 @@ class AugmentResult:
     images_per_second: float
     files_written: int = 0
     already_complete: bool = False
-    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -408,6 +408,31 @@ def _config_fingerprint(cfg: AugmentConfig, fingerprints: dict[str, Any], real_m
     })
 
 
+def _map_augmenter(ds: Any, cfg: AugmentConfig, classes: list[schema.ClassInfo], partial: dict[str, list[int]],
+                   fingerprints: dict[str, Any], faults: Optional[dict[str, Any]]) -> Any:
+    """The actor pool stage: resources, pool size and fault tolerance from the config."""
+    import ray.data
+
+    return ds.map_batches(
+        DiffusionAugmenter,
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "classes": classes,
+            "present": partial,
+            "expected_fingerprints": {"model": fingerprints["model"], "embeddings": fingerprints["embeddings"]},
+            "_faults": faults,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        # Ray Data's defaults are unlimited restarts; bound them so a broken node fails the job.
+        max_restarts=cfg.max_restarts,
+        max_task_retries=cfg.max_restarts,
+    )
+
+
 def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> AugmentResult:
     """Generate `num_augmentations` synthetic rows per real train row into `cfg.output`.
 
@@ -474,7 +499,7 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
         return AugmentResult(
             output=cfg.output, real_rows=counts.get("real_rows", 0), synthetic_rows=counts.get("synthetic_rows", 0),
             generated=0, skipped_as_done=counts.get("synthetic_rows", 0), errors=counts.get("errors", 0),
-            wall_seconds=time.time() - started, images_per_second=0.0, already_complete=True, manifest=done_manifest,
+            wall_seconds=time.time() - started, images_per_second=0.0, already_complete=True,
         )
     train_files = storage.parquet_files(storage.join(cfg.real, "train"), ep)
     if not train_files:
@@ -504,24 +529,11 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
             ds = ds.filter(expr=col("id").not_in(sorted(finished)))
         # The few-shot real set is small: one block per batch spreads it over every actor.
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-        ds = ds.map_batches(
-            DiffusionAugmenter,
-            fn_constructor_kwargs={
-                "cfg": cfg,
-                "classes": classes,
-                "present": partial,
-                "expected_fingerprints": {"model": fingerprints["model"], "embeddings": fingerprints["embeddings"]},
-                "_faults": _faults,
-            },
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus,
-            # Ray Data's defaults are unlimited restarts; bound them so a broken node fails the job.
-            max_restarts=cfg.max_restarts,
-            max_task_retries=cfg.max_restarts,
-        )
+        with warnings.catch_warnings():
+            # Ray 2.60 takes max_restarts / max_task_retries only as **ray_remote_args, which it
+            # flags as deprecated for 2.64 while offering no named parameter for them yet.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = _map_augmenter(ds, cfg, classes, partial, fingerprints, _faults)
         stop_after = (_faults or {}).get("stop_after_batches")
         for summary in ds.iter_rows():
             summaries.append(summary)
@@ -572,7 +584,7 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
         output=cfg.output, real_rows=len(real_ids), synthetic_rows=len(pairs), generated=generated,
         skipped_as_done=skipped, errors=len(quarantined), wall_seconds=wall,
         images_per_second=manifest["timings"]["images_per_second"],
-        files_written=sum(1 for s in summaries if s["rows"]), manifest=manifest,
+        files_written=sum(1 for s in summaries if s["rows"]),
     )
 
 
