@@ -144,7 +144,7 @@ def invert(cfg: InvertConfig) -> InvertResult:
         "model": cfg.model,
         "model_fingerprint": _one_value(r.get("model_fingerprint") for r in records),
         "embeddings": {"file": EMBEDDINGS_FILE, "fingerprint": _fingerprint(data), "tokens": sorted(combined)},
-        "classes": records,
+        "classes": {r["name"]: r for r in records},
         "counts": {"classes": len(records), "trained": len(todo), "skipped": len(done)},
         "timings": {"total_seconds": round(time.time() - start, 3),
                     "seconds_per_class": {r["name"]: r["seconds"] for r in records}},

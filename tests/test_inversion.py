@@ -111,8 +111,8 @@ def test_invert_outputs_load_and_rerun_skips(ray_session, make_real, tiny_model,
     assert all(t.shape == (32,) and t.dtype == torch.float32 for t in tensors.values())
     manifest = storage.read_manifest(out)
     assert manifest["embeddings"]["fingerprint"] == fingerprint
-    assert [r["name"] for r in manifest["classes"]] == ["cat", "leafy spurge"]
-    for record in manifest["classes"]:
+    assert list(manifest["classes"]) == ["cat", "leafy spurge"]
+    for record in manifest["classes"].values():
         assert len(record["losses"]) == 6 and all(np.isfinite(record["losses"]))
         assert record["seconds"] > 0 and record["num_images"] == 2
         assert storage.exists(storage.join(out, record["file"]))
