@@ -144,6 +144,11 @@ def _parse_override(cls: type, key: str, raw: str) -> Any:
     # `--strengths 0.25,0.5` is friendlier than YAML flow syntax on a command line.
     if _base_type(hints[key]) is list and isinstance(value, str):
         value = [yaml.safe_load(part) for part in value.split(",") if part.strip()]
+    if _base_type(hints[key]) is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-5` (no dot) as a string; on a command line it means the number
+            value = float(value)
+        except ValueError:
+            pass
     return value
 
 

@@ -202,3 +202,11 @@ def test_invert_yaml_parses():
     cfg = InvertConfig.from_yaml(os.path.join(ROOT, "jobs", "configs", "invert.yaml"))
     assert (cfg.steps, cfg.batch_size, cfg.learning_rate, cfg.resolution) == (1000, 4, 5e-4, 512)
     assert cfg.initializer_token == "the" and cfg.num_vectors == 1 and cfg.scale_lr
+
+
+def test_command_line_takes_exponent_learning_rates():
+    # `--learning_rate 1e-5` is how METHOD.md writes it; YAML 1.1 alone would read a string
+    assert InvertConfig.from_args(None, {"learning_rate": "1e-3"}).learning_rate == 1e-3
+    from ray_dafusion.config import EraseConfig
+
+    assert EraseConfig.from_args(None, {"learning_rate": "1e-05"}).learning_rate == 1e-5
