@@ -113,7 +113,7 @@ def invert(cfg: InvertConfig) -> InvertResult:
         try:
             record = ray.get(ref)
         except Exception as exc:  # keep the other classes going; report every failure at the end
-            failures[info.name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"
+            failures[info.name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
             print(f"[invert] {info.name}: FAILED {failures[info.name]}", flush=True)
             continue
         seconds_per_class[info.name] = record["seconds"]

@@ -210,3 +210,17 @@ def test_command_line_takes_exponent_learning_rates():
     from ray_dafusion.config import EraseConfig
 
     assert EraseConfig.from_args(None, {"learning_rate": "1e-05"}).learning_rate == 1e-5
+
+
+def test_a_failing_class_is_named_and_the_others_are_kept(ray_session, make_real, tmp_path):
+    real = make_real(class_names=("cat", "dog"))
+    manifest = storage.read_manifest(real)
+    manifest["classes"].append({"name": "bird", "label": 2, "token": "<bird>"})  # listed, but no images
+    storage.write_manifest(real, manifest)
+    out = str(tmp_path / "tokens")
+    cfg = InvertConfig(real=real, output=out, steps=1, batch_size=1, resolution=64, num_cpus=0.5)
+    with pytest.raises(RuntimeError, match=r"bird: .*has no train images"):
+        invert(cfg)
+    assert storage.read_manifest(out) is None  # not complete...
+    done = storage.list_files(storage.join(out, "classes"), ".safetensors")
+    assert [os.path.basename(u) for u in done] == ["cat.safetensors", "dog.safetensors"]  # ...but nothing lost
