@@ -10,7 +10,7 @@ import re
 import signal
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -51,13 +51,23 @@ def write_synthetic(real: str, out: str, m: int = 3, skip_sources=(), complete: 
     return out
 
 
-def _epoch_rows(debug_dir: str) -> dict[tuple[int, int], list]:
-    """(epoch, pid) -> rows [id, aug_index, label] a worker trained on."""
-    out = {}
-    for path in glob.glob(os.path.join(debug_dir, "epoch*-rank*-*.json")):
+def _epoch_rows(debug_dir: str) -> dict[int, dict[int, tuple[int, list]]]:
+    """epoch -> rank -> (pid, rows [id, aug_index, label]) of the last worker that trained that epoch.
+
+    A restarted worker group (a killed worker, or a spontaneous failure on a loaded machine)
+    trains an epoch again; its files are newer than those of the attempt that died.
+    """
+    out: dict[int, dict[int, tuple[int, list]]] = {}
+    paths = sorted(glob.glob(os.path.join(debug_dir, "epoch*-rank*-*.json")), key=os.path.getmtime)
+    for path in paths:
         epoch, rank, pid = map(int, re.match(r"epoch(\d+)-rank(\d+)-(\d+)\.json", os.path.basename(path)).groups())
-        out[(epoch, pid)] = (rank, json.load(open(path)))
+        out.setdefault(epoch, {})[rank] = (pid, json.load(open(path)))
     return out
+
+
+def _pids(debug_dir: str) -> set[int]:
+    """Every worker process that ran the training loop."""
+    return {int(re.search(r"-(\d+)\.json$", p).group(1)) for p in glob.glob(os.path.join(debug_dir, "pid-rank*-*.json"))}
 
 
 def _check_exact(rows, real_ids: dict, skip=()):
@@ -89,12 +99,12 @@ def test_mixed_stream_exact_per_epoch_then_resume(ray_session, make_real, tmp_pa
     assert result.epochs_completed == 2 and [m["epoch"] for m in result.metrics] == [0, 1]
     ids = _real_ids(real)
     seen = _epoch_rows(debug)
-    assert sorted(e for e, _ in seen) == [0, 1]
+    assert sorted(seen) == [0, 1]
     n_synth = 0
-    for (epoch, _), (_, rows) in seen.items():
+    for epoch, by_rank in seen.items():
+        rows = by_rank[0][1]
         _check_exact(rows, ids, skip)
         n_synth += sum(aug != -1 for _, aug, _ in rows)
-        assert all(row[0] in ids for row in rows if row[0] in skip)  # sources without synthetics stay real
     assert 0 < n_synth < 2 * len(ids)  # alpha 0.5 mixes both kinds
     for m in result.metrics:
         assert m["train_samples"] == len(ids) and 0.0 <= m["val_mean_class_acc"] <= 1.0
@@ -108,13 +118,14 @@ def test_mixed_stream_exact_per_epoch_then_resume(ray_session, make_real, tmp_pa
     assert scored.runs[0]["mean_class_acc"] == pytest.approx(result.best_val_mean_class_acc)
 
     # Re-submitting the same name and storage continues after the last checkpoint.
-    first_pids = {pid for _, pid in seen}
+    first_pids = _pids(debug)
     resumed = train(cfg.replace(epochs=3))
     assert [m["epoch"] for m in resumed.metrics] == [0, 1, 2]
     assert resumed.metrics[:2] == result.metrics
-    new = {k: v for k, v in _epoch_rows(debug).items() if k[1] not in first_pids}
-    assert sorted(e for e, _ in new) == [2], "epochs 0 and 1 were not trained again"
-    _check_exact(next(iter(new.values()))[1], ids, skip)
+    new_pids = _pids(debug) - first_pids
+    trained_again = {e for e, by_rank in _epoch_rows(debug).items() if by_rank[0][0] in new_pids}
+    assert new_pids and trained_again == {2}, "epochs 0 and 1 were not trained again"
+    _check_exact(_epoch_rows(debug)[2][0][1], ids, skip)
 
 
 def test_two_workers_survive_a_killed_worker(ray_session, make_real, tmp_path):
@@ -142,20 +153,13 @@ def test_two_workers_survive_a_killed_worker(ray_session, make_real, tmp_path):
     assert killed, "the worker was never killed"
     assert [m["epoch"] for m in result.metrics] == [0, 1]
     ids = _real_ids(real)
+    started = _pids(debug)
+    assert len(started) >= 4 and killed[0] in started, "a new worker group took over after the kill"
     seen = _epoch_rows(debug)
-    started = glob.glob(os.path.join(debug, "pid-rank*-*.json"))  # one per worker process that ran the loop
-    assert len(started) >= 4 and any(p.endswith(f"-{killed[0]}.json") for p in started), "a new group took over"
-    by_attempt = defaultdict(list)
-    for (epoch, pid), (rank, rows) in seen.items():
-        by_attempt[epoch].append((pid, rank, rows))
     for epoch in range(2):
-        # the last complete pair of ranks that trained this epoch saw each real id once
-        ranks = {}
-        for pid, rank, rows in sorted(by_attempt[epoch], key=lambda t: os.path.getmtime(
-                os.path.join(debug, f"epoch{epoch}-rank{t[1]}-{t[0]}.json"))):
-            ranks[rank] = rows
-        assert set(ranks) == {0, 1}
-        both = ranks[0] + ranks[1]
+        # the last pair of ranks that trained this epoch saw each real id exactly once between them
+        assert set(seen[epoch]) == {0, 1}
+        both = seen[epoch][0][1] + seen[epoch][1][1]
         _check_exact(both, ids)
         assert all(aug != -1 for _, aug, _ in both)  # alpha 1: no real row where every source has synthetics
     assert all(m["train_samples"] == len(ids) and m["synthetic_fraction"] == 1.0 for m in result.metrics)
