@@ -36,7 +36,7 @@ from . import schema, storage
 from .config import EraseConfig
 from .schema import ClassInfo
 
-__all__ = ["EraseResult", "ErasedConcept", "erase", "erase_concept", "xattn_parameter_names", "ERASE_TEMPLATE"]
+__all__ = ["EraseResult", "ErasedConcept", "erase", "erase_concept", "xattn_parameter_names", "class_file_name", "ERASE_TEMPLATE"]
 
 CLASSES_DIR = "classes"
 ERASE_TEMPLATE = "a photo of a {}"

@@ -364,7 +364,7 @@ def _read_class_images(real: str, class_name: str, endpoint_url: Optional[str]) 
     return images
 
 
-def read_class_record(data: bytes) -> dict[str, Any]:
+def _read_class_record(data: bytes) -> dict[str, Any]:
     """The record a per-class file carries in its safetensors metadata."""
     (header_len,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + header_len])
@@ -378,7 +378,7 @@ def _collect(output: str, endpoint_url: Optional[str]) -> tuple[list[dict[str, A
     records, combined = [], {}
     for uri in storage.list_files(storage.join(output, CLASSES_DIR), ".safetensors", endpoint_url):
         data = storage.read_bytes(uri, endpoint_url)
-        record = read_class_record(data)
+        record = _read_class_record(data)
         tensors = load_safetensors(data)
         if set(tensors) != {record.get("token")}:
             raise ValueError(f"{uri} does not hold exactly its class token {record.get('token')!r}: {sorted(tensors)}")
