@@ -163,7 +163,7 @@ def test_job_script_full_erasure(ray_session, make_real, tiny_model, tmp_path, c
     out = str(tmp_path / "erasure-full")
     assert job.main(["--config", os.path.join(ROOT, "jobs", "configs", "erase.yaml"), "--real", real,
                      "--output", out, "--method", "full", "--iterations", "2", "--resolution", "64",
-                     "--num_inference_steps", "5", "--classes", "dog", "--learning_rate", "0.001"]) == 0
+                     "--num_inference_steps", "5", "--classes", "dog", "--learning_rate", "1e-3"]) == 0
     assert out in capsys.readouterr().out
     erasure = ErasureWeights(out)
     assert erasure.method == "full" and erasure.classes() == ["dog"]
