@@ -218,11 +218,6 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     cfg.require("real", "runs", "output")
     started = time.time()
     ep = cfg.endpoint_url
-    config_fp = storage.fingerprint(cfg.to_dict())
-    done = storage.ensure_fresh_output(cfg.output, "evaluate", config_fp, cfg.overwrite, ep)
-    if done is not None:  # the same evaluation is complete: report it again
-        previous = storage.read_json(storage.join(cfg.output, RESULTS_JSON), ep)
-        return EvaluateResult(cfg.output, cfg.split, previous["runs"], previous["files"], 0.0)
 
     # 1. the split to score and the class table every run must share
     classes = schema.read_class_table(cfg.real, ep)
@@ -246,6 +241,13 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             raise ValueError(f"run {run_uri} was trained on classes {run_classes[:5]}..., "
                              f"but {cfg.real} has {class_names[:5]}...; evaluate it on its own data set")
         records.append((run_uri, record))
+
+    # an output of the same config and the same checkpoints is complete: report it again
+    # (a run resumed for more epochs may have a new best checkpoint, so they are fingerprinted)
+    config_fp = storage.fingerprint({"config": cfg.to_dict(), "checkpoints": [r["best_checkpoint"] for _, r in records]})
+    if storage.ensure_fresh_output(cfg.output, "evaluate", config_fp, cfg.overwrite, ep) is not None:
+        previous = storage.read_json(storage.join(cfg.output, RESULTS_JSON), ep)
+        return EvaluateResult(cfg.output, cfg.split, previous["runs"], previous["files"], 0.0)
 
     # 3. score: the split streams once per group of runs (a scoring actor holds a group's models)
     predictions: list[np.ndarray] = []

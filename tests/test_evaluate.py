@@ -79,6 +79,8 @@ def test_results_table_and_plots(ray_session, make_real, tmp_path):
     for png in ("confusion_base-1.png", "confusion_daf-4.png", "accuracy_vs_shots.png"):
         assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert storage.read_manifest(out)["counts"] == {"runs": 3}
+    again = evaluate(EvaluateConfig(real=real4, runs=runs, output=out, batch_size=4))  # complete: not rescored
+    assert again.seconds == 0.0 and again.runs == json.loads(json.dumps(result.runs))
     # a run trained on other classes is refused by name
     other = make_real(class_names=("a", "b"), per_split={"train": 1, "val": 1, "test": 1}, size=32)
     with pytest.raises(ValueError, match="trained on classes"):
