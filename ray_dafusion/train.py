@@ -448,12 +448,13 @@ def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int]) -> tupl
             "(a re-run resumes) before training on it"
         )
     files = storage.list_files(cfg.synthetic, ".parquet", cfg.endpoint_url, recursive=True)
-    files = [f for f in files if "/errors/" not in f.replace(cfg.synthetic, "", 1)]
+    # errors/ holds augment's quarantined rows (another schema), not images
+    files = [f for f in files if not f[len(cfg.synthetic):].lstrip("/").startswith("errors/")]
     if not files:
         raise FileNotFoundError(f"synthetic set {cfg.synthetic} has a manifest but no parquet files")
     # Only three small columns reach the driver: the candidate table, not the images.
-    meta = storage.read_parquet(cfg.synthetic, cfg.endpoint_url, columns=["source_id", "aug_index", "label"])
-    meta = meta.to_pydict()
+    columns = ["source_id", "aug_index", "label"]
+    meta = pa.concat_tables([storage.read_parquet(f, cfg.endpoint_url, columns=columns) for f in files]).to_pydict()
     foreign = sorted({s for s in meta["source_id"] if s not in real_labels})
     if foreign:
         raise ValueError(

@@ -46,6 +46,9 @@ def write_synthetic(real: str, out: str, m: int = 3, skip_sources=(), complete: 
     half = len(rows) // 2  # two files in nested folders: the reader must find both
     storage.write_parquet(table.slice(0, half), storage.join(out, "data", "a", "part-0.parquet"), endpoint_url)
     storage.write_parquet(table.slice(half), storage.join(out, "data", "b", "part-1.parquet"), endpoint_url)
+    # augment quarantines bad rows under errors/ with another schema: not synthetic images
+    storage.write_parquet(schema.error_table([{"stage": "augment", "item": "x", "class_name": "cat", "reason": "r"}]),
+                          storage.join(out, "errors", "part-0.parquet"), endpoint_url)
     if complete:
         storage.write_manifest(out, {"stage": "augment", "counts": {"synthetic": len(rows)}}, endpoint_url)
     return out
