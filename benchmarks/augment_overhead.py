@@ -10,8 +10,10 @@ Same inputs, model, steps, batch size, t0 draws and per-image seeds in both:
     per image), resize back, PNG-encode. Model loading is not included.
 
 Both use the same number of torch threads (an actor with num_cpus < 1 gets OMP_NUM_THREADS=1
-from Ray; the loop calls torch.set_num_threads). Also measured: the cost of one t0=0.25 image
-against one t0=1.0 image (UNet calls and seconds).
+from Ray; the loop calls torch.set_num_threads). (a) also prints the seconds its actor spent
+inside ``__call__``, so the system's own cost (wall minus actor time) can be read even when a
+shared machine's load changes between (a) and (b); ``--order ab`` runs them the other way round.
+Also measured: the cost of one t0=0.25 image against one t0=1.0 image (UNet calls and seconds).
 
     .venv/bin/python benchmarks/augment_overhead.py --num-real 16 --m 8 --resolution 128 --steps 20
 """
@@ -133,6 +135,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in (b); (a)'s actor gets 1 from Ray")
     parser.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per actor in (a)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor in (a)")
+    parser.add_argument("--order", choices=("ba", "ab"), default="ba",
+                        help="run (b) then (a), or (a) then (b): on a shared machine, run both orders")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
 
@@ -162,23 +166,36 @@ def main() -> None:
           f"{args.steps} steps, t0 in {cfg.strengths}, batch {args.batch_size} rows, "
           f"<= {args.max_images_per_call} images per call, {args.threads} torch thread(s)")
 
-    # (b) first: it also builds the model cache the actor then loads
-    count, seconds_b = plain_loop(cfg, classes, args.threads)
-    assert count == n_images
-    print(f"(b) plain loop:  {count} images in {seconds_b:7.1f}s = {count / seconds_b:.3f} images/s")
+    def run_b() -> float:
+        count, seconds = plain_loop(cfg, classes, args.threads)
+        assert count == n_images
+        print(f"(b) plain loop:  {count} images in {seconds:7.1f}s = {count / seconds:.3f} images/s"
+              f"  (load average {os.getloadavg()[0]:.1f})")
+        return seconds
 
-    start = time.perf_counter()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    print(f"    ray.init (not included in (a)): {time.perf_counter() - start:.1f}s")
-    start = time.perf_counter()
-    result = augment(cfg)
-    seconds_a = time.perf_counter() - start
-    assert result.synthetic_rows == n_images
-    print(f"(a) Ray job:     {result.synthetic_rows} images in {seconds_a:7.1f}s = {n_images / seconds_a:.3f} images/s"
-          f"  (actors busy {storage.read_manifest(cfg.output)['timings']['actor_seconds']:.1f}s)")
+    def run_a() -> float:
+        from ray_dafusion.models import resolve_model
+
+        resolve_model(cfg.model, cfg.cache_dir)  # a built-in model is built once, outside the timing
+        start = time.perf_counter()
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        print(f"    ray.init (not included in (a)): {time.perf_counter() - start:.1f}s")
+        start = time.perf_counter()
+        result = augment(cfg)
+        seconds = time.perf_counter() - start
+        assert result.synthetic_rows == n_images
+        print(f"(a) Ray job:     {result.synthetic_rows} images in {seconds:7.1f}s = {n_images / seconds:.3f} images/s"
+              f"  (actors busy {storage.read_manifest(cfg.output)['timings']['actor_seconds']:.1f}s, "
+              f"load average {os.getloadavg()[0]:.1f})")
+        ray.shutdown()
+        return seconds
+
+    if args.order == "ba":
+        seconds_b, seconds_a = run_b(), run_a()
+    else:
+        seconds_a, seconds_b = run_a(), run_b()
     print(f"ratio (a)/(b) images/s: {seconds_b / seconds_a:.3f}")
-    ray.shutdown()
 
     cost = t0_cost(cfg, args.threads, images=args.batch_size)
     (c1, s1), (c4, s4) = cost[1.0], cost[0.25]

@@ -441,3 +441,20 @@ def test_erasure_is_applied_per_class_group(setup, tmp_path):
     only_cat = cfg(output=str(tmp_path / "only-cat"), erasure=_erasure(str(tmp_path / "erase-cat"), {"cat": 2.0}))
     summary = DiffusionAugmenter(only_cat, classes)(_real_rows(real)).to_pylist()[0]
     assert (summary["rows"], summary["errors"]) == (2 * M, 2)
+
+
+def test_command_line_and_job_script_refuse_a_leaking_prompt(setup, ray_session, capsys):
+    import importlib.util
+
+    from ray_dafusion.cli import main
+
+    real, emb, cfg = setup
+    args = ["--real", real, "--embeddings", emb, "--output", cfg().output, "--prompt_templates", "a {} cat"]
+    assert main(["augment", *args]) == 1
+    assert "contains the class name 'cat'" in capsys.readouterr().err
+    spec = importlib.util.spec_from_file_location("augment_job", os.path.join(REPO, "jobs", "augment.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(LeakageError, match="'a <dog> cat'|'a <cat> cat'"):
+        job.main(args)
+    assert not storage.exists(cfg().output)
