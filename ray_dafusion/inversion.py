@@ -96,9 +96,16 @@ def invert(cfg: InvertConfig) -> InvertResult:
 
     # 2. refuse another config's output; finished classes are skipped
     config_fp = _config_fingerprint(cfg)
-    storage.ensure_fresh_output(cfg.output, "invert", config_fp, cfg.overwrite, cfg.endpoint_url)
+    complete = storage.ensure_fresh_output(cfg.output, "invert", config_fp, cfg.overwrite, cfg.endpoint_url)
     done = [c for c in table if storage.exists(class_uri[c.name], cfg.endpoint_url)]
     todo = [c for c in table if c not in done]
+    if complete is not None and not todo:  # finished with this config: leave it untouched
+        print(f"[invert] {cfg.output} is complete (same config); nothing to do", flush=True)
+        return InvertResult(
+            output=cfg.output, embeddings=storage.join(cfg.output, EMBEDDINGS_FILE),
+            num_classes=len(complete.get("embeddings", {}).get("tokens", [])),
+            skipped=[c.name for c in done], seconds=round(time.time() - start, 3),
+        )
     for c in done:
         print(f"[invert] {c.name}: {class_uri[c.name]} exists, skipped", flush=True)
 

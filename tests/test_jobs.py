@@ -68,13 +68,15 @@ def ray_head(tmp_path):
 
 def _submit(head, args: list[str], timeout: float) -> subprocess.CompletedProcess:
     env = {**head["env"], "RAY_AUTH_MODE": "token"}  # present the token from ~/.ray/auth_token
-    deadline = time.time() + 90
+    deadline = time.time() + 180
     while True:  # the dashboard's job agent takes a few seconds to come up
         proc = subprocess.run(
             [f"{BIN}/ray", "job", "submit", "--address", head["address"], "--working-dir", ".", "--", *args],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         )
-        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+        text = proc.stdout + proc.stderr
+        starting = "No available agent" in text or "Failed to connect to Ray" in text
+        if proc.returncode == 0 or not starting or time.time() > deadline:
             return proc
         time.sleep(3)
 
