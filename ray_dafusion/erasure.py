@@ -107,9 +107,15 @@ def erase(cfg: EraseConfig) -> EraseResult:
 
     # 2. refuse another config's output; finished classes are skipped
     config_fp = storage.fingerprint({k: v for k, v in cfg.to_dict().items() if k not in _NOT_FINGERPRINTED})
-    storage.ensure_fresh_output(cfg.output, "erase", config_fp, cfg.overwrite, cfg.endpoint_url)
+    complete = storage.ensure_fresh_output(cfg.output, "erase", config_fp, cfg.overwrite, cfg.endpoint_url)
     done = [c for c in table if storage.exists(record_uri[c.name], cfg.endpoint_url)]
     todo = [c for c in table if c not in done]
+    if complete is not None and not todo:  # finished with this config: leave it untouched
+        print(f"[erase] {cfg.output} is complete (same config); nothing to do", flush=True)
+        return EraseResult(
+            output=cfg.output, method=cfg.method, num_classes=len(complete.get("classes", {})),
+            skipped=[c.name for c in done], seconds=round(time.time() - start, 3),
+        )
     for c in done:
         print(f"[erase] {c.name}: {record_uri[c.name]} exists, skipped", flush=True)
 

@@ -149,8 +149,10 @@ def test_erase_xattn_stage_applies_per_class_and_restores(ray_session, make_real
     assert np.abs(erased - plain).max() > 1e-4
     assert np.array_equal(generate(), plain)
 
-    # 5. re-runs skip finished classes; another config is refused
+    # 5. re-runs skip finished classes and leave the manifest as it was; another config is refused
+    manifest_before = storage.read_bytes(storage.join(cfg.output, storage.MANIFEST))
     assert erase(cfg).skipped == ["cat", "dog"]
+    assert storage.read_bytes(storage.join(cfg.output, storage.MANIFEST)) == manifest_before
     with pytest.raises(storage.StorageError, match="different config"):
         erase(cfg.replace(iterations=5))
 
