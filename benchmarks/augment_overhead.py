@@ -6,8 +6,8 @@ Same inputs, model, steps, batch size, t0 draws and per-image seeds in both:
     read + repartition, actor start and model load, generation, PNG encoding, parquet writes,
     the N x M verification and the manifest. ``ray.init`` is timed separately, not included.
 (b) a plain loop in this process over the same pipeline calls: decode each real image, group
-    each batch's images by t0, call the pipeline (chunks of max_images_per_call, one generator
-    per image), resize back, PNG-encode. Model loading is not included.
+    each batch's images by t0, call the pipeline (even chunks of at most max_images_per_call, one
+    generator per image), resize back, PNG-encode. Model loading is not included.
 
 Both use the same number of torch threads (an actor with num_cpus < 1 gets OMP_NUM_THREADS=1
 from Ray; the loop calls torch.set_num_threads). (a) also prints the seconds its actor spent
@@ -62,7 +62,7 @@ def plain_loop(cfg, classes, threads: int) -> tuple[int, float]:
     import torch
 
     from ray_dafusion import models, schema, storage, tokens, weights
-    from ray_dafusion.augment import draw_augmentation, from_model_size, to_model_size
+    from ray_dafusion.augment import draw_augmentation, even_chunks, from_model_size, to_model_size
 
     torch.set_num_threads(threads)
     pipe = models.load_pipeline(cfg.model, cache_dir=cfg.cache_dir)
@@ -78,8 +78,7 @@ def plain_loop(cfg, classes, threads: int) -> tuple[int, float]:
                 seed, strength, template = draw_augmentation(cfg.seed, row["id"], k, cfg.strengths, cfg.prompt_templates)
                 groups[strength].append((source, seed, tokens.make_prompt(template, by_label[row["label"]].token)))
         for strength, group in sorted(groups.items()):
-            for c in range(0, len(group), cfg.max_images_per_call):
-                chunk = group[c : c + cfg.max_images_per_call]
+            for chunk in even_chunks(group, cfg.max_images_per_call):
                 images = pipe(
                     prompt=[p for _, _, p in chunk],
                     image=[to_model_size(s, cfg.resolution, cfg.resize) for s, _, _ in chunk],

@@ -302,8 +302,7 @@ class DiffusionAugmenter:
         for (class_name, strength), group in sorted(groups.items()):
             if self.erasure is not None:  # a few in-place tensor copies; a no-op for the same class
                 self.erasure.apply(self.pipe.unet, class_name)
-            for start in range(0, len(group), cfg.max_images_per_call):
-                chunk = group[start : start + cfg.max_images_per_call]
+            for chunk in even_chunks(group, cfg.max_images_per_call):
                 images = self.pipe(
                     prompt=[j["prompt"] for j in chunk],
                     image=[to_model_size(j["source"], cfg.resolution, cfg.resize) for j in chunk],
@@ -356,6 +355,23 @@ def _dict_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
+
+
+def even_chunks(items: Sequence[Any], max_size: int) -> list[Sequence[Any]]:
+    """Split `items` into the fewest chunks of at most `max_size`, sizes differing by at most one.
+
+    19 images at 16 per call become 10 + 9, not 16 + 3: on a GPU a call of 3 images costs
+    nearly as much as a call of 10, so even chunks finish the group sooner.
+    """
+    count = max(1, math.ceil(len(items) / max_size))
+    base, extra = divmod(len(items), count)
+    out, start = [], 0
+    for i in range(count):
+        size = base + (1 if i < extra else 0)
+        if size:
+            out.append(items[start : start + size])
+        start += size
+    return out
 
 
 def _summary(file: str, rows: int, errors: int, skipped: int, seconds: float) -> pa.Table:

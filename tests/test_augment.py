@@ -160,6 +160,19 @@ def test_draws_are_stable_uniform_and_per_image():
     assert draw_augmentation(1, "img1", 3, strengths, ["{}"])[0] != draws[7][0]
 
 
+def test_even_chunks_cover_every_item_once_in_order():
+    from ray_dafusion.augment import even_chunks
+
+    assert [len(c) for c in even_chunks(list(range(19)), 16)] == [10, 9]
+    assert [len(c) for c in even_chunks(list(range(32)), 16)] == [16, 16]
+    assert [len(c) for c in even_chunks(list(range(3)), 16)] == [3]
+    assert even_chunks([], 16) == []
+    for n in range(0, 40):
+        chunks = even_chunks(list(range(n)), 7)
+        assert [x for c in chunks for x in c] == list(range(n))
+        assert all(1 <= len(c) <= 7 for c in chunks) and len(chunks) == -(-n // 7)
+
+
 def test_t0_quarter_costs_a_quarter_of_the_denoising(setup):
     real, _, cfg = setup
     calls = {}
