@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import time
@@ -46,7 +45,6 @@ __all__ = [
     "from_model_size",
 ]
 
-logger = logging.getLogger(__name__)
 
 DATA_DIR = "data"
 ERRORS_DIR = "errors"
@@ -151,11 +149,6 @@ def _batch_name(pairs: Iterable[tuple[str, int]]) -> str:
     return f"part-{hashlib.sha256(text.encode()).hexdigest()[:24]}.parquet"
 
 
-def _erasure_class():
-    """weights.ErasureWeights when this version has it (the erase stage lands it)."""
-    return getattr(weights, "ErasureWeights", None)
-
-
 class DiffusionAugmenter:
     """Generates and writes the synthetic rows of one batch of real rows per call.
 
@@ -175,7 +168,7 @@ class DiffusionAugmenter:
     ) -> None:
         import torch
 
-        self.cfg = cfg
+        self.cfg = cfg = cfg.effective()
         self.classes = list(classes)
         self.by_label = {c.label: c for c in self.classes}
         self.class_names = [c.name for c in self.classes]
@@ -199,10 +192,7 @@ class DiffusionAugmenter:
         self.erasure = None
         self.erasure_fingerprints: dict[str, str] = {}
         if cfg.erasure:
-            erasure_cls = _erasure_class()
-            if erasure_cls is None:
-                raise ValueError("erasure weights are not supported by this installation (weights.ErasureWeights missing)")
-            self.erasure = erasure_cls(cfg.erasure, endpoint_url=cfg.endpoint_url)
+            self.erasure = weights.ErasureWeights(cfg.erasure, endpoint_url=cfg.endpoint_url)
             self.erasure_fingerprints = {c: self.erasure.fingerprint(c) for c in self.erasure.classes()}
         mine = {"model": self.model_fingerprint, "embeddings": self.embeddings_fingerprint}
         for key, value in (expected_fingerprints or {}).items():
@@ -461,6 +451,7 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
 
     started = time.time()
     cfg.require("real", "output", "model")
+    cfg = cfg.effective()
     if cfg.mode == "da_fusion":
         cfg.require("embeddings")
     ep = cfg.endpoint_url
@@ -494,12 +485,10 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
                 f"({', '.join(c.token for c in classes)}); was it learned on another data set?"
             )
         if missing:
-            logger.warning("classes without a token (their rows go to errors/): %s", ", ".join(missing))
+            print(f"[augment] warning: classes without a token (their rows go to errors/): {', '.join(missing)}",
+                  flush=True)
     if cfg.erasure:
-        erasure_cls = _erasure_class()
-        if erasure_cls is None:
-            raise ValueError("erasure weights are not supported by this installation (weights.ErasureWeights missing)")
-        erasure = erasure_cls(cfg.erasure, endpoint_url=ep)
+        erasure = weights.ErasureWeights(cfg.erasure, endpoint_url=ep)
         fingerprints["erasure"] = {c: erasure.fingerprint(c) for c in erasure.classes()}
 
     # 2. every prompt of the run, checked before any GPU work
@@ -512,6 +501,8 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
     done_manifest = storage.ensure_fresh_output(cfg.output, "augment", config_fp, cfg.overwrite, ep)
     if done_manifest is not None:
         counts = done_manifest.get("counts", {})
+        print(f"[augment] {cfg.output} is complete (same config, {counts.get('synthetic_rows', 0)} images); "
+              "nothing to do", flush=True)
         return AugmentResult(
             output=cfg.output, real_rows=counts.get("real_rows", 0), synthetic_rows=counts.get("synthetic_rows", 0),
             generated=0, skipped_as_done=counts.get("synthetic_rows", 0), errors=counts.get("errors", 0),
@@ -533,7 +524,8 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
     partial = {sid: sorted(ks) for sid, ks in present.items() if sid not in finished}
     todo_rows = sum(1 for i in real_ids if i not in finished)
     skipped = sum(len(ks) for ks in present.values())
-    logger.info("augment: %d real rows, %d finished earlier, %d to do", len(real_ids), len(finished), todo_rows)
+    print(f"[augment] {len(real_ids)} real rows x M={m}: {len(finished)} finished earlier, {todo_rows} to do",
+          flush=True)
 
     # 4. the actor pool: read -> skip finished rows -> batch-sized blocks -> DiffusionAugmenter
     summaries = []
@@ -554,7 +546,8 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
         for summary in ds.iter_rows():
             summaries.append(summary)
             if summary["rows"]:
-                logger.info("augment: wrote %s (%d rows, %.1fs)", summary["file"], summary["rows"], summary["seconds"])
+                print(f"[augment] wrote {summary['file']} ({summary['rows']} images, {summary['seconds']:.1f}s)",
+                      flush=True)
             if stop_after is not None and len(summaries) >= stop_after:
                 raise RuntimeError(f"injected stop after {len(summaries)} batches")
 
@@ -596,6 +589,9 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
         "versions": _versions(),
     }
     storage.write_manifest(cfg.output, manifest, ep)
+    print(f"[augment] {cfg.output}: {len(pairs)} synthetic images ({generated} generated now, {skipped} earlier), "
+          f"{len(quarantined)} real rows quarantined in {ERRORS_DIR}/, {counts['files']} files, {wall:.1f}s "
+          f"({manifest['timings']['images_per_second']:.2f} images/s)", flush=True)
     return AugmentResult(
         output=cfg.output, real_rows=len(real_ids), synthetic_rows=len(pairs), generated=generated,
         skipped_as_done=skipped, errors=len(quarantined), wall_seconds=wall,

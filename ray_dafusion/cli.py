@@ -48,16 +48,21 @@ def _config_class(stage: str) -> type[StageConfig]:
     return CONFIGS["pipeline" if stage == "demo" else stage]
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type[StageConfig], prefix: str = "") -> None:
+def _add_fields(
+    parser: argparse.ArgumentParser, cls: type[StageConfig], prefix: str = "", defaults: Optional[dict] = None
+) -> None:
+    """One option per field; `defaults` (the demo's embedded config) replaces class defaults in the help."""
     docs = field_help(cls)
     hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         base = _base_type(hints[f.name])
         if inspect.isclass(base) and issubclass(base, StageConfig):
             group = parser.add_argument_group(f"{prefix}{f.name} section ({docs.get(f.name, '')})")
-            _add_fields(group, base, prefix=f"{prefix}{f.name}.")  # type: ignore[arg-type]
+            _add_fields(group, base, prefix=f"{prefix}{f.name}.", defaults=defaults.get(f.name))  # type: ignore[arg-type]
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = defaults.get(f.name, default)
         parser.add_argument(
             f"--{prefix}{f.name}",
             dest=f"{prefix}{f.name}",
@@ -82,8 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("synthetic_uri", nargs="?", help="augment output to show")
         p.add_argument("--config", dest="_config", default=None, metavar="FILE.yaml",
                        help="YAML file of field: value (local path or s3://); options below override it")
-        _add_fields(p, cls)
+        _add_fields(p, cls, defaults=_demo_config() if stage == "demo" else None)
     return parser
+
+
+def _demo_config() -> dict[str, Any]:
+    from .pipeline import DEMO_CONFIG
+
+    return DEMO_CONFIG
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[str, StageConfig]:
+    """The stage named on the command line and its config (YAML file, then options; for `demo`
+    both apply on top of the embedded default). Bad values exit with status 2 and a message."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    stage = args.pop("stage")
+    config_path = args.pop("_config")
+    positional = args.pop("synthetic_uri", None)
+    if positional:
+        args["synthetic"] = positional
+    try:
+        return stage, _config_class(stage).from_args(config_path, args, base=_demo_config() if stage == "demo" else None)
+    except ConfigError as exc:
+        parser.exit(2, f"ray-dafusion {stage}: {exc}\n")
 
 
 def connect_ray() -> None:
@@ -105,17 +132,7 @@ def _print_result(result: Any) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    stage = args.pop("stage")
-    config_path = args.pop("_config")
-    positional = args.pop("synthetic_uri", None)
-    if positional:
-        args["synthetic"] = positional
-    try:
-        cfg = _config_class(stage).from_args(config_path, args)
-    except ConfigError as exc:
-        parser.exit(2, f"ray-dafusion {stage}: {exc}\n")
+    stage, cfg = parse_args(argv)
     fn = stage_function(stage)
     if stage != "gallery":
         connect_ray()

@@ -93,9 +93,14 @@ class StageConfig:
         return cls.from_dict(_read_yaml(path))
 
     @classmethod
-    def from_args(cls, config_path: Optional[str], overrides: dict[str, str]) -> "StageConfig":
-        """Build from an optional YAML file plus ``field -> raw string`` overrides."""
-        data = _read_yaml(config_path) if config_path else {}
+    def from_args(
+        cls, config_path: Optional[str], overrides: dict[str, str], base: Optional[dict[str, Any]] = None
+    ) -> "StageConfig":
+        """Build from `base` (a dict of defaults, e.g. the demo's), then an optional YAML file, then
+        ``field -> raw string`` overrides; each later source wins, section by section."""
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in (base or {}).items()}
+        for key, value in (_read_yaml(config_path) if config_path else {}).items():
+            data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
         for key, raw in overrides.items():
             section, _, sub = key.partition(".")
             if sub:  # `--augment.num_augmentations 5` sets a field of a nested section
@@ -405,7 +410,7 @@ class AugmentConfig(StageConfig):
     num_augmentations: int = 10
     """M: synthetic images per real image."""
     strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    """t0 levels; each augmentation draws one uniformly. [0.5] is the paper's k=1."""
+    """t0 levels, one drawn per image; [0.5] is the paper's k=1 (real_guidance runs it in place of this default)."""
     guidance_scale: float = 7.5
     """Classifier-free guidance scale."""
     num_inference_steps: int = 50
@@ -434,6 +439,12 @@ class AugmentConfig(StageConfig):
     """Times Ray restarts a crashed actor (its batch is retried)."""
     cache_dir: Optional[str] = None
     """Local model cache (default: ~/.cache/ray_dafusion)."""
+
+    def effective(self) -> "AugmentConfig":
+        """The config as run: mode real_guidance with the default `strengths` uses t0 = 0.5."""
+        if self.mode == "real_guidance" and self.strengths == AugmentConfig().strengths:
+            return self.replace(strengths=[0.5])
+        return self
 
     def validate(self) -> None:
         _one_of(self, "mode", AUGMENT_MODES)

@@ -247,6 +247,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     config_fp = storage.fingerprint({"config": cfg.to_dict(), "checkpoints": [r["best_checkpoint"] for _, r in records]})
     if storage.ensure_fresh_output(cfg.output, "evaluate", config_fp, cfg.overwrite, ep) is not None:
         previous = storage.read_json(storage.join(cfg.output, RESULTS_JSON), ep)
+        print(f"[evaluate] {cfg.output} is complete (same config and checkpoints, {len(previous['runs'])} runs); "
+              "nothing to do", flush=True)
         return EvaluateResult(cfg.output, cfg.split, previous["runs"], previous["files"], 0.0)
 
     # 3. score: the split streams once per group of runs (a scoring actor holds a group's models)
@@ -291,4 +293,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         "stage": "evaluate", "config": cfg.to_dict(), "config_fingerprint": config_fp,
         "counts": {"runs": len(runs)}, "timings": {"seconds": result.seconds},
     }, ep)
+    scores = ", ".join(f"{r['name']} {r['mean_class_acc']:.3f}" for r in runs if r.get("mean_class_acc") is not None)
+    print(f"[evaluate] {len(runs)} runs scored on {cfg.split} ({scores}); "
+          f"{RESULTS_MD}, {RESULTS_JSON} and {len(written) - 2} plots in {cfg.output}", flush=True)
     return result

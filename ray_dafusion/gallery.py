@@ -60,6 +60,11 @@ def _thumb(data: bytes, size: int) -> Image.Image:
     return canvas
 
 
+def _fit(options: tuple[str, ...], width: int) -> str:
+    """The first caption that fits in `width` characters (the last one, cut, if none does)."""
+    return next((o for o in options if len(o) <= width), options[-1][:width])
+
+
 def gallery(cfg: GalleryConfig) -> GalleryResult:
     """Write the contact sheet of `cfg.synthetic` to `cfg.output` (default <synthetic>/gallery.png)."""
     cfg.require("synthetic")
@@ -97,16 +102,19 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
         y = PAD + r * (t + CAPTION_HEIGHT + PAD)
         source = originals.get(sid)
         cells = [(source["image"]["bytes"], source["class_name"]) if source else (None, "real: missing")]
-        cells += [(a["image"]["bytes"], f"t0={a['strength']:g}") for a in sorted(by_source[sid], key=lambda a: a["aug_index"])]
+        fits = max(4, t // 6)  # characters of the default font under one thumbnail
+        cells += [(a["image"]["bytes"], _fit((f"t0={a['strength']:g}", f"{a['strength']:g}"), fits))
+                  for a in sorted(by_source[sid], key=lambda a: a["aug_index"])]
         for c, (data, caption) in enumerate(cells):
             x = PAD + c * (t + PAD)
             if data is not None:
                 sheet.paste(_thumb(data, t), (x, y))
-            draw.text((x + 1, y + t + 1), caption[: max(4, t // 6)], fill=(0, 0, 0), font=font)
+            draw.text((x + 1, y + t + 1), caption[:fits], fill=(0, 0, 0), font=font)
 
     # 4. write the PNG
     output = cfg.output or storage.join(cfg.synthetic, "gallery.png")
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     storage.write_bytes(output, buf.getvalue(), ep)
+    print(f"[gallery] {len(chosen)} real images with {len(synthetic)} augmentations: {output}", flush=True)
     return GalleryResult(output=output, sources=len(chosen), augmentations=len(synthetic), width=width, height=height)

@@ -350,12 +350,20 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     digest_of = {key: digest for digest, (key, _) in first_seen.items()}
     assign: dict[str, tuple[str, int, str]] = {}
     per_class: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+    unused = 0
     for label, cls in enumerate(classes):
-        for split, keys in _split_class(by_class[cls], cfg).items():
+        parts = _split_class(by_class[cls], cfg)
+        unused += len(by_class[cls]) - sum(len(keys) for keys in parts.values())
+        for split, keys in parts.items():
             per_class[split][cls] = len(keys)
             for key in keys:
                 rid = hashlib.sha256(f"{key}\n{digest_of[key]}".encode()).hexdigest()[:16]
                 assign[key] = (split, label, rid)
+
+    if unused:  # explicit val/test sizes that leave images over: counted, never dropped silently
+        skipped["unused"] = unused
+        print(f"ingest: {unused} usable images are in no split (val_per_class={cfg.val_per_class}, "
+              f"test_per_class={cfg.test_per_class}); counted as skipped 'unused'")
 
     # 4. write each split as bounded shards, in parallel
     files: dict[str, list[str]] = {}

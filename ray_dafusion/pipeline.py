@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 from . import storage
 from .config import (
-    AugmentConfig,
     EvaluateConfig,
     GalleryConfig,
     IngestConfig,
@@ -83,9 +82,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
                 extra["embeddings"] = tokens
                 if cfg.run_erase:
                     extra["erasure"] = erasure
-            section = dataclasses.replace(cfg.augment, mode=mode)
-            if mode == "real_guidance" and cfg.augment.strengths == AugmentConfig().strengths:
-                section = dataclasses.replace(section, strengths=[0.5])  # Real Guidance's t0
+            section = dataclasses.replace(cfg.augment, mode=mode).effective()  # real_guidance: t0 0.5
             out["augment"][mode] = _fill(section, cfg, real=real, output=storage.join(w, "synthetic", mode), **extra)
         synthetic = out["augment"][mode].output if mode else None
         name = f"{cfg.train.name}-{method}" if cfg.train.name else method
@@ -130,9 +127,13 @@ def pipeline(cfg: PipelineConfig) -> PipelineResult:
             result.outputs["erasure"] = _timed(secs, "erase", erase, configs["erase"]).output
     # 4. synthetic sets, one per augment mode the methods need
     for mode, aug_cfg in configs["augment"].items():
-        result.outputs[f"synthetic/{mode}"] = _timed(secs, f"augment ({mode})", augment, aug_cfg).output
-        sheet = gallery(GalleryConfig(synthetic=aug_cfg.output, real=aug_cfg.real, endpoint_url=aug_cfg.endpoint_url))
-        result.outputs[f"gallery/{mode}"] = sheet.output
+        augmented = _timed(secs, f"augment ({mode})", augment, aug_cfg)
+        result.outputs[f"synthetic/{mode}"] = augmented.output
+        sheet = storage.join(augmented.output, "gallery.png")
+        if not (augmented.already_complete and storage.exists(sheet, aug_cfg.endpoint_url)):
+            sheet = gallery(GalleryConfig(synthetic=aug_cfg.output, real=aug_cfg.real, output=sheet,
+                                          endpoint_url=aug_cfg.endpoint_url)).output
+        result.outputs[f"gallery/{mode}"] = sheet
     # 5. one classifier per method
     runs = []
     for method, train_cfg in configs["train"].items():
@@ -160,28 +161,15 @@ def pipeline(cfg: PipelineConfig) -> PipelineResult:
 def demo(cfg: Optional[PipelineConfig] = None) -> PipelineResult:
     """The pipeline on the embedded default: local Ray and files, the tiny model, the digits.
 
-    Fields set in `cfg` (e.g. from `ray-dafusion demo --train.epochs 2`) override the defaults.
+    `cfg` defaults to DEMO_CONFIG; `ray-dafusion demo --train.epochs 2` builds it from DEMO_CONFIG
+    with that field changed. Without an ingest source, the digits sample is written first.
     """
     from .sample_data import write_digits
 
-    base = PipelineConfig.from_dict(DEMO_CONFIG)
-    merged = _merge(base, cfg) if cfg is not None else base
-    if not merged.ingest.source:
-        source = storage.join(merged.workdir, "sample", "digits")
+    cfg = cfg if cfg is not None else PipelineConfig.from_dict(DEMO_CONFIG)
+    if not cfg.ingest.source:
+        source = storage.join(cfg.workdir, "sample", "digits")
         counts = write_digits(source)
         print(f"demo: {sum(counts.values())} scanned handwritten digits (scikit-learn) written to {source}")
-        merged = dataclasses.replace(merged, ingest=dataclasses.replace(merged.ingest, source=source))
-    return pipeline(merged)
-
-
-def _merge(base: StageConfig, override: StageConfig) -> Any:
-    """Fields of `override` that differ from their class defaults replace those of `base`."""
-    default = type(override)()
-    changes = {}
-    for f in dataclasses.fields(override):
-        value, dvalue = getattr(override, f.name), getattr(default, f.name)
-        if isinstance(value, StageConfig):
-            changes[f.name] = _merge(getattr(base, f.name), value)
-        elif value != dvalue:
-            changes[f.name] = value
-    return dataclasses.replace(base, **changes)
+        cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, source=source))
+    return pipeline(cfg)

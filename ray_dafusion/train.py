@@ -559,14 +559,23 @@ def train(cfg: TrainConfig) -> TrainResult:
     run_uri = storage.join(cfg.output, name)
     ep = cfg.endpoint_url
 
+    identity = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
+    identity.update(alpha=alpha, name=name)
+    finished = storage.read_manifest(run_uri, ep)
+    # complete with this exact config: nothing to do (a longer `epochs` resumes from the checkpoint)
+    if finished and finished.get("config_fingerprint") == storage.fingerprint(identity) \
+            and finished.get("config") == cfg.to_dict():
+        record = storage.read_json(storage.join(run_uri, RESULT_FILE), ep)
+        print(f"[train] {run_uri} is complete (same config, {record['epochs_completed']} epochs); nothing to do",
+              flush=True)
+        return TrainResult(**{f.name: record[f.name] for f in dataclasses.fields(TrainResult)})
+
     # 1. the streaming datasets (real+synthetic union, val) and the mixing candidates
     data = streaming_data(cfg, alpha)
     classes, real_labels, candidates = data.classes, data.real_labels, data.candidates
 
     # 2. fail early on the driver: weights that cannot load, a run made with another config
     build_model(cfg.arch, len(classes), cfg.weights, cfg.backbone, ep)
-    identity = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
-    identity.update(alpha=alpha, name=name)
     storage.ensure_fresh_output(run_uri, "train", storage.fingerprint(identity), cfg.overwrite, ep)
     n_union = len(real_labels) + data.num_synthetic
 
@@ -620,6 +629,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         "counts": {"epochs": len(history), "real_train": len(real_labels), "synthetic": n_union - len(real_labels)},
         "timings": {"seconds": out.seconds}, "versions": _versions(),
     }, ep)
+    acc = f"{best_acc:.3f}" if best_acc is not None else "n/a"
+    print(f"[train] {name}: {len(history)} epochs on {len(real_labels)} real + {n_union - len(real_labels)} synthetic "
+          f"images, best val mean per-class accuracy {acc}; run, checkpoints and {RESULT_FILE} in {run_uri} "
+          f"({out.seconds:.1f}s)", flush=True)
     return out
 
 

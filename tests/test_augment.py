@@ -228,7 +228,11 @@ def test_bad_rows_go_to_errors_with_reasons(setup, tmp_path):
 
 def test_real_guidance_uses_class_words_and_no_tokens(tmp_path, make_real, tiny_model):
     real = make_real(class_names=("leafy_spurge", "dog"))
-    c = AugmentConfig(real=real, output=str(tmp_path / "rg"), mode="real_guidance", **{**FAST, "strengths": [0.5]})
+    fast = {k: v for k, v in FAST.items() if k != "strengths"}  # the default list: real_guidance means t0 0.5
+    c = AugmentConfig(real=real, output=str(tmp_path / "rg"), mode="real_guidance", **fast)
+    assert c.strengths == [0.25, 0.5, 0.75, 1.0] and c.effective().strengths == [0.5]
+    assert c.replace(strengths=[0.75]).effective().strengths == [0.75]  # a list the user chose is kept
+    assert c.replace(mode="da_fusion").effective().strengths == [0.25, 0.5, 0.75, 1.0]
     DiffusionAugmenter(c, schema.read_class_table(real))(_real_rows(real))
     out = storage.read_parquet(str(tmp_path / "rg" / "data")).to_pylist()
     assert {r["prompt"] for r in out} == {"a photo of a leafy spurge", "a photo of a dog"}
@@ -245,6 +249,19 @@ def test_leaking_template_is_refused_naming_class_and_prompt(setup):
     with pytest.raises(LeakageError, match=r"'a Cat-like <cat> in the grass'.*'cat'"):
         augment(c)
     assert not storage.exists(c.output)  # refused before anything was written
+
+
+def test_leak_check_matches_case_underscore_and_space_variants_as_whole_words():
+    from ray_dafusion.tokens import check_prompts, find_leak
+
+    names, toks = ["leafy_spurge", "cat"], ["<leafy_spurge>", "<cat>"]
+    for prompt in ("a photo of a Leafy Spurge", "a LEAFY_SPURGE in a field", "leafy spurge.", "a CAT"):
+        assert find_leak(prompt, names, toks) is not None, prompt
+        with pytest.raises(LeakageError, match="contains the class name"):
+            check_prompts({"cat": [prompt]}, names, toks)
+    for prompt in ("a photo of a <leafy_spurge>", "a photo of a <cat>", "a category of <cat>", "leafyspurge"):
+        assert find_leak(prompt, names, toks) is None, prompt
+    check_prompts({"leafy_spurge": ["a photo of a <leafy_spurge>"]}, names, toks)
 
 
 def test_missing_or_malformed_embeddings_are_errors(setup, tmp_path):
@@ -433,7 +450,6 @@ def _erasure(root, deltas: dict[str, float]) -> str:
     return root
 
 
-@pytest.mark.skipif(not hasattr(weights, "ErasureWeights"), reason="weights.ErasureWeights not available")
 def test_erasure_is_applied_per_class_group(setup, tmp_path):
     real, _, cfg = setup
     classes = schema.read_class_table(real)

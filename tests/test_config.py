@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from ray_dafusion import config as C
-from ray_dafusion.cli import build_parser
+from ray_dafusion.cli import build_parser, parse_args
+from ray_dafusion.pipeline import DEMO_CONFIG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,10 +88,34 @@ def test_every_field_has_help_and_every_stage_lists_it():
         text = sub.choices[stage].format_help()
         for f in C.dataclasses.fields(cls):
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
-            if stage != "pipeline":
+            section = C._base_type(C.typing.get_type_hints(cls)[f.name])
+            if isinstance(section, type) and issubclass(section, C.StageConfig):  # nested: --augment.seed
+                for g in C.dataclasses.fields(section):
+                    for name in (stage, "demo") if stage == "pipeline" else (stage,):
+                        assert f"--{f.name}.{g.name}" in sub.choices[name].format_help(), (name, f.name, g.name)
+            else:
                 assert f"--{f.name}" in text, f"`ray-dafusion {stage} --help` does not list {f.name}"
     help_text = sub.choices["augment"].format_help()
     assert "--num_augmentations" in help_text and "(default: 10)" in " ".join(help_text.split())
+    # the demo's help shows the demo's defaults, the pipeline's the class defaults
+    demo_help = " ".join(sub.choices["demo"].format_help().split())
+    pipeline_help = " ".join(sub.choices["pipeline"].format_help().split())
+    steps = DEMO_CONFIG["invert"]["steps"]
+    entry = "--invert.steps INT Optimisation steps per class. (default: {})"
+    assert entry.format(1000) in pipeline_help and entry.format(steps) in demo_help
+
+
+def test_demo_options_override_the_embedded_default(tmp_path):
+    stage, cfg = parse_args(["demo", "--train.epochs", "3", "--invert.steps", "1000"])
+    assert stage == "demo"
+    assert cfg.train.epochs == 3
+    assert cfg.invert.steps == 1000  # equal to the class default: still an override of the demo's
+    assert cfg.augment.num_augmentations == DEMO_CONFIG["augment"]["num_augmentations"]  # demo's, kept
+    path = tmp_path / "d.yaml"
+    path.write_text("augment:\n  num_augmentations: 3\n")
+    _, cfg = parse_args(["demo", "--config", str(path)])
+    assert cfg.augment.num_augmentations == 3 and cfg.invert.steps == DEMO_CONFIG["invert"]["steps"]
+    assert cfg.workdir == DEMO_CONFIG["workdir"]
 
 
 def test_cli_help_runs_as_a_command():

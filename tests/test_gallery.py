@@ -64,3 +64,11 @@ def test_gallery_command_line_writes_png(synthetic, tmp_path, capsys):
 def test_gallery_refuses_incomplete_output(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete augment output"):
         gallery(GalleryConfig(synthetic=str(tmp_path / "nothing")))
+
+
+def test_captions_keep_t0_readable_under_small_thumbnails():
+    from ray_dafusion.gallery import _fit
+
+    assert _fit(("t0=0.25", "0.25"), 16) == "t0=0.25"  # the 96 px default fits the long form
+    assert _fit(("t0=0.25", "0.25"), 5) == "0.25"  # 32 px: the number alone, never "t0=0."
+    assert _fit(("t0=0.25", "0.25"), 3) == "0.2"

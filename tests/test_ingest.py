@@ -68,6 +68,8 @@ def test_explicit_val_and_test_sizes_and_shard_bound(tmp_path):
     res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=2,
                               val_per_class=3, test_per_class=1, rows_per_file=2))
     assert res.counts == {"train": 4, "val": 6, "test": 2}
+    assert res.skipped == {"unused": 6}  # 2 classes x (9 - 2 - 3 - 1): counted, not dropped silently
+    assert storage.read_manifest(res.output)["counts"]["skipped"] == {"unused": 6}
     for f in storage.list_files(storage.join(res.output, "val"), ".parquet"):
         assert pq.read_metadata(f).num_rows <= 2
 

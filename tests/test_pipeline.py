@@ -92,6 +92,18 @@ def test_pipeline_with_every_uri_on_s3(ray_session, tiny_model, tmp_path, s3_buc
     for uri in storage.list_files(f"{bucket}/work", ".json", recursive=True):
         text = storage.read_bytes(uri).decode()
         assert secret not in text and key_id not in text, uri
+    # nor in the Ray workers' logs (the stage tasks and actors print there)
+    import ray._private.worker
+
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    scanned = 0
+    for dirpath, _, names in os.walk(logs):
+        for n in names:
+            with open(os.path.join(dirpath, n), "rb") as f:
+                data = f.read()
+            scanned += 1
+            assert secret.encode() not in data and key_id.encode() not in data, os.path.join(dirpath, n)
+    assert scanned, logs
 
 
 @pytest.mark.slow
@@ -102,12 +114,16 @@ def test_pipeline_rerun_skips_complete_stages(ray_session, tiny_model, tmp_path,
     write_digits(source, size=32, per_class=6)
     cfg = _small(str(tmp_path / "work"), source, tiny_model, methods=["da_fusion"])
     first = pipeline(cfg)
-    manifests = {k: storage.read_bytes(storage.join(v, "manifest.json"))
-                 for k, v in first.outputs.items() if k in ("real", "tokens", "synthetic/da_fusion")}
+    manifests = {k: storage.read_bytes(storage.join(v, "manifest.json")) for k, v in first.outputs.items()
+                 if k in ("real", "tokens", "synthetic/da_fusion", "train/da_fusion", "results")}
+    assert len(manifests) == 5, sorted(first.outputs)
+    sheet = storage.read_bytes(first.outputs["gallery/da_fusion"])
     capfd.readouterr()
     second = pipeline(cfg)
     out = capfd.readouterr().out
     assert "nothing to do" in out
     for k, before in manifests.items():  # complete outputs were not rewritten
         assert storage.read_bytes(storage.join(second.outputs[k], "manifest.json")) == before, k
+    assert storage.read_bytes(second.outputs["gallery/da_fusion"]) == sheet
+    assert out.count("nothing to do") == 5, out  # ingest, invert, augment, train and evaluate say so
     assert json.loads(storage.read_bytes(storage.join(second.outputs["results"], "results.json")))

@@ -1,0 +1,81 @@
+"""GPU cost of the per-class concept stages: textual inversion and ESD erasure, without Ray.
+
+Calls the functions each Ray task runs (`inversion._invert_class`, `erasure._erase_class`) on one
+CUDA GPU with the `sd15-shape` model (SD 1.5's shapes, random weights: the same work per step as
+the real model) at 512 px, and reports seconds per step / iteration. A short warm-up run of
+each goes first and is not reported; model build and load are outside the figures (each record's
+`seconds` covers the training loop only). Per-class cost at the paper's settings is
+steps x seconds per step.
+
+    python benchmarks/gpu_concepts.py --invert-steps 40 --erase-iterations 10 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from augment_overhead import write_real  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15-shape")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--invert-steps", type=int, default=40)
+    parser.add_argument("--erase-iterations", type=int, default=10)
+    parser.add_argument("--methods", default="xattn,full", help="erasure methods to time")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from ray_dafusion import models, schema
+    from ray_dafusion.config import EraseConfig, InvertConfig
+    from ray_dafusion.erasure import _erase_class
+    from ray_dafusion.inversion import _invert_class
+
+    cuda = torch.cuda.is_available()
+    if not cuda and args.model != "tiny":
+        raise SystemExit("gpu_concepts.py needs a CUDA GPU (on CPU it runs only --model tiny, as a smoke test)")
+    work = args.workdir or tempfile.mkdtemp(prefix="gpu-concepts-")
+    result: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+                    "args": vars(args)}
+    models.resolve_model(args.model)
+    real = os.path.join(work, "real")
+    write_real(real, 8, 256)  # 2 classes x 4 shots
+    info = schema.read_class_table(real)[0]
+    gpus = 1 if cuda else 0
+
+    def timed(label: str, fn, cfg, n: int, unit: str) -> None:
+        fn(cfg.replace(**{unit: 2}), info, os.path.join(work, f"warm-{label}.safetensors"))  # warm-up
+        record = fn(cfg.replace(**{unit: n}), info, os.path.join(work, f"{label}.safetensors"))
+        per = record["seconds"] / n
+        result[label] = {unit: n, "seconds": record["seconds"], "seconds_per_" + unit.rstrip("s"): round(per, 4),
+                         "seconds_for_1000": round(per * 1000, 1), "device": record["device"]}
+        print(f"{label}: {n} {unit} in {record['seconds']:.1f}s = {per:.3f}s each; 1000 would take "
+              f"{per * 1000 / 60:.1f} min", flush=True)
+
+    invert_cfg = InvertConfig(real=real, output=work, model=args.model, resolution=args.resolution, num_gpus=gpus)
+    timed("invert", _invert_class, invert_cfg, args.invert_steps, "steps")
+    for method in args.methods.split(","):
+        erase_cfg = EraseConfig(real=real, output=work, model=args.model, method=method,
+                                resolution=args.resolution, num_gpus=gpus)
+        timed(f"erase_{method}", _erase_class, erase_cfg, args.erase_iterations, "iterations")
+    if cuda:
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(f"peak GPU memory {result['max_memory_gib']} GiB", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
