@@ -402,6 +402,48 @@ def test_killed_job_resumes_to_exactly_n_times_m(tmp_path, make_real, tiny_model
     assert storage.read_manifest(cfg.output)["counts"]["synthetic_rows"] == len(ids) * M
 
 
+def test_sigkilled_driver_resumes_to_exactly_n_times_m(tmp_path, make_real, tiny_model, ray_session):
+    """A real kill: the job's driver process gets SIGKILL after its first committed batch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    real = make_real(per_split={"train": 16, "val": 1, "test": 1})  # enough batches to be halfway
+    ids = _real_rows(real).column("id").to_pylist()
+    cfg = AugmentConfig(real=real, output=str(tmp_path / "out"), model=tiny_model, batch_size=1,
+                        embeddings=_embeddings(tmp_path / "t.safetensors"), **FAST)
+    config = tmp_path / "augment.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    data = storage.join(cfg.output, "data")
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "ray_dafusion.cli", "augment", "--config", str(config)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (storage.exists(data) and storage.list_files(data, ".parquet")):
+        assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before its first batch"
+        assert time.time() < deadline, "no batch committed in 240 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    # Ray ends a dead driver's actors; wait until no more files appear
+    count, stable_since = -1, time.time()
+    while time.time() - stable_since < 5:
+        now = len(storage.list_files(data, ".parquet"))
+        if now != count:
+            count, stable_since = now, time.time()
+        time.sleep(0.5)
+    assert storage.read_manifest(cfg.output) is None  # killed: not marked complete
+    print(f"driver killed with {count} of {len(ids)} batches committed")
+    assert 1 <= count < len(ids), count  # halfway
+
+    result = augment(cfg)
+    _check_complete(cfg.output, ids)
+    assert result.skipped_as_done == count * M and result.generated == (len(ids) - count) * M
+
+
 def test_crashed_actor_is_restarted_and_its_batch_retried(tmp_path, make_real, tiny_model, ray_session):
     real = make_real()
     ids = _real_rows(real).column("id").to_pylist()
