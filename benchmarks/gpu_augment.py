@@ -26,10 +26,24 @@ import os
 import sys
 import tempfile
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from augment_overhead import plain_loop, write_real  # noqa: E402
+
+
+def gpu_setup(args: argparse.Namespace, script: str) -> tuple[bool, Callable[[], None], dict]:
+    """CUDA or refuse (CPU runs only the tiny model, as a smoke test); a synchronize function;
+    the start of the result record (device, torch, arguments)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and args.model != "tiny":
+        raise SystemExit(f"{script} needs a CUDA GPU (on CPU it runs only --model tiny, as a smoke test)")
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    return cuda, sync, {"device": device, "torch": torch.__version__, "args": vars(args)}
 
 
 def main() -> None:
@@ -57,23 +71,18 @@ def main() -> None:
     from ray_dafusion.augment import DiffusionAugmenter
     from ray_dafusion.config import AugmentConfig
 
-    cuda = torch.cuda.is_available()
-    if not cuda and args.model != "tiny":
-        raise SystemExit("gpu_augment.py needs a CUDA GPU (on CPU it runs only --model tiny, as a smoke test)")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cuda, sync, result = gpu_setup(args, "gpu_augment.py")
     work = args.workdir or tempfile.mkdtemp(prefix="gpu-bench-")
-    result: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__, "args": vars(args)}
 
     start = time.perf_counter()
-    models.resolve_model(args.model)  # builds and saves a built-in model once
+    local = models.resolve_model(args.model)  # builds and saves a built-in model once
     result["build_seconds"] = round(time.perf_counter() - start, 1)
     print(f"model {args.model} ready in {result['build_seconds']}s on {result['device']}", flush=True)
 
     real = os.path.join(work, "real")
     write_real(real, args.num_real, args.size)
-    hidden = 768 if args.model == "sd15-shape" else None
-    if hidden is None:
-        hidden = models.load_pipeline(args.model).text_encoder.config.hidden_size
+    with open(os.path.join(local, "text_encoder", "config.json")) as f:
+        hidden = json.load(f)["hidden_size"]  # the token embeddings' width
     emb = os.path.join(work, "tokens.safetensors")
     save_file({"<cat>": torch.randn(hidden) * 0.01, "<dog>": torch.randn(hidden) * 0.01}, emb)
     cfg = AugmentConfig(

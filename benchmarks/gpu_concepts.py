@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from augment_overhead import write_real  # noqa: E402
+from gpu_augment import gpu_setup  # noqa: E402
 
 
 def main() -> None:
@@ -42,12 +43,8 @@ def main() -> None:
     from ray_dafusion.erasure import _erase_class
     from ray_dafusion.inversion import _invert_class
 
-    cuda = torch.cuda.is_available()
-    if not cuda and args.model != "tiny":
-        raise SystemExit("gpu_concepts.py needs a CUDA GPU (on CPU it runs only --model tiny, as a smoke test)")
+    cuda, _, result = gpu_setup(args, "gpu_concepts.py")
     work = args.workdir or tempfile.mkdtemp(prefix="gpu-concepts-")
-    result: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-                    "args": vars(args)}
     models.resolve_model(args.model)
     real = os.path.join(work, "real")
     write_real(real, 8, 256)  # 2 classes x 4 shots

@@ -98,11 +98,11 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
+    fits = max(4, t // 6)  # characters of the default font under one thumbnail
     for r, sid in enumerate(chosen):
         y = PAD + r * (t + CAPTION_HEIGHT + PAD)
         source = originals.get(sid)
         cells = [(source["image"]["bytes"], source["class_name"]) if source else (None, "real: missing")]
-        fits = max(4, t // 6)  # characters of the default font under one thumbnail
         cells += [(a["image"]["bytes"], _fit((f"t0={a['strength']:g}", f"{a['strength']:g}"), fits))
                   for a in sorted(by_source[sid], key=lambda a: a["aug_index"])]
         for c, (data, caption) in enumerate(cells):

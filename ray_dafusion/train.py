@@ -561,9 +561,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     identity = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
     identity.update(alpha=alpha, name=name)
+    config_fp = storage.fingerprint(identity)
     finished = storage.read_manifest(run_uri, ep)
     # complete with this exact config: nothing to do (a longer `epochs` resumes from the checkpoint)
-    if finished and finished.get("config_fingerprint") == storage.fingerprint(identity) \
+    if finished and finished.get("config_fingerprint") == config_fp \
             and finished.get("config") == cfg.to_dict():
         record = storage.read_json(storage.join(run_uri, RESULT_FILE), ep)
         print(f"[train] {run_uri} is complete (same config, {record['epochs_completed']} epochs); nothing to do",
@@ -576,7 +577,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 2. fail early on the driver: weights that cannot load, a run made with another config
     build_model(cfg.arch, len(classes), cfg.weights, cfg.backbone, ep)
-    storage.ensure_fresh_output(run_uri, "train", storage.fingerprint(identity), cfg.overwrite, ep)
+    storage.ensure_fresh_output(run_uri, "train", config_fp, cfg.overwrite, ep)
     n_union = len(real_labels) + data.num_synthetic
 
     # 3. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
@@ -625,7 +626,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "num_real_train": len(real_labels), "num_synthetic": n_union - len(real_labels),
     }, ep)
     storage.write_manifest(run_uri, {
-        "stage": "train", "config": cfg.to_dict(), "config_fingerprint": storage.fingerprint(identity),
+        "stage": "train", "config": cfg.to_dict(), "config_fingerprint": config_fp,
         "counts": {"epochs": len(history), "real_train": len(real_labels), "synthetic": n_union - len(real_labels)},
         "timings": {"seconds": out.seconds}, "versions": _versions(),
     }, ep)

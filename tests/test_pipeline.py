@@ -125,5 +125,6 @@ def test_pipeline_rerun_skips_complete_stages(ray_session, tiny_model, tmp_path,
     for k, before in manifests.items():  # complete outputs were not rewritten
         assert storage.read_bytes(storage.join(second.outputs[k], "manifest.json")) == before, k
     assert storage.read_bytes(second.outputs["gallery/da_fusion"]) == sheet
+    assert "[gallery]" not in out  # not redrawn (a redraw would give the same bytes, so ask the log)
     assert out.count("nothing to do") == 5, out  # ingest, invert, augment, train and evaluate say so
     assert json.loads(storage.read_bytes(storage.join(second.outputs["results"], "results.json")))
