@@ -46,6 +46,18 @@ def gpu_setup(args: argparse.Namespace, script: str) -> tuple[bool, Callable[[],
     return cuda, sync, {"device": device, "torch": torch.__version__, "args": vars(args)}
 
 
+def gpu_finish(result: dict, cuda: bool, out: str | None) -> None:
+    """Add the peak GPU memory to the record, print it, and write the record as JSON to `out`."""
+    import torch
+
+    if cuda:
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(f"peak GPU memory {result['max_memory_gib']} GiB", flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd15-shape")
@@ -158,11 +170,7 @@ def main() -> None:
     result["t0_cost"] = {"images": n, "t0_1.0_seconds": round(s1, 2), "t0_0.25_seconds": round(s4, 2),
                          "ratio": round(s4 / s1, 3)}
     print(f"(d) {n} images: t0=1.0 {s1:.2f}s, t0=0.25 {s4:.2f}s, ratio {s4 / s1:.3f}", flush=True)
-    result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
-    print(f"peak GPU memory {result['max_memory_gib']} GiB", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    gpu_finish(result, cuda, args.out)
 
 
 if __name__ == "__main__":

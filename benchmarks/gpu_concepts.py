@@ -13,7 +13,6 @@ steps x seconds per step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from augment_overhead import write_real  # noqa: E402
-from gpu_augment import gpu_setup  # noqa: E402
+from gpu_augment import gpu_finish, gpu_setup  # noqa: E402
 
 
 def main() -> None:
@@ -35,8 +34,6 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-
-    import torch
 
     from ray_dafusion import models, schema
     from ray_dafusion.config import EraseConfig, InvertConfig
@@ -66,12 +63,7 @@ def main() -> None:
         erase_cfg = EraseConfig(real=real, output=work, model=args.model, method=method,
                                 resolution=args.resolution, num_gpus=gpus)
         timed(f"erase_{method}", _erase_class, erase_cfg, args.erase_iterations, "iterations")
-    if cuda:
-        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        print(f"peak GPU memory {result['max_memory_gib']} GiB", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    gpu_finish(result, cuda, args.out)
 
 
 if __name__ == "__main__":
