@@ -75,7 +75,8 @@ def _bench_loop(loop: dict) -> None:
     import torch
 
     from ray_dafusion.config import TrainConfig
-    from ray_dafusion.train import MixedCollate, build_model, exact_batches, make_transform, train_step
+    from ray_dafusion.classifier import build_model, make_transform
+    from ray_dafusion.train import MixedCollate, exact_batches, train_step
 
     cfg = TrainConfig.from_dict(loop["config"])
     world = ray.train.get_context().get_world_size()

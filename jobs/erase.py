@@ -1,27 +1,24 @@
 """`ray job submit` entrypoint for erase. ESD concept erasure as a Ray job: one task per class name edits the UNet.
 
     ray job submit --working-dir . -- python jobs/erase.py --config jobs/configs/erase.yaml [--FIELD VALUE ...]
+
+Exit codes: 0 done, 1 the stage failed (one line on stderr says what to do), 2 bad config.
 """
 
 import sys
 
-from ray_dafusion.cli import build_parser, connect_ray
-from ray_dafusion.config import EraseConfig
-from ray_dafusion.erasure import erase
+from ray_dafusion.cli import run_job
+
+
+def summary(result) -> str:
+    lines = [f"erase ({result.method}): output {result.output} ({result.num_classes} classes; "
+             f"{len(result.trained)} erased, {len(result.skipped)} already done) in {result.seconds:.1f}s"]
+    lines += [f"  {name}: {seconds:.1f}s" for name, seconds in result.seconds_per_class.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    args = vars(build_parser().parse_args(["erase", *argv]))
-    config_path = args.pop("_config")
-    args.pop("stage")
-    cfg = EraseConfig.from_args(config_path, args)
-    connect_ray()
-    result = erase(cfg)
-    print(f"erase ({result.method}): output {result.output} ({result.num_classes} classes; "
-          f"{len(result.trained)} erased, {len(result.skipped)} already done) in {result.seconds:.1f}s")
-    for name, seconds in result.seconds_per_class.items():
-        print(f"  {name}: {seconds:.1f}s")
-    return 0
+    return run_job("erase", argv, summary)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,22 @@
-"""`ray job submit` entrypoint for ingest.
+"""`ray job submit` entrypoint for ingest. Labelled images -> real/{train,val,test} parquet shards.
 
-    ray job submit --working-dir . -- python jobs/ingest.py --config jobs/configs/ingest.yaml
+    ray job submit --working-dir . -- python jobs/ingest.py --config jobs/configs/ingest.yaml [--FIELD VALUE ...]
+
+Exit codes: 0 done, 1 the stage failed (one line on stderr says what to do), 2 bad config.
 """
 
 import sys
 
-from ray_dafusion.cli import build_parser, connect_ray
-from ray_dafusion.config import IngestConfig
-from ray_dafusion.ingest import ingest
+from ray_dafusion.cli import run_job
+
+
+def summary(result) -> str:
+    return (f"ingest: output {result.output}: {result.counts} images, {result.errors} quarantined, "
+            f"classes {result.classes}")
 
 
 def main(argv: list[str]) -> int:
-    args = vars(build_parser().parse_args(["ingest", *argv]))
-    config_path = args.pop("_config")
-    args.pop("stage")
-    cfg = IngestConfig.from_args(config_path, args)
-    connect_ray()
-    result = ingest(cfg)
-    print(f"ingest: output {result.output}: {result.counts} images, {result.errors} quarantined, classes {result.classes}")
-    return 0
+    return run_job("ingest", argv, summary)
 
 
 if __name__ == "__main__":

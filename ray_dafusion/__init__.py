@@ -5,7 +5,9 @@ Each stage is one function taking its config and returning a small result object
     from ray_dafusion import augment, AugmentConfig
     result = augment(AugmentConfig(real="runs/demo/real", output="runs/demo/synthetic", ...))
 
-Stage functions are imported on first use so `import ray_dafusion` stays light.
+Stage functions are imported on first use so `import ray_dafusion` stays light (the registry is
+``config.STAGES``). A stage module named like its function (``ray_dafusion.augment``) is itself
+callable as the stage, so ``from ray_dafusion import augment`` works whichever Python hands back.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib
 from typing import Any
 
 from .config import (
+    STAGES,
     AugmentConfig,
     ConfigError,
     EraseConfig,
@@ -25,19 +28,9 @@ from .config import (
     TrainConfig,
     load_config,
 )
+from .errors import StageError
 
 __version__ = "0.1.0"
-
-_STAGE_FUNCTIONS = {
-    "ingest": "ray_dafusion.ingest",
-    "invert": "ray_dafusion.inversion",
-    "erase": "ray_dafusion.erasure",
-    "augment": "ray_dafusion.augment",
-    "train": "ray_dafusion.train",
-    "evaluate": "ray_dafusion.evaluate",
-    "gallery": "ray_dafusion.gallery",
-    "pipeline": "ray_dafusion.pipeline",
-}
 
 __all__ = [
     "AugmentConfig",
@@ -48,13 +41,14 @@ __all__ = [
     "IngestConfig",
     "InvertConfig",
     "PipelineConfig",
+    "StageError",
     "TrainConfig",
     "load_config",
-    *_STAGE_FUNCTIONS,
+    *STAGES,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _STAGE_FUNCTIONS:
-        return getattr(importlib.import_module(_STAGE_FUNCTIONS[name]), name)
+    if name in STAGES:
+        return getattr(importlib.import_module(STAGES[name].module), STAGES[name].function)
     raise AttributeError(f"module 'ray_dafusion' has no attribute {name!r}")

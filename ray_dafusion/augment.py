@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -32,13 +33,19 @@ import pyarrow as pa
 from PIL import Image
 
 from . import models, schema, storage, tokens, weights
-from .config import AugmentConfig, ConfigError
+from .config import AugmentConfig, ConfigError, callable_stage_module
+from .configlib import config_fingerprint
+from .errors import StageError
+from .modes import AUGMENT_MODES
+from .runinfo import versions
 
 __all__ = [
     "AugmentResult",
     "DiffusionAugmenter",
     "augment",
     "draw_augmentation",
+    "denoising_steps",
+    "even_chunks",
     "image_seed",
     "class_prompts",
     "to_model_size",
@@ -49,6 +56,8 @@ __all__ = [
 DATA_DIR = "data"
 ERRORS_DIR = "errors"
 _REAL_COLUMNS = ["id", "image", "label", "class_name"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,18 +101,11 @@ def draw_augmentation(
     return seed, strength, template
 
 
-def class_word(class_name: str) -> str:
-    """The plain-language class word Real Guidance puts in its prompt."""
-    return " ".join(class_name.replace("_", " ").split())
-
-
 def class_prompts(cfg: AugmentConfig, classes: Sequence[schema.ClassInfo]) -> dict[str, list[str]]:
     """Every prompt each class's rows can get in this run (what the leakage guard checks)."""
-    out = {}
-    for c in classes:
-        word = c.token if cfg.mode == "da_fusion" else class_word(c.name)
-        out[c.name] = [tokens.make_prompt(t, word) for t in cfg.prompt_templates]
-    return out
+    mode = AUGMENT_MODES[cfg.mode]
+    return {c.name: [tokens.make_prompt(t, mode.word(c.token, c.name)) for t in cfg.prompt_templates]
+            for c in classes}
 
 
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
@@ -168,7 +170,8 @@ class DiffusionAugmenter:
     ) -> None:
         import torch
 
-        self.cfg = cfg = cfg.effective()
+        self.cfg = cfg = cfg.replace(strengths=cfg.t0_levels())
+        self.mode = AUGMENT_MODES[cfg.mode]
         self.classes = list(classes)
         self.by_label = {c.label: c for c in self.classes}
         self.class_names = [c.name for c in self.classes]
@@ -183,9 +186,9 @@ class DiffusionAugmenter:
         )
         self.embeddings_fingerprint = ""
         self.tokens: set[str] = set()
-        if cfg.mode == "da_fusion":
+        if self.mode.needs_tokens:
             if not cfg.embeddings:
-                raise weights.EmbeddingsError("mode da_fusion needs `embeddings` (the invert stage's tokens.safetensors)")
+                raise weights.EmbeddingsError(f"mode {cfg.mode} needs `embeddings` (the invert stage's tokens.safetensors)")
             tensors, self.embeddings_fingerprint = weights.load_embeddings(cfg.embeddings, cfg.endpoint_url)
             weights.add_tokens(self.pipe, tensors)
             self.tokens = set(tensors)
@@ -240,7 +243,7 @@ class DiffusionAugmenter:
                 seed, strength, template = draw_augmentation(
                     self.cfg.seed, row["id"], k, self.cfg.strengths, self.cfg.prompt_templates
                 )
-                word = info.token if self.cfg.mode == "da_fusion" else class_word(info.name)
+                word = self.mode.word(info.token, info.name)
                 jobs.append({
                     "row": row, "info": info, "source": source, "aug_index": k, "seed": seed,
                     "strength": strength, "prompt": tokens.make_prompt(template, word),
@@ -272,7 +275,7 @@ class DiffusionAugmenter:
             return None, None, f"label {label!r} out of range 0..{len(self.classes) - 1}"
         if row.get("class_name") not in (None, info.name):
             return None, None, f"class_name {row.get('class_name')!r} does not match label {label} ({info.name!r})"
-        if self.cfg.mode == "da_fusion" and info.token not in self.tokens:
+        if self.mode.needs_tokens and info.token not in self.tokens:
             return None, None, f"class without a token: {info.token!r} is not in the embeddings file"
         if self.erasure is not None and info.name not in self.erasure_fingerprints:
             return None, None, f"class without erasure weights: {info.name!r}"
@@ -314,7 +317,7 @@ class DiffusionAugmenter:
             "aug_index": k,
             "label": info.label,
             "class_name": info.name,
-            "token": info.token if self.cfg.mode == "da_fusion" else "",
+            "token": info.token if self.mode.prompt_word == "token" else "",
             "strength": job["strength"],
             "seed": job["seed"],
             "prompt": job["prompt"],
@@ -402,18 +405,6 @@ def _quarantined(output: str, endpoint_url: Optional[str]) -> set[str]:
     return set(storage.read_parquet(errors_dir, endpoint_url, columns=["item"]).column("item").to_pylist())
 
 
-def _config_fingerprint(cfg: AugmentConfig, fingerprints: dict[str, Any], real_manifest: dict[str, Any]) -> str:
-    """Everything that changes the images: image-affecting fields, model, tokens, erasure, input."""
-    return storage.fingerprint({
-        "fields": {k: getattr(cfg, k) for k in (
-            "mode", "num_augmentations", "strengths", "guidance_scale", "num_inference_steps",
-            "prompt_templates", "resolution", "resize", "seed",
-        )},
-        "fingerprints": fingerprints,
-        "real": {"config_fingerprint": real_manifest.get("config_fingerprint"), "classes": real_manifest.get("classes")},
-    })
-
-
 def _map_augmenter(ds: Any, cfg: AugmentConfig, classes: list[schema.ClassInfo], partial: dict[str, list[int]],
                    fingerprints: dict[str, Any], faults: Optional[dict[str, Any]]) -> Any:
     """The actor pool stage: resources, pool size and fault tolerance from the config."""
@@ -445,30 +436,66 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
     `_faults` is a test hook: {"stop_after_batches": k} stops the driver after k summaries (a
     killed job); {"crash_actor": {"marker": path, "point": "after_write"}} kills one actor once.
     """
-    import ray
-    import ray.data
-    from ray.data.expressions import col
-
     started = time.time()
-    cfg.require("real", "output", "model")
-    cfg = cfg.effective()
-    if cfg.mode == "da_fusion":
-        cfg.require("embeddings")
+    cfg = _check_inputs(cfg)
     ep = cfg.endpoint_url
-    for s in cfg.strengths:
+
+    # 1. classes, model, tokens, erasure: everything that can fail fails before any actor starts
+    classes = schema.read_class_table(cfg.real, ep)
+    fingerprints, token_set = _prepare_conditioning(cfg, classes)
+
+    # 2. every prompt of the run, checked before any GPU work
+    prompts = class_prompts(cfg, [c for c in classes if not AUGMENT_MODES[cfg.mode].needs_tokens or c.token in token_set])
+    if AUGMENT_MODES[cfg.mode].leakage_guard:
+        tokens.check_prompts(prompts, [c.name for c in classes], sorted(token_set))
+
+    # 3. refuse another config's output; find what a previous run already committed
+    real_manifest = storage.read_manifest(cfg.real, ep) or {}
+    config_fp = config_fingerprint(cfg, **fingerprints, real={
+        "config_fingerprint": real_manifest.get("config_fingerprint"), "classes": real_manifest.get("classes")})
+    done_manifest = storage.ensure_fresh_output(cfg.output, "augment", config_fp, cfg.overwrite, ep)
+    if done_manifest is not None:
+        return _already_complete(cfg, done_manifest, started)
+    real_ids, train_files = _real_train_ids(cfg)
+    progress = _progress(cfg, real_ids)
+    log.info("%d real rows x M=%d: %d finished earlier, %d to do", len(real_ids), cfg.num_augmentations,
+             len(progress.finished), progress.todo_rows)
+
+    # 4. the actor pool: read -> skip finished rows -> batch-sized blocks -> DiffusionAugmenter
+    summaries = _generate(cfg, classes, train_files, progress, fingerprints, _faults) if progress.todo_rows else []
+
+    # 5. verify exactly N x M unique pairs (minus quarantined rows), then the manifest, last
+    pairs, quarantined = _verify(cfg, real_ids)
+    return _write_manifest(cfg, classes, real_ids, pairs, quarantined, summaries, progress, fingerprints, config_fp,
+                           started)
+
+
+def _check_inputs(cfg: AugmentConfig) -> AugmentConfig:
+    """Required fields, the t0 levels made explicit (from the mode table when unset), steps per level."""
+    cfg.require("real", "output", "model")
+    mode = AUGMENT_MODES[cfg.mode]
+    if mode.needs_tokens:
+        cfg.require("embeddings")
+    levels = cfg.t0_levels()
+    source = "strengths" if cfg.strengths is not None else f"the {cfg.mode} default"
+    log.info("mode %s: %s; t0 levels %s (%s)", cfg.mode, mode.summary, ", ".join(f"{s:g}" for s in levels), source)
+    cfg = cfg.replace(strengths=levels)
+    for s in levels:
         if denoising_steps(cfg.num_inference_steps, s) < 1:
             raise ConfigError(
                 f"config field 'strengths': t0={s} with num_inference_steps={cfg.num_inference_steps} "
                 "denoises 0 steps; raise num_inference_steps or t0"
             )
+    return cfg
 
-    # 1. classes, model, tokens, erasure: everything that can fail fails before any actor starts
-    classes = schema.read_class_table(cfg.real, ep)
-    real_manifest = storage.read_manifest(cfg.real, ep) or {}
+
+def _prepare_conditioning(cfg: AugmentConfig, classes: list[schema.ClassInfo]) -> tuple[dict[str, Any], set[str]]:
+    """Fingerprints of the model, tokens and erasure (checked against the data set and the model)."""
+    ep = cfg.endpoint_url
     local_model = models.resolve_model(cfg.model, cfg.cache_dir, ep)
     fingerprints: dict[str, Any] = {"model": models.model_fingerprint(local_model), "embeddings": ""}
     token_set: set[str] = set()
-    if cfg.mode == "da_fusion":
+    if AUGMENT_MODES[cfg.mode].needs_tokens:
         tensors, fingerprints["embeddings"] = weights.load_embeddings(cfg.embeddings, ep)
         token_set = set(tensors)
         dim = _text_encoder_dim(local_model)
@@ -485,90 +512,133 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
                 f"({', '.join(c.token for c in classes)}); was it learned on another data set?"
             )
         if missing:
-            print(f"[augment] warning: classes without a token (their rows go to errors/): {', '.join(missing)}",
-                  flush=True)
+            log.warning("classes without a token (their rows go to errors/): %s", ", ".join(missing))
     if cfg.erasure:
         erasure = weights.ErasureWeights(cfg.erasure, endpoint_url=ep)
         fingerprints["erasure"] = {c: erasure.fingerprint(c) for c in erasure.classes()}
+    return fingerprints, token_set
 
-    # 2. every prompt of the run, checked before any GPU work
-    prompts = class_prompts(cfg, [c for c in classes if cfg.mode != "da_fusion" or c.token in token_set])
-    if cfg.mode == "da_fusion":
-        tokens.check_prompts(prompts, [c.name for c in classes], sorted(token_set))
 
-    # 3. refuse another config's output; find what a previous run already committed
-    config_fp = _config_fingerprint(cfg, fingerprints, real_manifest)
-    done_manifest = storage.ensure_fresh_output(cfg.output, "augment", config_fp, cfg.overwrite, ep)
-    if done_manifest is not None:
-        counts = done_manifest.get("counts", {})
-        print(f"[augment] {cfg.output} is complete (same config, {counts.get('synthetic_rows', 0)} images); "
-              "nothing to do", flush=True)
-        return AugmentResult(
-            output=cfg.output, real_rows=counts.get("real_rows", 0), synthetic_rows=counts.get("synthetic_rows", 0),
-            generated=0, skipped_as_done=counts.get("synthetic_rows", 0), errors=counts.get("errors", 0),
-            wall_seconds=time.time() - started, images_per_second=0.0, already_complete=True,
-        )
+def _already_complete(cfg: AugmentConfig, manifest: dict[str, Any], started: float) -> AugmentResult:
+    counts = manifest.get("counts", {})
+    log.info("%s is complete (same config, %d images); nothing to do", cfg.output, counts.get("synthetic_rows", 0))
+    return AugmentResult(
+        output=cfg.output, real_rows=counts.get("real_rows", 0), synthetic_rows=counts.get("synthetic_rows", 0),
+        generated=0, skipped_as_done=counts.get("synthetic_rows", 0), errors=counts.get("errors", 0),
+        wall_seconds=time.time() - started, images_per_second=0.0, already_complete=True,
+    )
+
+
+def _real_train_ids(cfg: AugmentConfig) -> tuple[list[str], list[str]]:
+    """(ids of the real train rows, their parquet files); duplicate ids are refused."""
+    ep = cfg.endpoint_url
     train_files = storage.parquet_files(storage.join(cfg.real, "train"), ep)
     if not train_files:
         raise FileNotFoundError(f"no train shards under {storage.join(cfg.real, 'train')}")
     real_ids = storage.read_parquet(storage.join(cfg.real, "train"), ep, columns=["id"]).column("id").to_pylist()
     if len(set(real_ids)) != len(real_ids):
         raise ValueError(f"{cfg.real}/train has duplicate ids; re-run ingest (ids must be unique)")
-    m = cfg.num_augmentations
-    committed = _committed_pairs(cfg.output, ep)
+    return real_ids, train_files
+
+
+@dataclass
+class _Progress:
+    """What earlier runs of this config committed."""
+
+    finished: set[str]
+    """Real ids with all M images, or quarantined."""
+    partial: dict[str, list[int]]
+    """Real id -> aug indices already committed, for rows begun but not finished."""
+    todo_rows: int
+    skipped: int
+    """Images committed earlier."""
+
+
+def _progress(cfg: AugmentConfig, real_ids: list[str]) -> _Progress:
+    committed = _committed_pairs(cfg.output, cfg.endpoint_url)
     present: dict[str, set[int]] = defaultdict(set)
     for sid, k in zip(committed.column("source_id").to_pylist(), committed.column("aug_index").to_pylist()):
         present[sid].add(k)
-    quarantined = _quarantined(cfg.output, ep)
-    finished = {sid for sid, ks in present.items() if len(ks) >= m} | quarantined
+    quarantined = _quarantined(cfg.output, cfg.endpoint_url)
+    finished = {sid for sid, ks in present.items() if len(ks) >= cfg.num_augmentations} | quarantined
     partial = {sid: sorted(ks) for sid, ks in present.items() if sid not in finished}
-    todo_rows = sum(1 for i in real_ids if i not in finished)
-    skipped = sum(len(ks) for ks in present.values())
-    print(f"[augment] {len(real_ids)} real rows x M={m}: {len(finished)} finished earlier, {todo_rows} to do",
-          flush=True)
+    return _Progress(finished, partial, sum(1 for i in real_ids if i not in finished),
+                     sum(len(ks) for ks in present.values()))
 
-    # 4. the actor pool: read -> skip finished rows -> batch-sized blocks -> DiffusionAugmenter
+
+def _generate(cfg: AugmentConfig, classes: list[schema.ClassInfo], train_files: list[str], progress: _Progress,
+              fingerprints: dict[str, Any], faults: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stream the unfinished real rows through the actor pool; returns one summary per batch."""
+    import ray.data
+    from ray.data.expressions import col
+
+    ep = cfg.endpoint_url
+    fs, _ = storage.resolve(cfg.real, ep)
+    ds = ray.data.read_parquet([storage.resolve(f, ep)[1] for f in train_files], filesystem=fs,
+                               columns=_REAL_COLUMNS)
+    if progress.finished:
+        ds = ds.filter(expr=col("id").not_in(sorted(progress.finished)))
+    # The few-shot real set is small: one block per batch spreads it over every actor.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts / max_task_retries only as **ray_remote_args, which it
+        # flags as deprecated for 2.64 while offering no named parameter for them yet.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = _map_augmenter(ds, cfg, classes, progress.partial, fingerprints, faults)
+    stop_after = (faults or {}).get("stop_after_batches")
     summaries = []
-    if todo_rows:
-        fs, _ = storage.resolve(cfg.real, ep)
-        ds = ray.data.read_parquet([storage.resolve(f, ep)[1] for f in train_files], filesystem=fs,
-                                   columns=_REAL_COLUMNS)
-        if finished:
-            ds = ds.filter(expr=col("id").not_in(sorted(finished)))
-        # The few-shot real set is small: one block per batch spreads it over every actor.
-        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-        with warnings.catch_warnings():
-            # Ray 2.60 takes max_restarts / max_task_retries only as **ray_remote_args, which it
-            # flags as deprecated for 2.64 while offering no named parameter for them yet.
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            ds = _map_augmenter(ds, cfg, classes, partial, fingerprints, _faults)
-        stop_after = (_faults or {}).get("stop_after_batches")
-        for summary in ds.iter_rows():
-            summaries.append(summary)
-            if summary["rows"]:
-                print(f"[augment] wrote {summary['file']} ({summary['rows']} images, {summary['seconds']:.1f}s)",
-                      flush=True)
-            if stop_after is not None and len(summaries) >= stop_after:
-                raise RuntimeError(f"injected stop after {len(summaries)} batches")
+    for summary in ds.iter_rows():
+        summaries.append(summary)
+        if summary["rows"]:
+            log.info("wrote %s (%d images, %.1fs)", summary["file"], summary["rows"], summary["seconds"])
+        if stop_after is not None and len(summaries) >= stop_after:
+            raise RuntimeError(f"injected stop after {len(summaries)} batches")
+    return summaries
 
-    # 5. verify exactly N x M unique pairs (minus quarantined rows), then the manifest, last
-    committed = _committed_pairs(cfg.output, ep)
+
+def _verify(cfg: AugmentConfig, real_ids: list[str]) -> tuple[list[tuple[str, int]], set[str]]:
+    """Every (source_id, aug_index) of the non-quarantined real rows exactly once, or a StageError
+    that says which files to remove or what to re-run."""
+    ep = cfg.endpoint_url
+    data_dir = storage.join(cfg.output, DATA_DIR)
+    files = storage.list_files(data_dir, ".parquet", ep)
     quarantined = _quarantined(cfg.output, ep)
-    pairs = list(zip(committed.column("source_id").to_pylist(), committed.column("aug_index").to_pylist()))
-    unique = set(pairs)
-    expected = {(sid, k) for sid in real_ids if sid not in quarantined for k in range(m)}
-    if len(unique) != len(pairs) or unique != expected:
-        raise RuntimeError(
-            f"augment output {cfg.output} is inconsistent: {len(pairs)} rows, {len(pairs) - len(unique)} duplicate "
-            f"pairs, {len(expected - unique)} missing, {len(unique - expected)} unexpected; re-run to repair"
+    where: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for uri in files:
+        t = storage.read_parquet(uri, ep, columns=["source_id", "aug_index"])
+        for pair in zip(t.column("source_id").to_pylist(), t.column("aug_index").to_pylist()):
+            where[pair].append(os.path.basename(uri))
+    pairs = [p for p, names in where.items() for _ in names]
+    expected = {(sid, k) for sid in real_ids if sid not in quarantined for k in range(cfg.num_augmentations)}
+    duplicated = {p: names for p, names in where.items() if len(names) > 1}
+    missing = expected - set(where)
+    unexpected = set(where) - expected
+    if duplicated or unexpected:
+        bad_files = sorted({n for names in duplicated.values() for n in names[1:]}
+                           | {n for p in unexpected for n in where[p]})
+        raise StageError(
+            f"augment output {cfg.output} is inconsistent: {len(duplicated)} (source_id, aug_index) pairs are written "
+            f"more than once and {len(unexpected)} do not belong to {cfg.real}/train. A re-run cannot repair that: "
+            f"remove the extra files from {data_dir} ({', '.join(bad_files[:5])}{', ...' if len(bad_files) > 5 else ''}) "
+            "and re-run, or re-run with overwrite: true to generate everything again"
         )
+    if missing:
+        raise StageError(f"augment output {cfg.output} misses {len(missing)} images (e.g. {sorted(missing)[:3]}); "
+                         "re-run the same command to generate them")
+    return pairs, quarantined
+
+
+def _write_manifest(cfg: AugmentConfig, classes: list[schema.ClassInfo], real_ids: list[str],
+                    pairs: list[tuple[str, int]], quarantined: set[str], summaries: list[dict[str, Any]],
+                    progress: _Progress, fingerprints: dict[str, Any], config_fp: str, started: float) -> AugmentResult:
+    ep = cfg.endpoint_url
     wall = time.time() - started
     generated = sum(s["rows"] for s in summaries)
     counts = {
         "real_rows": len(real_ids),
         "synthetic_rows": len(pairs),
         "generated": generated,
-        "skipped_as_done": skipped,
+        "skipped_as_done": progress.skipped,
         "errors": len(quarantined),
         "files": len(storage.list_files(storage.join(cfg.output, DATA_DIR), ".parquet", ep)),
     }
@@ -576,36 +646,29 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
         "stage": "augment",
         "config": cfg.to_dict(),
         "config_fingerprint": config_fp,
+        "mode": cfg.mode,
         "real": cfg.real,
         "model": cfg.model,
         "model_fingerprint": fingerprints["model"],
         "embeddings_fingerprint": fingerprints["embeddings"],
         "erasure_fingerprints": fingerprints.get("erasure", {}),
         "classes": [{"name": c.name, "label": c.label, "token": c.token} for c in classes],
-        "num_augmentations": m,
+        "num_augmentations": cfg.num_augmentations,
         "counts": counts,
         "timings": {"wall_seconds": wall, "images_per_second": generated / wall if wall > 0 else 0.0,
                     "actor_seconds": sum(s["seconds"] for s in summaries)},
-        "versions": _versions(),
+        "versions": versions(),
     }
     storage.write_manifest(cfg.output, manifest, ep)
-    print(f"[augment] {cfg.output}: {len(pairs)} synthetic images ({generated} generated now, {skipped} earlier), "
-          f"{len(quarantined)} real rows quarantined in {ERRORS_DIR}/, {counts['files']} files, {wall:.1f}s "
-          f"({manifest['timings']['images_per_second']:.2f} images/s)", flush=True)
+    log.info("%s: %d synthetic images (%d generated now, %d earlier), %d real rows quarantined in %s/, %d files, "
+             "%.1fs (%.2f images/s)", cfg.output, len(pairs), generated, progress.skipped, len(quarantined),
+             ERRORS_DIR, counts["files"], wall, manifest["timings"]["images_per_second"])
     return AugmentResult(
         output=cfg.output, real_rows=len(real_ids), synthetic_rows=len(pairs), generated=generated,
-        skipped_as_done=skipped, errors=len(quarantined), wall_seconds=wall,
+        skipped_as_done=progress.skipped, errors=len(quarantined), wall_seconds=wall,
         images_per_second=manifest["timings"]["images_per_second"],
         files_written=sum(1 for s in summaries if s["rows"]),
     )
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-    import ray
-    import torch
-
-    from . import __version__
-
-    return {"ray_dafusion": __version__, "ray": ray.__version__, "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "pyarrow": pa.__version__}
+callable_stage_module(__name__)  # `from ray_dafusion import augment` may give this module: call it as the stage

@@ -1,7 +1,12 @@
-"""`ray-dafusion STAGE [--config FILE.yaml] [--FIELD VALUE ...]`.
+"""`ray-dafusion STAGE [--config FILE.yaml] [--FIELD VALUE ...]`, and the body of every job script.
 
-The only place in the package that parses arguments and connects to Ray. Each stage maps to one
-library function; its config's fields (with their docstrings and defaults) become the options.
+The only place in the package that parses arguments, reads the environment and connects to Ray.
+Each stage maps to one library function (``config.STAGES``); its config's fields (with their
+docstrings and defaults) become the options.
+
+Failures end in one line on stderr and an exit code: 2 for a bad config, 1 for a stage that could
+not finish (with what to do), 130 for Ctrl-C. ``--traceback`` (or ``RAY_DAFUSION_TRACEBACK=1``)
+prints the full traceback instead.
 """
 
 from __future__ import annotations
@@ -11,41 +16,28 @@ import dataclasses
 import importlib
 import inspect
 import json
+import logging
 import os
 import sys
+import traceback
 import typing
 from typing import Any, Callable, Optional, Sequence
 
-from .config import CONFIGS, ConfigError, StageConfig, _base_type, field_help
+from .config import STAGES, StageConfig
+from .configlib import base_type, field_default, field_help
+from .errors import ORDINARY_FAILURES, ConfigError, one_line
+from .logs import setup_logging
 
-__all__ = ["main", "STAGES", "connect_ray", "build_parser"]
+__all__ = ["main", "run_job", "connect_ray", "build_parser", "parse_args", "stage_function"]
 
-# stage -> (module, function); imported lazily so `--help` stays fast
-STAGES: dict[str, tuple[str, str]] = {
-    "ingest": ("ray_dafusion.ingest", "ingest"),
-    "invert": ("ray_dafusion.inversion", "invert"),
-    "erase": ("ray_dafusion.erasure", "erase"),
-    "augment": ("ray_dafusion.augment", "augment"),
-    "train": ("ray_dafusion.train", "train"),
-    "evaluate": ("ray_dafusion.evaluate", "evaluate"),
-    "gallery": ("ray_dafusion.gallery", "gallery"),
-    "pipeline": ("ray_dafusion.pipeline", "pipeline"),
-    "demo": ("ray_dafusion.pipeline", "demo"),
-}
+log = logging.getLogger(__name__)
 
-_DESCRIPTIONS = {
-    "demo": "Run the whole pipeline on the embedded default: local Ray, ./runs/demo, the tiny model, "
-    "handwritten digits. Takes the pipeline's options.",
-}
+TRACEBACK_ENV = "RAY_DAFUSION_TRACEBACK"
 
 
 def stage_function(stage: str) -> Callable[..., Any]:
-    module, name = STAGES[stage]
-    return getattr(importlib.import_module(module), name)
-
-
-def _config_class(stage: str) -> type[StageConfig]:
-    return CONFIGS["pipeline" if stage == "demo" else stage]
+    entry = STAGES[stage]
+    return getattr(importlib.import_module(entry.module), entry.function)
 
 
 def _add_fields(
@@ -56,13 +48,12 @@ def _add_fields(
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}
     for f in dataclasses.fields(cls):
-        base = _base_type(hints[f.name])
+        base = base_type(hints[f.name])
         if inspect.isclass(base) and issubclass(base, StageConfig):
             group = parser.add_argument_group(f"{prefix}{f.name} section ({docs.get(f.name, '')})")
             _add_fields(group, base, prefix=f"{prefix}{f.name}.", defaults=defaults.get(f.name))  # type: ignore[arg-type]
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        default = defaults.get(f.name, default)
+        default = defaults.get(f.name, field_default(f))
         parser.add_argument(
             f"--{prefix}{f.name}",
             dest=f"{prefix}{f.name}",
@@ -79,15 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
     sub.required = True
-    for stage in STAGES:
-        cls = _config_class(stage)
-        p = sub.add_parser(stage, help=_DESCRIPTIONS.get(stage, cls.__doc__),
-                           description=_DESCRIPTIONS.get(stage, cls.__doc__))
+    for stage, entry in STAGES.items():
+        text = entry.summary or entry.config.__doc__
+        p = sub.add_parser(stage, help=text, description=text)
         if stage == "gallery":
             p.add_argument("synthetic_uri", nargs="?", help="augment output to show")
         p.add_argument("--config", dest="_config", default=None, metavar="FILE.yaml",
                        help="YAML file of field: value (local path or s3://); options below override it")
-        _add_fields(p, cls, defaults=_demo_config() if stage == "demo" else None)
+        p.add_argument("--traceback", dest="_traceback", action="store_true",
+                       help=f"on failure print the full traceback, not one line (or set {TRACEBACK_ENV}=1)")
+        _add_fields(p, entry.config, defaults=_demo_config() if stage == "demo" else None)
     return parser
 
 
@@ -100,17 +92,24 @@ def _demo_config() -> dict[str, Any]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[str, StageConfig]:
     """The stage named on the command line and its config (YAML file, then options; for `demo`
     both apply on top of the embedded default). Bad values exit with status 2 and a message."""
+    stage, cfg, _ = _parse(argv)
+    return stage, cfg
+
+
+def _parse(argv: Optional[Sequence[str]]) -> tuple[str, StageConfig, bool]:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     stage = args.pop("stage")
     config_path = args.pop("_config")
+    show_traceback = args.pop("_traceback") or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     positional = args.pop("synthetic_uri", None)
     if positional:
         args["synthetic"] = positional
     try:
-        return stage, _config_class(stage).from_args(config_path, args, base=_demo_config() if stage == "demo" else None)
+        cfg = STAGES[stage].config.from_args(config_path, args, base=_demo_config() if stage == "demo" else None)
     except ConfigError as exc:
         parser.exit(2, f"ray-dafusion {stage}: {exc}\n")
+    return stage, cfg, show_traceback
 
 
 def connect_ray() -> None:
@@ -131,18 +130,39 @@ def _print_result(result: Any) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    stage, cfg = parse_args(argv)
-    fn = stage_function(stage)
-    if stage != "gallery":
-        connect_ray()
+def _run(stage: str, argv: Sequence[str], report: Callable[[Any], None]) -> int:
+    """Parse, connect, run one stage, report; every ordinary failure becomes one line and an exit code."""
+    setup_logging()
+    stage, cfg, show_traceback = _parse([stage, *argv])
     try:
-        result = fn(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
-        print(f"ray-dafusion {stage}: error: {exc}", file=sys.stderr)
-        return 1
-    _print_result(result)
+        if stage != "gallery":
+            connect_ray()
+        result = stage_function(stage)(cfg)
+    except KeyboardInterrupt:
+        print(f"ray-dafusion {stage}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except ORDINARY_FAILURES as exc:
+        if show_traceback:
+            traceback.print_exc()
+        code = 2 if isinstance(exc, ConfigError) else 1
+        hint = "" if show_traceback else f" (--traceback or {TRACEBACK_ENV}=1 for details)"
+        print(f"ray-dafusion {stage}: error: {one_line(exc)}{hint}", file=sys.stderr)
+        return code
+    report(result)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `ray-dafusion` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):  # no stage: let argparse print usage or help
+        build_parser().parse_args(argv)
+    return _run(argv[0], argv[1:], _print_result)
+
+
+def run_job(stage: str, argv: Sequence[str], summary: Callable[[Any], str]) -> int:
+    """The body of `jobs/<stage>.py`: like `ray-dafusion <stage>`, but ends with one summary line."""
+    return _run(stage, argv, lambda result: print(summary(result), flush=True))
 
 
 if __name__ == "__main__":

@@ -26,14 +26,18 @@ Output (``cfg.output``)::
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
-from . import schema, storage
+from . import perclass, schema, storage
 from .config import EraseConfig
+from .logs import setup_logging
+from .models import file_fingerprint
+from .runinfo import versions
 from .schema import ClassInfo
 
 __all__ = ["EraseResult", "ErasedConcept", "erase", "erase_concept", "xattn_parameter_names", "class_file_name", "ERASE_TEMPLATE"]
@@ -42,7 +46,7 @@ CLASSES_DIR = "classes"
 ERASE_TEMPLATE = "a photo of a {}"
 """The prompt whose concept is erased; {} becomes the class name (the real words, not the token)."""
 
-_NOT_FINGERPRINTED = ("overwrite", "endpoint_url", "num_cpus", "num_gpus", "cache_dir", "classes")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,56 +99,46 @@ def class_file_name(class_name: str) -> str:
 
 def erase(cfg: EraseConfig) -> EraseResult:
     """Erase every class name of `cfg.real` from the UNet (one Ray task per class)."""
-    import ray
-
     cfg.require("real", "output")
     start = time.time()
 
-    # 1. classes and their files
-    table = _select_classes(schema.read_class_table(cfg.real, cfg.endpoint_url), cfg.classes)
-    class_uri = {c.name: storage.join(cfg.output, CLASSES_DIR, class_file_name(c.name)) for c in table}
-    record_uri = {name: uri[: -len(".safetensors")] + ".json" for name, uri in class_uri.items()}
-
-    # 2. refuse another config's output; finished classes are skipped
-    config_fp = storage.fingerprint({k: v for k, v in cfg.to_dict().items() if k not in _NOT_FINGERPRINTED})
-    complete = storage.ensure_fresh_output(cfg.output, "erase", config_fp, cfg.overwrite, cfg.endpoint_url)
-    done = [c for c in table if storage.exists(record_uri[c.name], cfg.endpoint_url)]
-    todo = [c for c in table if c not in done]
-    if complete is not None and not todo:  # finished with this config: leave it untouched
-        print(f"[erase] {cfg.output} is complete (same config); nothing to do", flush=True)
+    # 1. classes to erase; refuse another config's output, skip classes already erased
+    classes = perclass.select_classes(schema.read_class_table(cfg.real, cfg.endpoint_url), cfg.classes,
+                                      lambda c: class_file_name(c.name))
+    plan = perclass.plan_classes("erase", cfg, classes, lambda c: _record_uri(cfg.output, c))
+    if plan.complete is not None and not plan.todo:  # finished with this config: leave it untouched
+        log.info("%s is complete (same config); nothing to do", cfg.output)
         return EraseResult(
-            output=cfg.output, method=cfg.method, num_classes=len(complete.get("classes", {})),
-            skipped=[c.name for c in done], seconds=round(time.time() - start, 3),
-        )
-    for c in done:
-        print(f"[erase] {c.name}: {record_uri[c.name]} exists, skipped", flush=True)
-
-    # 3. one task per class name
-    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(_erase_class)
-    pending = {task.remote(cfg, c, class_uri[c.name]): c for c in todo}
-    seconds_per_class: dict[str, float] = {}
-    failures: dict[str, str] = {}
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        info = pending.pop(ref)
-        try:
-            record = ray.get(ref)
-        except Exception as exc:  # keep the other classes going; report every failure at the end
-            failures[info.name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
-            print(f"[erase] {info.name}: FAILED {failures[info.name]}", flush=True)
-            continue
-        seconds_per_class[info.name] = record["seconds"]
-        losses = record["losses"]
-        k = max(1, min(10, len(losses) // 2))
-        print(f"[erase] {info.name}: done in {record['seconds']:.1f}s, ESD loss "
-              f"{sum(losses[:k]) / k:.5f} -> {sum(losses[-k:]) / k:.5f}", flush=True)
-    if failures:
-        raise RuntimeError(
-            "erasure failed for " + "; ".join(f"{n}: {why}" for n, why in sorted(failures.items()))
-            + f". Finished classes are kept in {cfg.output}/{CLASSES_DIR}; re-run to retry the others."
+            output=cfg.output, method=cfg.method, num_classes=len(plan.complete.get("classes", {})),
+            skipped=[c.name for c in plan.done], seconds=round(time.time() - start, 3),
         )
 
-    # 4. manifest (last): every class file of this config, with its fingerprint and loss curve
+    # 2. one task per class name
+    records = perclass.run_class_tasks("erase", cfg, plan.todo, _erase_class, _describe)
+
+    # 3. manifest (last): every class file of this config, with its fingerprint and loss curve
+    result = _write_manifest(cfg, plan, start)
+    result.seconds_per_class = {name: r["seconds"] for name, r in records.items()}
+    log.info("%s: %d classes erased (%s; %d now, %d earlier) in %.1fs", cfg.output, result.num_classes,
+             cfg.method, len(result.trained), len(result.skipped), result.seconds)
+    return result
+
+
+def _weights_uri(output: str, info: ClassInfo) -> str:
+    return storage.join(output, CLASSES_DIR, class_file_name(info.name))
+
+
+def _record_uri(output: str, info: ClassInfo) -> str:
+    return _weights_uri(output, info)[: -len(".safetensors")] + ".json"
+
+
+def _describe(record: dict[str, Any]) -> str:
+    losses = record["losses"]
+    k = max(1, min(10, len(losses) // 2))
+    return f"done in {record['seconds']:.1f}s, ESD loss {sum(losses[:k]) / k:.5f} -> {sum(losses[-k:]) / k:.5f}"
+
+
+def _write_manifest(cfg: EraseConfig, plan: perclass.ClassPlan, start: float) -> EraseResult:
     records = [storage.read_json(uri, cfg.endpoint_url)
                for uri in storage.list_files(storage.join(cfg.output, CLASSES_DIR), ".json", cfg.endpoint_url)]
     records.sort(key=lambda r: r["label"])
@@ -152,35 +146,36 @@ def erase(cfg: EraseConfig) -> EraseResult:
         "stage": "erase",
         "method": cfg.method,
         "config": cfg.to_dict(),
-        "config_fingerprint": config_fp,
+        "config_fingerprint": plan.config_fingerprint,
         "real": cfg.real,
         "model": cfg.model,
         "model_fingerprint": ",".join(sorted({r["model_fingerprint"] for r in records})),
         "prompt_template": ERASE_TEMPLATE,
         "classes": {r["name"]: r for r in records},
-        "counts": {"classes": len(records), "trained": len(todo), "skipped": len(done)},
+        "counts": {"classes": len(records), "trained": len(plan.todo), "skipped": len(plan.done)},
         "timings": {"total_seconds": round(time.time() - start, 3),
                     "seconds_per_class": {r["name"]: r["seconds"] for r in records}},
-        "versions": _versions(),
+        "versions": versions(),
     }, cfg.endpoint_url)
     return EraseResult(
         output=cfg.output, method=cfg.method, num_classes=len(records),
-        trained=[c.name for c in todo], skipped=[c.name for c in done],
-        seconds=round(time.time() - start, 3), seconds_per_class=seconds_per_class,
+        trained=[c.name for c in plan.todo], skipped=[c.name for c in plan.done],
+        seconds=round(time.time() - start, 3),
     )
 
 
-def _erase_class(cfg: EraseConfig, info: ClassInfo, out_uri: str) -> dict[str, Any]:
+def _erase_class(cfg: EraseConfig, info: ClassInfo) -> dict[str, Any]:
     """Ray task: erase one class name, write its weights, then its record. Returns the record."""
     import torch
     from safetensors.torch import save as save_safetensors
 
     from .models import load_pipeline, model_fingerprint, resolve_model
 
+    setup_logging()
     device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     local = resolve_model(cfg.model, cfg.cache_dir, cfg.endpoint_url)
     pipe = load_pipeline(local, device=device, torch_dtype=torch.float32)
-    print(f"[erase] {info.name}: {cfg.method}, {cfg.iterations} iterations on {device}", flush=True)
+    log.info("%s: %s, %d iterations on %s", info.name, cfg.method, cfg.iterations, device)
     erased = erase_concept(pipe, info.name, cfg, seed=cfg.seed + info.label)
     record = {
         "name": info.name, "label": info.label, "method": cfg.method,
@@ -190,10 +185,10 @@ def _erase_class(cfg: EraseConfig, info: ClassInfo, out_uri: str) -> dict[str, A
     }
     data = save_safetensors({k: v.contiguous() for k, v in erased.tensors.items()},
                             metadata={"method": cfg.method, "class_name": info.name})
-    storage.write_bytes(out_uri, data, cfg.endpoint_url)
-    record["fingerprint"] = _fingerprint(data)
+    storage.write_bytes(_weights_uri(cfg.output, info), data, cfg.endpoint_url)
+    record["fingerprint"] = file_fingerprint(data)
     record["bytes"] = len(data)
-    storage.write_json(out_uri[: -len(".safetensors")] + ".json", record, cfg.endpoint_url)
+    storage.write_json(_record_uri(cfg.output, info), record, cfg.endpoint_url)
     return record
 
 
@@ -291,40 +286,4 @@ def erase_concept(pipe: Any, class_name: str, cfg: EraseConfig, seed: int) -> Er
         tensors = {n: v.detach().float().cpu().clone() for n, v in unet.state_dict().items()}
     else:
         tensors = {n: (p.detach() - originals[n]).float().cpu() for n, p in trained.items()}
-    del frozen
     return ErasedConcept(tensors=tensors, losses=losses, seconds=time.time() - start, device=str(device))
-
-
-# --------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------
-
-
-def _select_classes(table: list[ClassInfo], wanted: Optional[list[str]]) -> list[ClassInfo]:
-    files = [class_file_name(c.name) for c in table]
-    dupes = sorted({f for f in files if files.count(f) > 1})
-    if dupes:
-        raise ValueError(f"class names collide as file names {dupes}: rename the classes")
-    if wanted is None:
-        return table
-    names = {c.name for c in table}
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        raise ValueError(f"classes {unknown} are not in the data set; its classes: {sorted(names)}")
-    return [c for c in table if c.name in wanted]
-
-
-def _fingerprint(data: bytes) -> str:
-    from .models import file_fingerprint
-
-    return file_fingerprint(data)
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import ray
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__}

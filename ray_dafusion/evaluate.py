@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import posixpath
 import re
 import time
@@ -21,7 +22,11 @@ import numpy as np
 import pyarrow as pa
 
 from . import schema, storage
-from .config import EvaluateConfig
+from .classifier import decode_uint8, eval_transform, load_classifier
+from .config import EvaluateConfig, callable_stage_module
+from .configlib import config_fingerprint
+from .errors import StageError
+from .runinfo import versions
 
 __all__ = ["EvaluateResult", "evaluate", "class_metrics", "Scorer"]
 
@@ -29,6 +34,8 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 SHOTS_PLOT = "accuracy_vs_shots.png"
 _RUNS_PER_PASS = 8  # models one scoring actor holds at once
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,21 +69,6 @@ def class_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> di
     }
 
 
-# ---- the classifier, rebuilt from a train checkpoint (model.pt + meta.json) -----------------
-
-
-def _load_classifier(checkpoint_uri: str, endpoint_url: Optional[str]):
-    import torch
-    import torchvision
-
-    meta = storage.read_json(storage.join(checkpoint_uri, "meta.json"), endpoint_url)
-    model = getattr(torchvision.models, meta["arch"])(weights=None)
-    model.fc = torch.nn.Linear(model.fc.in_features, int(meta["num_classes"]))
-    data = storage.read_bytes(storage.join(checkpoint_uri, "model.pt"), endpoint_url)
-    model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
-    return model.eval(), meta
-
-
 class Scorer:
     """Ray Data actor: encoded images -> one predicted-label column per run (``pred_<i>``).
 
@@ -85,25 +77,18 @@ class Scorer:
 
     def __init__(self, checkpoint_uris: list[str], endpoint_url: Optional[str] = None, use_gpu: bool = False):
         import torch
-        from torchvision.transforms import v2
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.models, self.transforms = [], []
         for uri in checkpoint_uris:
-            model, meta = _load_classifier(uri, endpoint_url)
-            size = int(meta["image_size"])
+            model, meta = load_classifier(uri, endpoint_url)
             self.models.append(model.to(self.device))
-            # the train stage's eval transform: squash to the training size, normalise to [-1, 1]
-            self.transforms.append(v2.Compose([v2.Resize((size, size), antialias=True),
-                                               v2.ToDtype(torch.float32, scale=True),
-                                               v2.Normalize([0.5] * 3, [0.5] * 3)]))
+            self.transforms.append(eval_transform(meta))  # the transform train validated with
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
-        from torchvision.io import ImageReadMode, decode_image
 
-        images = [decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                  for b in batch.column("image").combine_chunks().field("bytes").to_pylist()]
+        images = [decode_uint8(b) for b in batch.column("image").combine_chunks().field("bytes").to_pylist()]
         out = {"id": batch.column("id"), "label": batch.column("label")}
         for i, (model, transform) in enumerate(zip(self.models, self.transforms)):
             x = torch.stack([transform(img) for img in images])  # (B, 3, S, S)
@@ -113,8 +98,12 @@ class Scorer:
         return pa.table(out)
 
 
-def _score(cfg: EvaluateConfig, checkpoint_uris: list[str], files: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(labels, predictions per checkpoint) over the split, in one streaming pass."""
+def _score(cfg: EvaluateConfig, checkpoint_uris: list[str], files: list[str]) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """({id: label}, one {id: prediction} per checkpoint) over the split, in one streaming pass.
+
+    Predictions are keyed by image id: Ray Data promises no row order, so nothing is zipped by
+    position across passes.
+    """
     import ray.data
 
     fs, _ = storage.resolve(files[0], cfg.endpoint_url)
@@ -126,10 +115,12 @@ def _score(cfg: EvaluateConfig, checkpoint_uris: list[str], files: list[str]) ->
         fn_constructor_kwargs={"checkpoint_uris": checkpoint_uris, "endpoint_url": cfg.endpoint_url,
                                "use_gpu": cfg.num_gpus > 0},
     )
-    cols = ["label"] + [f"pred_{i}" for i in range(len(checkpoint_uris))]
-    rows = scored.select_columns(cols).take_all()  # a few ints per test image
-    labels = np.array([r["label"] for r in rows], np.int64)
-    return labels, [np.array([r[c] for r in rows], np.int64) for c in cols[1:]]
+    cols = [f"pred_{i}" for i in range(len(checkpoint_uris))]
+    rows = scored.select_columns(["id", "label", *cols]).take_all()  # a few ints per test image
+    labels = {r["id"]: int(r["label"]) for r in rows}
+    if len(labels) != len(rows):
+        raise ValueError(f"{cfg.split} split of {cfg.real} has duplicate ids; re-run ingest")
+    return labels, [{r["id"]: int(r[c]) for r in rows} for c in cols]
 
 
 def _examples_per_class(real: str, endpoint_url: Optional[str]) -> Optional[int]:
@@ -221,42 +212,64 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
     # 1. the split to score and the class table every run must share
     classes = schema.read_class_table(cfg.real, ep)
-    class_names = [c.name for c in classes]
     files = storage.list_files(storage.join(cfg.real, cfg.split), ".parquet", ep, recursive=True)
     if not files:
         raise FileNotFoundError(f"no parquet files under {storage.join(cfg.real, cfg.split)}")
-    default_shots = _examples_per_class(cfg.real, ep)
 
     # 2. each run's best-on-val checkpoint, checked against the class table
-    records = []
-    for run_uri in cfg.runs:
-        try:
-            record = storage.read_json(storage.join(run_uri, "train_result.json"), ep)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{run_uri} holds no train_result.json; is it a finished `ray-dafusion train` run?") from None
-        if not record.get("best_checkpoint"):
-            raise ValueError(f"run {run_uri} has no checkpoint to evaluate (did it train any epoch?)")
-        run_classes = [c["name"] for c in record.get("classes", [])]
-        if run_classes != class_names:
-            raise ValueError(f"run {run_uri} was trained on classes {run_classes[:5]}..., "
-                             f"but {cfg.real} has {class_names[:5]}...; evaluate it on its own data set")
-        records.append((run_uri, record))
+    records = [_read_run(run_uri, [c.name for c in classes], cfg) for run_uri in cfg.runs]
 
-    # an output of the same config and the same checkpoints is complete: report it again
+    # 3. an output of the same config and the same checkpoints is complete: report it again
     # (a run resumed for more epochs may have a new best checkpoint, so they are fingerprinted)
-    config_fp = storage.fingerprint({"config": cfg.to_dict(), "checkpoints": [r["best_checkpoint"] for _, r in records]})
+    config_fp = config_fingerprint(cfg, checkpoints=[r["best_checkpoint"] for _, r in records])
     if storage.ensure_fresh_output(cfg.output, "evaluate", config_fp, cfg.overwrite, ep) is not None:
         previous = storage.read_json(storage.join(cfg.output, RESULTS_JSON), ep)
-        print(f"[evaluate] {cfg.output} is complete (same config and checkpoints, {len(previous['runs'])} runs); "
-              "nothing to do", flush=True)
+        log.info("%s is complete (same config and checkpoints, %d runs); nothing to do", cfg.output,
+                 len(previous["runs"]))
         return EvaluateResult(cfg.output, cfg.split, previous["runs"], previous["files"], 0.0)
 
-    # 3. score: the split streams once per group of runs (a scoring actor holds a group's models)
-    predictions: list[np.ndarray] = []
+    # 4. score: the split streams once per group of runs (a scoring actor holds a group's models)
+    runs = _score_runs(cfg, records, files, len(classes))
+
+    # 5. tables and plots; the manifest last
+    result = _write_outputs(cfg, runs, [c.name for c in classes], config_fp, started)
+    scores = ", ".join(f"{r['name']} {r['mean_class_acc']:.3f}" for r in runs if r.get("mean_class_acc") is not None)
+    log.info("%d runs scored on %s (%s); %s, %s and %d plots in %s", len(runs), cfg.split, scores, RESULTS_MD,
+             RESULTS_JSON, len(result.files) - 2, cfg.output)
+    return result
+
+
+def _read_run(run_uri: str, class_names: list[str], cfg: EvaluateConfig) -> tuple[str, dict[str, Any]]:
+    """(run URI, its train_result.json), refused when it has no checkpoint or other classes."""
+    try:
+        record = storage.read_json(storage.join(run_uri, "train_result.json"), cfg.endpoint_url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run_uri} holds no train_result.json; is it a finished `ray-dafusion train` run?") from None
+    if not record.get("best_checkpoint"):
+        raise ValueError(f"run {run_uri} has no checkpoint to evaluate (did it train any epoch?)")
+    run_classes = [c["name"] for c in record.get("classes", [])]
+    if run_classes != class_names:
+        raise ValueError(f"run {run_uri} was trained on classes {run_classes[:5]}..., "
+                         f"but {cfg.real} has {class_names[:5]}...; evaluate it on its own data set")
+    return run_uri, record
+
+
+def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], files: list[str],
+                num_classes: int) -> list[dict[str, Any]]:
+    """Each run's metrics; predictions are joined to labels by image id."""
+    ep = cfg.endpoint_url
+    default_shots = _examples_per_class(cfg.real, ep)
+    labels: dict[str, int] = {}
+    predictions: list[dict[str, int]] = []
     for start in range(0, len(records), _RUNS_PER_PASS):
         group = records[start:start + _RUNS_PER_PASS]
-        labels, preds = _score(cfg, [r["best_checkpoint"] for _, r in group], files)
+        pass_labels, preds = _score(cfg, [r["best_checkpoint"] for _, r in group], files)
+        if labels and pass_labels != labels:
+            raise StageError(f"the {cfg.split} split of {cfg.real} changed while it was being scored; re-run evaluate")
+        labels = pass_labels
         predictions += preds
+    ids = sorted(labels)
+    y = np.array([labels[i] for i in ids], np.int64)
     runs: list[dict[str, Any]] = []
     names_used: Counter = Counter()
     for (run_uri, record), preds in zip(records, predictions):
@@ -271,10 +284,14 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             "name": name, "run": run_uri, "method": record["method"], "alpha": record["alpha"],
             "examples_per_class": shots, "best_checkpoint": record["best_checkpoint"],
             "best_val_mean_class_acc": record.get("best_val_mean_class_acc"),
-            **class_metrics(labels, preds, len(classes)),
+            **class_metrics(y, np.array([preds[i] for i in ids], np.int64), num_classes),
         })
+    return runs
 
-    # 4. tables and plots; the manifest last
+
+def _write_outputs(cfg: EvaluateConfig, runs: list[dict[str, Any]], class_names: list[str], config_fp: str,
+                   started: float) -> EvaluateResult:
+    ep = cfg.endpoint_url
     written = []
     for r in runs:
         uri = storage.join(cfg.output, f"confusion_{_safe(r['name'])}.png")
@@ -288,12 +305,13 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     written.append(storage.join(cfg.output, RESULTS_MD))
     written.insert(0, storage.join(cfg.output, RESULTS_JSON))
     result = EvaluateResult(cfg.output, cfg.split, runs, written, round(time.time() - started, 2))
-    storage.write_json(written[0], {**dataclasses.asdict(result), "classes": class_names, "metric": "mean per-class accuracy"}, ep)
+    storage.write_json(written[0], {**dataclasses.asdict(result), "classes": class_names,
+                                    "metric": "mean per-class accuracy"}, ep)
     storage.write_manifest(cfg.output, {
         "stage": "evaluate", "config": cfg.to_dict(), "config_fingerprint": config_fp,
-        "counts": {"runs": len(runs)}, "timings": {"seconds": result.seconds},
+        "counts": {"runs": len(runs)}, "timings": {"seconds": result.seconds}, "versions": versions(),
     }, ep)
-    scores = ", ".join(f"{r['name']} {r['mean_class_acc']:.3f}" for r in runs if r.get("mean_class_acc") is not None)
-    print(f"[evaluate] {len(runs)} runs scored on {cfg.split} ({scores}); "
-          f"{RESULTS_MD}, {RESULTS_JSON} and {len(written) - 2} plots in {cfg.output}", flush=True)
     return result
+
+
+callable_stage_module(__name__)  # `from ray_dafusion import evaluate` may give this module: call it as the stage

@@ -8,6 +8,7 @@ of the sources shown, not the whole synthetic set.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,7 +17,7 @@ import pyarrow.dataset as pads
 from PIL import Image, ImageDraw, ImageFont
 
 from . import schema, storage
-from .config import GalleryConfig
+from .config import GalleryConfig, callable_stage_module
 
 __all__ = ["GalleryResult", "gallery", "sheet_size", "PAD", "CAPTION_HEIGHT"]
 
@@ -24,6 +25,8 @@ PAD = 4
 """Pixels between thumbnails and around the sheet."""
 CAPTION_HEIGHT = 14
 """Pixels under each thumbnail for its caption."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,5 +119,8 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     storage.write_bytes(output, buf.getvalue(), ep)
-    print(f"[gallery] {len(chosen)} real images with {len(synthetic)} augmentations: {output}", flush=True)
+    log.info("%d real images with %d augmentations: %s", len(chosen), len(synthetic), output)
     return GalleryResult(output=output, sources=len(chosen), augmentations=len(synthetic), width=width, height=height)
+
+
+callable_stage_module(__name__)  # `from ray_dafusion import gallery` may give this module: call it as the stage

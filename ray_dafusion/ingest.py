@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import time
@@ -22,13 +23,17 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from . import schema, storage
-from .config import ConfigError, IngestConfig
+from .config import ConfigError, IngestConfig, callable_stage_module
+from .configlib import config_fingerprint
+from .runinfo import versions
 from .tokens import class_token
 
 __all__ = ["ingest", "IngestResult", "load_image_file", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 _KEEP_FORMATS = {"PNG", "JPEG"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -275,10 +280,10 @@ def ingest(cfg: IngestConfig) -> IngestResult:
 
     cfg.require("source", "output")
     started = time.time()
-    config_fp = storage.fingerprint({k: v for k, v in cfg.to_dict().items() if k not in ("overwrite",)})
+    config_fp = config_fingerprint(cfg)
     done = storage.ensure_fresh_output(cfg.output, "ingest", config_fp, cfg.overwrite, cfg.endpoint_url)
     if done is not None:
-        print(f"ingest: {cfg.output} is complete (same config); nothing to do")
+        log.info("%s is complete (same config); nothing to do", cfg.output)
         return IngestResult(cfg.output, [c["name"] for c in done["classes"]], done["counts"]["splits"],
                             done["counts"]["errors"], done["counts"].get("skipped", {}), 0.0, reused=True)
     for split in (*SPLITS, "errors"):  # leftovers of an interrupted run of the same config
@@ -304,7 +309,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     listing_errors = len(errors)
     if not items:
         raise ValueError(f"no images found in {cfg.source} (format: {cfg.format})")
-    print(f"ingest: {len(items)} files listed from {cfg.source}")
+    log.info("%d files listed from %s", len(items), cfg.source)
 
     # 2. decode and validate in parallel; only small metadata comes back to the driver
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))
@@ -362,8 +367,8 @@ def ingest(cfg: IngestConfig) -> IngestResult:
 
     if unused:  # explicit val/test sizes that leave images over: counted, never dropped silently
         skipped["unused"] = unused
-        print(f"ingest: {unused} usable images are in no split (val_per_class={cfg.val_per_class}, "
-              f"test_per_class={cfg.test_per_class}); counted as skipped 'unused'")
+        log.info("%d usable images are in no split (val_per_class=%s, test_per_class=%s); counted as skipped "
+                 "'unused'", unused, cfg.val_per_class, cfg.test_per_class)
 
     # 4. write each split as bounded shards, in parallel
     files: dict[str, list[str]] = {}
@@ -406,10 +411,13 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         "classes": [{"name": c, "label": i, "token": class_token(c)} for i, c in enumerate(classes)],
         "counts": counts,
         "seconds": round(seconds, 3),
+        "versions": versions(),
     }, cfg.endpoint_url)
     for cls in empty:
-        print(f"ingest: warning: class folder {cls!r} has no usable images; it is left out of the class table")
-    print(f"ingest: wrote {counts['splits']} images of {len(classes)} classes to {cfg.output} "
-          f"({len(errors)} quarantined in errors/, {sum(skipped.values())} skipped) in {seconds:.1f}s")
+        log.warning("class folder %r has no usable images; it is left out of the class table", cls)
+    log.info("wrote %s images of %d classes to %s (%d quarantined in errors/, %d skipped) in %.1fs",
+             counts["splits"], len(classes), cfg.output, len(errors), sum(skipped.values()), seconds)
     return IngestResult(cfg.output, classes, counts["splits"], len(errors), skipped, seconds)
 
+
+callable_stage_module(__name__)  # `from ray_dafusion import ingest` may give this module: call it as the stage

@@ -19,6 +19,7 @@ Output (``cfg.output``)::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
@@ -26,8 +27,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from . import schema, storage
+from . import perclass, schema, storage
 from .config import InvertConfig
+from .logs import setup_logging
+from .models import file_fingerprint
+from .runinfo import versions
 from .schema import ClassInfo
 from .tokens import INVERSION_TEMPLATES, make_prompt
 from .weights import EMBEDDINGS_FILE
@@ -36,8 +40,7 @@ __all__ = ["InvertResult", "LearnedToken", "invert", "learn_token", "class_file_
 
 CLASSES_DIR = "classes"
 
-# Fields that do not change what is learned: changing them must not invalidate finished classes.
-_NOT_FINGERPRINTED = ("overwrite", "endpoint_url", "num_cpus", "num_gpus", "cache_dir", "classes")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,103 +88,84 @@ def class_file_name(token: str) -> str:
 
 def invert(cfg: InvertConfig) -> InvertResult:
     """Learn a token for every class of `cfg.real` (one Ray task per class) and write `cfg.output`."""
-    import ray
-
     cfg.require("real", "output")
     start = time.time()
 
-    # 1. classes to learn, and where each one's file goes
-    table = _select_classes(schema.read_class_table(cfg.real, cfg.endpoint_url), cfg.classes)
-    class_uri = {c.name: storage.join(cfg.output, CLASSES_DIR, class_file_name(c.token)) for c in table}
-
-    # 2. refuse another config's output; finished classes are skipped
-    config_fp = _config_fingerprint(cfg)
-    complete = storage.ensure_fresh_output(cfg.output, "invert", config_fp, cfg.overwrite, cfg.endpoint_url)
-    done = [c for c in table if storage.exists(class_uri[c.name], cfg.endpoint_url)]
-    todo = [c for c in table if c not in done]
-    if complete is not None and not todo:  # finished with this config: leave it untouched
-        print(f"[invert] {cfg.output} is complete (same config); nothing to do", flush=True)
+    # 1. classes to learn; refuse another config's output, skip classes already learned
+    classes = perclass.select_classes(schema.read_class_table(cfg.real, cfg.endpoint_url), cfg.classes,
+                                      lambda c: class_file_name(c.token))
+    plan = perclass.plan_classes("invert", cfg, classes, lambda c: _class_uri(cfg.output, c))
+    if plan.complete is not None and not plan.todo:  # finished with this config: leave it untouched
+        log.info("%s is complete (same config); nothing to do", cfg.output)
         return InvertResult(
             output=cfg.output, embeddings=storage.join(cfg.output, EMBEDDINGS_FILE),
-            num_classes=len(complete.get("embeddings", {}).get("tokens", [])),
-            skipped=[c.name for c in done], seconds=round(time.time() - start, 3),
-        )
-    for c in done:
-        print(f"[invert] {c.name}: {class_uri[c.name]} exists, skipped", flush=True)
-
-    # 3. one task per class; each reads its own rows and writes its own file
-    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(_invert_class)
-    pending = {task.remote(cfg, c, class_uri[c.name]): c for c in todo}
-    seconds_per_class: dict[str, float] = {}
-    failures: dict[str, str] = {}
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        info = pending.pop(ref)
-        try:
-            record = ray.get(ref)
-        except Exception as exc:  # keep the other classes going; report every failure at the end
-            failures[info.name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
-            print(f"[invert] {info.name}: FAILED {failures[info.name]}", flush=True)
-            continue
-        seconds_per_class[info.name] = record["seconds"]
-        print(
-            f"[invert] {info.name}: done in {record['seconds']:.1f}s, loss {_mean_head(record['losses']):.4f} "
-            f"-> {_mean_tail(record['losses']):.4f}",
-            flush=True,
-        )
-    if failures:
-        raise RuntimeError(
-            "textual inversion failed for "
-            + "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
-            + f". Finished classes are kept in {cfg.output}/{CLASSES_DIR}; re-run to retry the others."
+            num_classes=len(plan.complete.get("embeddings", {}).get("tokens", [])),
+            skipped=[c.name for c in plan.done], seconds=round(time.time() - start, 3),
         )
 
-    # 4. every class file under this config -> the combined file, then the manifest (last)
-    records, combined = _collect(cfg.output, cfg.endpoint_url)
+    # 2. one task per class; each reads its own rows and writes its own file
+    records = perclass.run_class_tasks("invert", cfg, plan.todo, _invert_class, _describe)
+
+    # 3. every class file under this config -> the combined file, then the manifest (last)
+    result = _write_combined(cfg, plan, start)
+    result.seconds_per_class = {name: r["seconds"] for name, r in records.items()}
+    log.info("%s: %d tokens in %s (%d learned now, %d earlier) in %.1fs", cfg.output, result.num_classes,
+             EMBEDDINGS_FILE, len(result.trained), len(result.skipped), result.seconds)
+    return result
+
+
+def _class_uri(output: str, info: ClassInfo) -> str:
+    return storage.join(output, CLASSES_DIR, class_file_name(info.token))
+
+
+def _describe(record: dict[str, Any]) -> str:
+    return (f"done in {record['seconds']:.1f}s, loss {_mean_head(record['losses']):.4f} "
+            f"-> {_mean_tail(record['losses']):.4f}")
+
+
+def _write_combined(cfg: InvertConfig, plan: perclass.ClassPlan, start: float) -> InvertResult:
     from safetensors.torch import save as save_safetensors
 
+    records, combined = _collect(cfg.output, cfg.endpoint_url)
     data = save_safetensors(combined)
     embeddings_uri = storage.join(cfg.output, EMBEDDINGS_FILE)
     storage.write_bytes(embeddings_uri, data, cfg.endpoint_url)
     storage.write_manifest(cfg.output, {
         "stage": "invert",
         "config": cfg.to_dict(),
-        "config_fingerprint": config_fp,
+        "config_fingerprint": plan.config_fingerprint,
         "real": cfg.real,
         "model": cfg.model,
         "model_fingerprint": _one_value(r.get("model_fingerprint") for r in records),
-        "embeddings": {"file": EMBEDDINGS_FILE, "fingerprint": _fingerprint(data), "tokens": sorted(combined)},
+        "embeddings": {"file": EMBEDDINGS_FILE, "fingerprint": file_fingerprint(data), "tokens": sorted(combined)},
         "classes": {r["name"]: r for r in records},
-        "counts": {"classes": len(records), "trained": len(todo), "skipped": len(done)},
+        "counts": {"classes": len(records), "trained": len(plan.todo), "skipped": len(plan.done)},
         "timings": {"total_seconds": round(time.time() - start, 3),
                     "seconds_per_class": {r["name"]: r["seconds"] for r in records}},
-        "versions": _versions(),
+        "versions": versions(),
     }, cfg.endpoint_url)
     return InvertResult(
-        output=cfg.output,
-        embeddings=embeddings_uri,
-        num_classes=len(combined),
-        trained=[c.name for c in todo],
-        skipped=[c.name for c in done],
+        output=cfg.output, embeddings=embeddings_uri, num_classes=len(combined),
+        trained=[c.name for c in plan.todo], skipped=[c.name for c in plan.done],
         seconds=round(time.time() - start, 3),
-        seconds_per_class=seconds_per_class,
     )
 
 
-def _invert_class(cfg: InvertConfig, info: ClassInfo, out_uri: str) -> dict[str, Any]:
+def _invert_class(cfg: InvertConfig, info: ClassInfo) -> dict[str, Any]:
     """Ray task: learn one class's token and write its file. Returns the record (small)."""
     import torch
     from safetensors.torch import save as save_safetensors
 
     from .models import load_pipeline, model_fingerprint, resolve_model
 
+    setup_logging()
     # 1. this class's images (few-shot: read here, not shipped through the task arguments)
     images = _read_class_images(cfg.real, info.name, cfg.endpoint_url)
     # 2. the model in fp32 (learn_token runs fp16 autocast on a GPU)
     device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     local = resolve_model(cfg.model, cfg.cache_dir, cfg.endpoint_url)
     pipe = load_pipeline(local, device=device, torch_dtype=torch.float32)
-    print(f"[invert] {info.name}: {len(images)} images, token {info.token}, {cfg.steps} steps on {device}", flush=True)
+    log.info("%s: %d images, token %s, %d steps on %s", info.name, len(images), info.token, cfg.steps, device)
     # 3. train
     learned = learn_token(pipe, info.token, images, cfg, seed=cfg.seed + info.label)
     # 4. the class file: {token: tensor}, the record in its metadata
@@ -191,7 +175,7 @@ def _invert_class(cfg: InvertConfig, info: ClassInfo, out_uri: str) -> dict[str,
         "device": learned.device, "model_fingerprint": model_fingerprint(local), "losses": learned.losses,
     }
     data = save_safetensors({info.token: learned.embedding.contiguous()}, metadata={"record": json.dumps(record)})
-    storage.write_bytes(out_uri, data, cfg.endpoint_url)
+    storage.write_bytes(_class_uri(cfg.output, info), data, cfg.endpoint_url)
     return record
 
 
@@ -334,20 +318,6 @@ def _to_tensor(image: Any, resolution: int) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def _select_classes(table: list[ClassInfo], wanted: Optional[list[str]]) -> list[ClassInfo]:
-    tokens = [c.token for c in table]
-    dupes = sorted({t for t in tokens if tokens.count(t) > 1})
-    if dupes:
-        raise ValueError(f"classes share a token {dupes}: class names must differ in more than spacing")
-    if wanted is None:
-        return table
-    names = {c.name for c in table}
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        raise ValueError(f"classes {unknown} are not in the data set; its classes: {sorted(names)}")
-    return [c for c in table if c.name in wanted]
-
-
 def _read_class_images(real: str, class_name: str, endpoint_url: Optional[str]) -> list[Any]:
     """Decoded train images of one class (few-shot: a handful of rows)."""
     import pyarrow.parquet as pq
@@ -389,20 +359,10 @@ def _collect(output: str, endpoint_url: Optional[str]) -> tuple[list[dict[str, A
         tensors = load_safetensors(data)
         if set(tensors) != {record.get("token")}:
             raise ValueError(f"{uri} does not hold exactly its class token {record.get('token')!r}: {sorted(tensors)}")
-        record["fingerprint"] = _fingerprint(data)
+        record["fingerprint"] = file_fingerprint(data)
         records.append(record)
         combined.update(tensors)
     return sorted(records, key=lambda r: r["label"]), combined
-
-
-def _config_fingerprint(cfg: InvertConfig) -> str:
-    return storage.fingerprint({k: v for k, v in cfg.to_dict().items() if k not in _NOT_FINGERPRINTED})
-
-
-def _fingerprint(data: bytes) -> str:
-    from .models import file_fingerprint
-
-    return file_fingerprint(data)
 
 
 def _one_value(values: Any) -> Optional[str]:
@@ -418,13 +378,3 @@ def _mean_head(values: list[float], k: int = 10) -> float:
 def _mean_tail(values: list[float], k: int = 10) -> float:
     tail = values[-max(1, min(k, len(values) // 2 or 1)):]
     return sum(tail) / len(tail)
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import ray
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__}

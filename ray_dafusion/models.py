@@ -16,7 +16,6 @@ same ``from_pretrained`` code as a real checkpoint.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Any, Optional
 
@@ -146,7 +145,12 @@ def _tiny_tokenizer():
 def build_pipeline(name: str):
     """Build a built-in randomly initialised pipeline (`tiny` or `sd15-shape`)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionImg2ImgPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if name not in BUILTIN_MODELS:
@@ -251,13 +255,3 @@ def model_fingerprint(local_dir: str) -> str:
                     h.update(f.read())
     return h.hexdigest()[:16]
 
-
-def pipeline_info(uri: str, cache_dir: Optional[str] = None, endpoint_url: Optional[str] = None) -> dict[str, Any]:
-    """The model URI, where it was staged, and its fingerprint (for manifests and lineage)."""
-    local = resolve_model(uri, cache_dir, endpoint_url)
-    return {"model": uri, "model_fingerprint": model_fingerprint(local)}
-
-
-def _json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)

@@ -8,24 +8,18 @@ output that is already complete with the same config, so re-running a pipeline r
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import storage
-from .config import (
-    EvaluateConfig,
-    GalleryConfig,
-    IngestConfig,
-    PipelineConfig,
-    StageConfig,
-    TrainConfig,
-)
+from .config import GalleryConfig, PipelineConfig, StageConfig, callable_stage_module
+from .modes import AUGMENT_MODES, TRAIN_METHODS
 
 __all__ = ["pipeline", "demo", "PipelineResult", "stage_configs", "DEMO_CONFIG"]
 
-# Methods whose training reads a synthetic set, and the augment mode that makes it.
-_SYNTHETIC_MODE = {"da_fusion": "da_fusion", "real_guidance": "real_guidance"}
+log = logging.getLogger(__name__)
 
 # The embedded default of `ray-dafusion demo` / `make demo`: small enough to finish in minutes
 # on two CPU cores, and the same code path as a real run.
@@ -75,14 +69,16 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         "train": {},
     }
     for method in cfg.methods:
-        mode = _SYNTHETIC_MODE.get(method)
+        mode = TRAIN_METHODS[method].synthetic_mode
         if mode and mode not in out["augment"]:
             extra: dict[str, Any] = {}
-            if mode == "da_fusion":
+            if AUGMENT_MODES[mode].needs_tokens:
                 extra["embeddings"] = tokens
                 if cfg.run_erase:
                     extra["erasure"] = erasure
-            section = dataclasses.replace(cfg.augment, mode=mode).effective()  # real_guidance: t0 0.5
+            # the augment section's t0 levels are DA-Fusion's; Real Guidance keeps its own (t0 0.5)
+            strengths = cfg.augment.strengths if mode == "da_fusion" else cfg.real_guidance_strengths
+            section = dataclasses.replace(cfg.augment, mode=mode, strengths=strengths)
             out["augment"][mode] = _fill(section, cfg, real=real, output=storage.join(w, "synthetic", mode), **extra)
         synthetic = out["augment"][mode].output if mode else None
         name = f"{cfg.train.name}-{method}" if cfg.train.name else method
@@ -94,7 +90,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _timed(seconds: dict[str, float], name: str, fn, *args):
     start = time.time()
-    print(f"\n=== {name} ===", flush=True)
+    log.info("=== %s ===", name)
     result = fn(*args)
     seconds[name] = round(time.time() - start, 1)
     return result
@@ -117,8 +113,8 @@ def pipeline(cfg: PipelineConfig) -> PipelineResult:
 
     # 1. real images -> real/{train,val,test}
     result.outputs["real"] = _timed(secs, "ingest", ingest, configs["ingest"]).output
-    # 2. one learned token per class (only da_fusion prompts use them)
-    if "da_fusion" in configs["augment"]:
+    # 2. one learned token per class (only modes that need tokens use them)
+    if any(AUGMENT_MODES[mode].needs_tokens for mode in configs["augment"]):
         result.outputs["tokens"] = _timed(secs, "invert", invert, configs["invert"]).output
         # 3. optional concept erasure
         if cfg.run_erase:
@@ -147,14 +143,14 @@ def pipeline(cfg: PipelineConfig) -> PipelineResult:
     result.outputs["results"] = eval_cfg.output
     result.results = dataclasses.asdict(evaluated) if dataclasses.is_dataclass(evaluated) else evaluated
 
-    print("\n=== done ===")
-    print(f"results table : {storage.join(eval_cfg.output, 'results.md')}")
-    print(f"results (json): {storage.join(eval_cfg.output, 'results.json')}")
-    print(f"plots         : {eval_cfg.output}/*.png")
+    log.info("=== done ===")
+    log.info("results table : %s", storage.join(eval_cfg.output, "results.md"))
+    log.info("results (json): %s", storage.join(eval_cfg.output, "results.json"))
+    log.info("plots         : %s/*.png", eval_cfg.output)
     for key, uri in result.outputs.items():
         if key.startswith("gallery/"):
-            print(f"gallery       : {uri}")
-    print(f"stage seconds : {secs}")
+            log.info("gallery       : %s", uri)
+    log.info("stage seconds : %s", secs)
     return result
 
 
@@ -170,6 +166,9 @@ def demo(cfg: Optional[PipelineConfig] = None) -> PipelineResult:
     if not cfg.ingest.source:
         source = storage.join(cfg.workdir, "sample", "digits")
         counts = write_digits(source)
-        print(f"demo: {sum(counts.values())} scanned handwritten digits (scikit-learn) written to {source}")
+        log.info("%d scanned handwritten digits (scikit-learn) written to %s", sum(counts.values()), source)
         cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, source=source))
     return pipeline(cfg)
+
+
+callable_stage_module(__name__)  # `from ray_dafusion import pipeline` may give this module: call it as the stage

@@ -15,7 +15,7 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "StorageError",
+    "MANIFEST",
     "resolve",
     "join",
     "is_s3",
@@ -33,13 +34,18 @@ __all__ = [
     "read_json",
     "write_json",
     "list_files",
+    "list_dirs",
+    "parquet_files",
     "delete",
     "write_parquet",
     "read_parquet",
     "download_dir",
-    "MANIFEST",
+    "upload_dir",
     "read_manifest",
     "write_manifest",
+    "ensure_fresh_output",
+    "fingerprint",
+    "sha256_bytes",
     "fsspec_options",
 ]
 
@@ -131,8 +137,6 @@ def exists(uri: str, endpoint_url: Optional[str] = None) -> bool:
     return _info(uri, endpoint_url).type != pafs.FileType.NotFound
 
 
-def is_dir(uri: str, endpoint_url: Optional[str] = None) -> bool:
-    return _info(uri, endpoint_url).type == pafs.FileType.Directory
 
 
 def read_bytes(uri: str, endpoint_url: Optional[str] = None) -> bytes:
@@ -342,13 +346,3 @@ def list_dirs(uri: str, endpoint_url: Optional[str] = None) -> list[str]:
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
-
-def iter_chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

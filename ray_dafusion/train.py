@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
-import json
+import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -32,31 +30,36 @@ import pyarrow as pa
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from . import mixing, schema, storage
-from .config import ConfigError, TrainConfig
+from .classifier import (
+    CHECKPOINT_META,
+    build_model,
+    decode_uint8,
+    load_train_state,
+    make_transform,
+    save_checkpoint,
+)
+from .config import TrainConfig, callable_stage_module
+from .configlib import config_fingerprint
+from .errors import ConfigError
+from .logs import setup_logging
+from .modes import TRAIN_METHODS
+from .runinfo import versions
 
 __all__ = [
     "TrainResult",
     "train",
     "method_settings",
-    "build_model",
-    "make_transform",
     "MixedCollate",
     "exact_batches",
     "train_step",
     "streaming_data",
     "StreamingData",
     "exact_split_config",
-    "load_run_model",
 ]
 
-CHECKPOINT_MODEL = "model.pt"
-CHECKPOINT_STATE = "train_state.pt"
-CHECKPOINT_META = "meta.json"
 RESULT_FILE = "train_result.json"
 
-# Fields that define what is trained; a resumed run must match them (epochs may grow).
-_IDENTITY_FIELDS = ("real", "synthetic", "method", "alpha", "arch", "backbone", "weights", "image_size",
-                    "rotation", "hflip", "batch_size", "learning_rate", "seed")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,102 +81,9 @@ class TrainResult:
 
 
 def method_settings(cfg: TrainConfig) -> tuple[float, bool]:
-    """(alpha actually used, RandAugment on) for the configured method."""
-    if cfg.method == "baseline":
-        return 0.0, False
-    if cfg.method == "standard":
-        return 0.0, True
-    return cfg.alpha, False
-
-
-# --------------------------------------------------------------------------------------
-# Model and transforms (used by the workers, by evaluate and by the benchmark)
-# --------------------------------------------------------------------------------------
-
-
-def build_model(arch: str, num_classes: int, weights: str = "none", backbone: str = "finetune",
-                endpoint_url: Optional[str] = None):
-    """A torchvision ResNet with a `num_classes` head; linear_probe freezes all but `fc`."""
-    import torch
-    import torchvision
-
-    ctor = getattr(torchvision.models, arch)
-    if weights == "imagenet":
-        try:
-            model = ctor(weights="DEFAULT")
-        except Exception as exc:  # offline machines end up here
-            raise ConfigError(
-                f"config field 'weights': torchvision could not fetch ImageNet weights for {arch} "
-                f"({type(exc).__name__}: {exc}); on an offline machine pass a state-dict file "
-                "(local or s3://) or weights: none"
-            ) from None
-    else:
-        model = ctor(weights=None)
-    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
-    if weights not in ("none", "imagenet"):
-        _load_state_dict_file(model, weights, endpoint_url)
-    if backbone == "linear_probe":
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("fc.")
-    return model
-
-
-def _load_state_dict_file(model, uri: str, endpoint_url: Optional[str]) -> None:
-    import torch
-
-    try:
-        data = storage.read_bytes(uri, endpoint_url)
-    except FileNotFoundError:
-        raise ConfigError(f"config field 'weights': no such state-dict file {uri}") from None
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"config field 'weights': {uri} is not a torch state dict loadable with "
-                          f"weights_only=True ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"config field 'weights': {uri} holds a {type(state).__name__}, not a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    # A head trained for other classes is dropped: the new fc starts fresh.
-    for key in ("fc.weight", "fc.bias"):
-        if key in state and state[key].shape != own[key].shape:
-            del state[key]
-    bad_shape = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state and not k.startswith("fc.")]
-    unexpected = [k for k in state if k not in own]
-    if bad_shape or missing or unexpected:
-        raise ConfigError(
-            f"config field 'weights': {uri} does not match the {type(model).__name__} architecture: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {bad_shape[:5]} "
-            "(is `arch` right?)"
-        )
-    model.load_state_dict(state, strict=False)
-
-
-def make_transform(image_size: int, train: bool, rotation: float = 15.0, hflip: bool = True,
-                   randaugment: bool = False):
-    """torchvision v2 transform on a uint8 (3, H, W) tensor -> float (3, S, S) normalised to [-1, 1]."""
-    import torch
-    from torchvision.transforms import v2
-
-    steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
-    if train:
-        if hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if rotation > 0:
-            steps.append(v2.RandomRotation(rotation))
-        if randaugment:
-            steps.append(v2.RandAugment())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
-    return v2.Compose(steps)
-
-
-def decode_uint8(data: bytes):
-    """Encoded PNG/JPEG bytes -> uint8 tensor (3, H, W) RGB."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
-
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    """(alpha actually used, RandAugment on) for the configured method (modes.TRAIN_METHODS)."""
+    method = TRAIN_METHODS[cfg.method]
+    return (cfg.alpha if method.synthetic_mode else 0.0), method.randaugment
 
 
 class MixedCollate(NumpyBatchCollateFn):
@@ -262,18 +172,6 @@ def _freeze_batchnorm(model) -> None:
             m.eval()
 
 
-def load_run_model(checkpoint_uri: str, endpoint_url: Optional[str] = None):
-    """(model in eval mode, meta dict) from a checkpoint written by `train`."""
-    import torch
-
-    meta = storage.read_json(storage.join(checkpoint_uri, CHECKPOINT_META), endpoint_url)
-    model = build_model(meta["arch"], meta["num_classes"], "none")
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint_uri, CHECKPOINT_MODEL), endpoint_url)),
-                       map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval(), meta
-
-
 # --------------------------------------------------------------------------------------
 # The per-worker loop
 # --------------------------------------------------------------------------------------
@@ -295,122 +193,153 @@ def _debug_write(debug_dir: Optional[str], name: str, obj: Any) -> None:
 
 
 def _train_loop(loop: dict[str, Any]) -> None:
+    """Ray Train worker: resume, then per epoch train on the exact mixture, validate, checkpoint."""
     import ray.train
     import ray.train.torch
     import torch
-    from torch.distributed.algorithms.join import Join
 
+    setup_logging()
     cfg = TrainConfig.from_dict(loop["config"])
-    alpha, randaugment = loop["alpha"], loop["randaugment"]
-    num_classes, candidates = loop["num_classes"], loop["candidates"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    use_amp = device.type == "cuda"
     torch.manual_seed(cfg.seed * 1000 + rank)
     _debug_write(cfg.debug_dir, f"pid-rank{rank}-{os.getpid()}.json", {"rank": rank, "pid": os.getpid()})
 
-    # 1. model, optimiser, AMP scaler
+    # 1. model, optimiser, AMP scaler; resume from the latest checkpoint if there is one
+    model, bare, optimizer, scaler = _prepare_model(cfg, loop["num_classes"], device)
+    start_epoch, history = _resume(bare, optimizer, scaler, device, rank)
+
+    # 2. per epoch: train on this epoch's exact mixture, validate, checkpoint
+    shards = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.epochs):
+        stats = _train_epoch(cfg, loop, model, optimizer, scaler, shards[0], epoch, rank, world, device)
+        confusion = _validate(cfg, bare, shards[1], loop["num_classes"], world, device)
+        metrics = _epoch_metrics(epoch, stats, confusion)
+        history.append(metrics)
+        _checkpoint(cfg, loop, bare, optimizer, scaler, epoch, history, rank)
+
+
+def _prepare_model(cfg: TrainConfig, num_classes: int, device: Any) -> tuple[Any, Any, Any, Any]:
+    """(DDP-wrapped model, bare model, Adam over the trainable parameters, AMP scaler)."""
+    import ray.train.torch
+    import torch
+
     model = build_model(cfg.arch, num_classes, cfg.weights, cfg.backbone, cfg.endpoint_url)
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    return model, bare, optimizer, scaler
 
-    # 2. resume from the latest checkpoint (after a worker failure or a re-submitted run)
-    start_epoch, history = 0, []
+
+def _resume(bare: Any, optimizer: Any, scaler: Any, device: Any, rank: int) -> tuple[int, list[dict[str, Any]]]:
+    """Load the latest checkpoint (after a worker failure or a re-submitted run): (next epoch, history)."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            bare.load_state_dict(torch.load(os.path.join(d, CHECKPOINT_MODEL), map_location=device, weights_only=True))
-            state = torch.load(os.path.join(d, CHECKPOINT_STATE), map_location=device, weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            meta = json.load(open(os.path.join(d, CHECKPOINT_META)))
-        start_epoch, history = meta["epoch"] + 1, meta["history"]
-        if rank == 0:
-            print(f"[train] resuming after epoch {meta['epoch']} from {checkpoint.path}", flush=True)
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        model_state, train_state, meta = load_train_state(d, device)
+    bare.load_state_dict(model_state)
+    optimizer.load_state_dict(train_state["optimizer"])
+    scaler.load_state_dict(train_state["scaler"])
+    if rank == 0:
+        log.info("resuming after epoch %d from %s", meta["epoch"], checkpoint.path)
+    return meta["epoch"] + 1, meta["history"]
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+
+def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: Any, scaler: Any, shard: Any,
+                 epoch: int, rank: int, world: int, device: Any) -> dict[str, float]:
+    """One epoch over this worker's shard of the union, keeping this epoch's chosen rows."""
+    from torch.distributed.algorithms.join import Join
+
+    model.train()
+    if cfg.backbone == "linear_probe":
+        _freeze_batchnorm(model)
     local_batch = max(1, cfg.batch_size // world)
     read_batch = local_batch * loop["rows_per_real"]
-    train_tf = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, randaugment)
-    eval_tf = make_transform(cfg.image_size, False)
+    transform = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, loop["randaugment"])
+    collate = MixedCollate(transform, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"])
+    chunks = shard.iter_torch_batches(
+        batch_size=read_batch, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
+        local_shuffle_buffer_size=max(cfg.shuffle_buffer, read_batch),
+        local_shuffle_seed=cfg.seed * 100_003 + epoch * 1009 + rank,
+    )
+    loss_sum = seen = synthetic = steps = 0
+    seen_rows: list[list[Any]] = []
+    start = time.perf_counter()
+    with Join([model]) if world > 1 else contextlib.nullcontext():
+        for x, y, aug, ids in exact_batches(chunks, local_batch):
+            if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
+                break
+            loss = train_step(model, optimizer, scaler, x, y, device)
+            steps += 1
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            synthetic += int((aug >= 0).sum())
+            if cfg.debug_dir:
+                seen_rows += [[str(i), int(a), int(lbl)] for i, a, lbl in zip(ids, aug, y.tolist())]
+    seconds = time.perf_counter() - start
+    _debug_write(cfg.debug_dir, f"epoch{epoch}-rank{rank}-{os.getpid()}.json", seen_rows)
+    loss_sum, seen, synthetic = _allreduce_sum([loss_sum, seen, synthetic], device)
+    return {"loss_sum": loss_sum, "seen": seen, "synthetic": synthetic, "seconds": seconds}
 
-    for epoch in range(start_epoch, cfg.epochs):
-        # 3. train on this epoch's exact mixture
-        model.train()
-        if cfg.backbone == "linear_probe":
-            _freeze_batchnorm(model)
-        collate = MixedCollate(train_tf, cfg.image_size, candidates, cfg.seed, epoch, alpha)
-        chunks = train_shard.iter_torch_batches(
-            batch_size=read_batch, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
-            local_shuffle_buffer_size=max(cfg.shuffle_buffer, read_batch),
-            local_shuffle_seed=cfg.seed * 100_003 + epoch * 1009 + rank,
-        )
-        loss_sum = seen = synthetic = steps = 0
-        seen_rows: list[list[Any]] = []
-        t0 = time.perf_counter()
-        with Join([model]) if world > 1 else contextlib.nullcontext():
-            for x, y, aug, ids in exact_batches(chunks, local_batch):
-                if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
-                    break
-                loss = train_step(model, optimizer, scaler, x, y, device)
-                steps += 1
-                loss_sum += float(loss.detach()) * len(y)
-                seen += len(y)
-                synthetic += int((aug >= 0).sum())
-                if cfg.debug_dir:
-                    seen_rows += [[str(i), int(a), int(lbl)] for i, a, lbl in zip(ids, aug, y.tolist())]
-        train_seconds = time.perf_counter() - t0
-        _debug_write(cfg.debug_dir, f"epoch{epoch}-rank{rank}-{os.getpid()}.json", seen_rows)
-        loss_sum, seen, synthetic = _allreduce_sum([loss_sum, seen, synthetic], device)
 
-        # 4. validate: per-class counts summed over workers
-        confusion = np.zeros((num_classes, num_classes))
-        eval_model = bare.eval()
-        with torch.no_grad():
-            for x, y, _, _ in val_shard.iter_torch_batches(
-                batch_size=local_batch, device="cpu", prefetch_batches=cfg.prefetch_batches,
-                collate_fn=MixedCollate(eval_tf, cfg.image_size, keep_all=True),
-            ):
-                if len(y) == 0:
-                    continue
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    pred = eval_model(x.to(device)).argmax(1).cpu()
-                np.add.at(confusion, (y.numpy(), pred.numpy()), 1)
-        confusion = _allreduce_sum(confusion, device).reshape(num_classes, num_classes)
-        support = confusion.sum(1)
-        per_class = np.diag(confusion)[support > 0] / support[support > 0]
-        metrics = {
-            "epoch": epoch,
-            "train_loss": float(loss_sum / max(seen, 1)),
-            "train_samples": int(seen),
-            "synthetic_fraction": float(synthetic / max(seen, 1)),
-            "samples_per_s": float(seen / train_seconds) if train_seconds > 0 else 0.0,
-            "val_mean_class_acc": float(per_class.mean()) if len(per_class) else 0.0,
-            "val_top1": float(np.trace(confusion) / max(confusion.sum(), 1)),
-        }
-        history.append(metrics)
+def _validate(cfg: TrainConfig, bare: Any, shard: Any, num_classes: int, world: int, device: Any) -> np.ndarray:
+    """Confusion matrix on val, per-class counts summed over workers."""
+    import torch
 
-        # 5. checkpoint (rank 0 writes it) and report from every rank
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save(bare.state_dict(), os.path.join(tmp, CHECKPOINT_MODEL))
-                torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
-                           os.path.join(tmp, CHECKPOINT_STATE))
-                with open(os.path.join(tmp, CHECKPOINT_META), "w") as f:
-                    json.dump({"epoch": epoch, "history": history, "arch": cfg.arch, "num_classes": num_classes,
-                               "image_size": cfg.image_size, "classes": loop["classes"], "method": cfg.method,
-                               "alpha": alpha}, f, indent=2)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-                print(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {metrics['train_loss']:.4f} "
-                      f"val_mean_class_acc {metrics['val_mean_class_acc']:.4f} "
-                      f"synthetic {metrics['synthetic_fraction']:.3f} "
-                      f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
-            ray.train.report(metrics, checkpoint=ckpt)
+    confusion = np.zeros((num_classes, num_classes))
+    eval_model = bare.eval()
+    collate = MixedCollate(make_transform(cfg.image_size, False), cfg.image_size, keep_all=True)
+    with torch.no_grad():
+        for x, y, _, _ in shard.iter_torch_batches(batch_size=max(1, cfg.batch_size // world), device="cpu",
+                                                   prefetch_batches=cfg.prefetch_batches, collate_fn=collate):
+            if len(y) == 0:
+                continue
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                pred = eval_model(x.to(device)).argmax(1).cpu()
+            np.add.at(confusion, (y.numpy(), pred.numpy()), 1)
+    return _allreduce_sum(confusion, device).reshape(num_classes, num_classes)
+
+
+def _epoch_metrics(epoch: int, stats: dict[str, float], confusion: np.ndarray) -> dict[str, Any]:
+    support = confusion.sum(1)
+    per_class = np.diag(confusion)[support > 0] / support[support > 0]
+    seen, seconds = stats["seen"], stats["seconds"]
+    return {
+        "epoch": epoch,
+        "train_loss": float(stats["loss_sum"] / max(seen, 1)),
+        "train_samples": int(seen),
+        "synthetic_fraction": float(stats["synthetic"] / max(seen, 1)),
+        "samples_per_s": float(seen / seconds) if seconds > 0 else 0.0,
+        "val_mean_class_acc": float(per_class.mean()) if len(per_class) else 0.0,
+        "val_top1": float(np.trace(confusion) / max(confusion.sum(), 1)),
+    }
+
+
+def _checkpoint(cfg: TrainConfig, loop: dict[str, Any], bare: Any, optimizer: Any, scaler: Any, epoch: int,
+                history: list[dict[str, Any]], rank: int) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (Ray Train wants the same number of reports)."""
+    import tempfile
+
+    import ray.train
+
+    metrics = history[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_checkpoint(tmp, bare.state_dict(), {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+                            {"epoch": epoch, "history": history, "arch": cfg.arch, "num_classes": loop["num_classes"],
+                             "image_size": cfg.image_size, "classes": loop["classes"], "method": cfg.method,
+                             "alpha": loop["alpha"]})
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            log.info("epoch %d/%d loss %.4f val_mean_class_acc %.4f synthetic %.3f %.1f samples/s", epoch + 1,
+                     cfg.epochs, metrics["train_loss"], metrics["val_mean_class_acc"], metrics["synthetic_fraction"],
+                     metrics["samples_per_s"])
+        ray.train.report(metrics, checkpoint=ckpt)
 
 
 # --------------------------------------------------------------------------------------
@@ -473,7 +402,9 @@ def exact_split_config():
     Ray Train's default splits with equal=True, which may drop up to world_size - 1 rows per
     epoch; a dropped chosen row would break "every real example exactly once".
     """
-    from ray.train import DataConfig  # imported here so the module imports without Ray Train
+    from ray.train import (
+        DataConfig,  # imported here so the module imports without Ray Train
+    )
 
     class ExactSplitDataConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
@@ -547,11 +478,6 @@ def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.method` with Ray Train; re-running the same name and output resumes."""
-    import ray.data
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     cfg.require("real", "output")
     started = time.time()
     alpha, randaugment = method_settings(cfg)
@@ -559,29 +485,47 @@ def train(cfg: TrainConfig) -> TrainResult:
     run_uri = storage.join(cfg.output, name)
     ep = cfg.endpoint_url
 
-    identity = {k: getattr(cfg, k) for k in _IDENTITY_FIELDS}
-    identity.update(alpha=alpha, name=name)
-    config_fp = storage.fingerprint(identity)
-    finished = storage.read_manifest(run_uri, ep)
-    # complete with this exact config: nothing to do (a longer `epochs` resumes from the checkpoint)
-    if finished and finished.get("config_fingerprint") == config_fp \
-            and finished.get("config") == cfg.to_dict():
-        record = storage.read_json(storage.join(run_uri, RESULT_FILE), ep)
-        print(f"[train] {run_uri} is complete (same config, {record['epochs_completed']} epochs); nothing to do",
-              flush=True)
-        return TrainResult(**{f.name: record[f.name] for f in dataclasses.fields(TrainResult)})
+    # 1. a finished run of this config with at least these epochs: nothing to do (more epochs resume)
+    config_fp = config_fingerprint(cfg, alpha=alpha)
+    done = _finished_run(run_uri, config_fp, cfg.epochs, ep)
+    if done is not None:
+        return done
 
-    # 1. the streaming datasets (real+synthetic union, val) and the mixing candidates
+    # 2. the streaming datasets (real+synthetic union, val) and the mixing candidates
     data = streaming_data(cfg, alpha)
-    classes, real_labels, candidates = data.classes, data.real_labels, data.candidates
 
-    # 2. fail early on the driver: weights that cannot load, a run made with another config
-    build_model(cfg.arch, len(classes), cfg.weights, cfg.backbone, ep)
+    # 3. fail early on the driver: weights that cannot load, a run made with another config
+    build_model(cfg.arch, len(data.classes), cfg.weights, cfg.backbone, ep)
     storage.ensure_fresh_output(run_uri, "train", config_fp, cfg.overwrite, ep)
-    n_union = len(real_labels) + data.num_synthetic
 
-    # 3. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
-    fs, path = storage.resolve(cfg.output, ep)
+    # 4. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
+    result = _fit(cfg, name, data, alpha, randaugment)
+
+    # 5. results: best on val and the per-epoch history; the manifest last
+    out = _write_results(cfg, name, run_uri, data, result, alpha, randaugment, config_fp, started)
+    acc = f"{out.best_val_mean_class_acc:.3f}" if out.best_val_mean_class_acc is not None else "n/a"
+    log.info("%s: %d epochs on %d real + %d synthetic images, best val mean per-class accuracy %s; run, "
+             "checkpoints and %s in %s (%.1fs)", name, out.epochs_completed, len(data.real_labels),
+             data.num_synthetic, acc, RESULT_FILE, run_uri, out.seconds)
+    return out
+
+
+def _finished_run(run_uri: str, config_fp: str, epochs: int, ep: Optional[str]) -> Optional[TrainResult]:
+    finished = storage.read_manifest(run_uri, ep)
+    if not finished or finished.get("config_fingerprint") != config_fp:
+        return None
+    record = storage.read_json(storage.join(run_uri, RESULT_FILE), ep)
+    if record["epochs_completed"] < epochs:
+        return None
+    log.info("%s is complete (same config, %d epochs); nothing to do", run_uri, record["epochs_completed"])
+    return TrainResult(**{f.name: record[f.name] for f in dataclasses.fields(TrainResult)})
+
+
+def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaugment: bool) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, path = storage.resolve(cfg.output, cfg.endpoint_url)
     run_config = RunConfig(
         name=name,
         storage_path=path,
@@ -593,8 +537,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
-            "config": cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(classes),
-            "candidates": candidates, "classes": [dataclasses.asdict(c) for c in classes],
+            "config": cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
+            "candidates": data.candidates, "classes": [dataclasses.asdict(c) for c in data.classes],
             "rows_per_real": data.rows_per_real,
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -603,11 +547,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         datasets={"train": data.train, "val": data.val},
         dataset_config=exact_split_config(),
     )
-    result = trainer.fit()
+    return trainer.fit()
 
-    # 4. results: best on val, per-epoch history (kept in every checkpoint, so it survives resumes)
+
+def _write_results(cfg: TrainConfig, name: str, run_uri: str, data: StreamingData, result: Any, alpha: float,
+                   randaugment: bool, config_fp: str, started: float) -> TrainResult:
+    """train_result.json (best checkpoint on val, history) and the manifest, last."""
+    ep = cfg.endpoint_url
     history: list[dict[str, Any]] = []
-    if result.checkpoint is not None:
+    if result.checkpoint is not None:  # the history rides in every checkpoint, so it survives resumes
         latest = _checkpoint_uri(cfg, result.checkpoint)
         history = storage.read_json(storage.join(latest, CHECKPOINT_META), ep)["history"]
     best_uri, best_acc = None, None
@@ -620,26 +568,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         best_val_mean_class_acc=best_acc, epochs_completed=len(history), metrics=history,
         seconds=round(time.time() - started, 2),
     )
+    n_real = len(data.real_labels)
     storage.write_json(storage.join(run_uri, RESULT_FILE), {
         **dataclasses.asdict(out), "config": cfg.to_dict(), "randaugment": randaugment,
-        "classes": [dataclasses.asdict(c) for c in classes], "real": cfg.real, "synthetic": cfg.synthetic,
-        "num_real_train": len(real_labels), "num_synthetic": n_union - len(real_labels),
+        "classes": [dataclasses.asdict(c) for c in data.classes], "real": cfg.real, "synthetic": cfg.synthetic,
+        "num_real_train": n_real, "num_synthetic": data.num_synthetic,
     }, ep)
     storage.write_manifest(run_uri, {
         "stage": "train", "config": cfg.to_dict(), "config_fingerprint": config_fp,
-        "counts": {"epochs": len(history), "real_train": len(real_labels), "synthetic": n_union - len(real_labels)},
-        "timings": {"seconds": out.seconds}, "versions": _versions(),
+        "counts": {"epochs": len(history), "real_train": n_real, "synthetic": data.num_synthetic},
+        "timings": {"seconds": out.seconds}, "versions": versions(),
     }, ep)
-    acc = f"{best_acc:.3f}" if best_acc is not None else "n/a"
-    print(f"[train] {name}: {len(history)} epochs on {len(real_labels)} real + {n_union - len(real_labels)} synthetic "
-          f"images, best val mean per-class accuracy {acc}; run, checkpoints and {RESULT_FILE} in {run_uri} "
-          f"({out.seconds:.1f}s)", flush=True)
     return out
 
 
-def _versions() -> dict[str, str]:
-    import ray
-    import torch
-    import torchvision
-
-    return {"ray": ray.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
+callable_stage_module(__name__)  # `from ray_dafusion import train` may give this module: call it as the stage

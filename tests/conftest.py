@@ -20,6 +20,10 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray would otherwise bind to the machine's external interface; tests keep all traffic on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from ray_dafusion.logs import setup_logging  # noqa: E402
+
+setup_logging()  # stage logs reach stderr (captured per test) as they do from the command line
+
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> str:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from ray_dafusion import config as C
+from ray_dafusion import configlib as L
 from ray_dafusion.cli import build_parser, parse_args
 from ray_dafusion.pipeline import DEMO_CONFIG
 
@@ -17,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_defaults_match_the_method():
     a = C.AugmentConfig()
-    assert (a.num_augmentations, a.strengths, a.guidance_scale, a.num_inference_steps) == (10, [0.25, 0.5, 0.75, 1.0], 7.5, 50)
+    assert (a.num_augmentations, a.t0_levels(), a.guidance_scale, a.num_inference_steps) == (10, [0.25, 0.5, 0.75, 1.0], 7.5, 50)
     assert a.prompt_templates == ["a photo of a {}"] and a.mode == "da_fusion"
     i = C.InvertConfig()
     assert (i.steps, i.batch_size, i.learning_rate, i.initializer_token, i.num_vectors) == (1000, 4, 5e-4, "the", 1)
@@ -88,7 +89,7 @@ def test_every_field_has_help_and_every_stage_lists_it():
         text = sub.choices[stage].format_help()
         for f in C.dataclasses.fields(cls):
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
-            section = C._base_type(C.typing.get_type_hints(cls)[f.name])
+            section = L.base_type(C.typing.get_type_hints(cls)[f.name])
             if isinstance(section, type) and issubclass(section, C.StageConfig):  # nested: --augment.seed
                 for g in C.dataclasses.fields(section):
                     for name in (stage, "demo") if stage == "pipeline" else (stage,):
@@ -146,3 +147,63 @@ def test_every_shipped_yaml_parses():
         assert isinstance(cfg, cls), path
         with open(path) as f:
             assert set(yaml.safe_load(f) or {}) <= {x.name for x in C.dataclasses.fields(cls)}
+
+
+# ---- one identity rule -------------------------------------------------------------------------
+
+RESOURCE_VALUES = {"num_cpus": 0.25, "num_gpus": 1.0, "cache_dir": "/tmp/elsewhere",
+                   "endpoint_url": "http://127.0.0.1:1", "overwrite": True}
+
+
+@pytest.mark.parametrize("stage", sorted(C.CONFIGS))
+def test_resource_fields_never_change_what_an_output_is(stage):
+    cls = C.CONFIGS[stage]
+    base = cls()
+    kinds = {f.name: L.field_kind(f) for f in C.dataclasses.fields(cls)}
+    changed = {k: v for k, v in RESOURCE_VALUES.items() if k in kinds}
+    assert {"endpoint_url", "overwrite"} <= set(changed)
+    for name, value in changed.items():
+        assert kinds[name] == "resource", (stage, name)
+        assert L.config_fingerprint(base.replace(**{name: value})) == L.config_fingerprint(base), (stage, name)
+    assert L.config_fingerprint(base.replace(**changed)) == L.config_fingerprint(base)
+
+
+def test_output_fields_do_change_it_and_extent_fields_do_not():
+    a = C.AugmentConfig()
+    for change in ({"seed": 1}, {"num_augmentations": 3}, {"strengths": [0.5]}, {"model": "sd15-shape"}):
+        assert L.config_fingerprint(a.replace(**change)) != L.config_fingerprint(a), change
+    for change in ({"batch_size": 9}, {"max_actors": 4}, {"output": "/elsewhere"}):
+        assert L.config_fingerprint(a.replace(**change)) == L.config_fingerprint(a), change
+    t = C.TrainConfig()
+    assert L.config_fingerprint(t.replace(epochs=50)) == L.config_fingerprint(t)  # more epochs continue a run
+    assert L.field_kind(next(f for f in C.dataclasses.fields(t) if f.name == "epochs")) == "extent"
+    assert L.config_fingerprint(t.replace(learning_rate=1e-3)) != L.config_fingerprint(t)
+    i = C.InvertConfig()
+    assert L.config_fingerprint(i.replace(classes=["cat"])) == L.config_fingerprint(i)  # a subset continues
+    # the content of inputs enters through the stage's own fingerprints
+    assert L.config_fingerprint(a, model="aaaa") != L.config_fingerprint(a, model="bbbb")
+
+
+# ---- lists on the command line -------------------------------------------------------------------
+
+def test_list_overrides_keep_strings_and_refuse_a_split_template():
+    assert C.IngestConfig.from_args(None, {"classes": "no,1"}).classes == ["no", "1"]  # not [False, 1]
+    assert C.IngestConfig.from_args(None, {"classes": "cat, dog"}).classes == ["cat", "dog"]
+    assert C.AugmentConfig.from_args(None, {"strengths": "0.25,1"}).strengths == [0.25, 1.0]
+    with pytest.raises(C.ConfigError, match="comma separates templates") as err:
+        C.AugmentConfig.from_args(None, {"prompt_templates": "a photo of a {}, close up"})
+    assert "'close up'" in str(err.value)
+    one = C.AugmentConfig.from_args(None, {"prompt_templates": '["a photo of a {}, close up"]'})
+    assert one.prompt_templates == ["a photo of a {}, close up"]
+    two = C.AugmentConfig.from_args(None, {"prompt_templates": "a photo of a {},a drawing of a {}"})
+    assert two.prompt_templates == ["a photo of a {}", "a drawing of a {}"]
+    assert C.AugmentConfig.from_args(None, {"embeddings": "null"}).embeddings is None
+
+
+def test_every_stage_is_registered_once():
+    import ray_dafusion
+
+    assert set(C.CONFIGS) | {"demo"} == set(C.STAGES)
+    for stage in C.CONFIGS:
+        assert callable(getattr(ray_dafusion, stage))
+    assert set(build_parser()._subparsers._group_actions[0].choices) == set(C.STAGES)

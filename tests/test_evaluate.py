@@ -81,6 +81,10 @@ def test_results_table_and_plots(ray_session, make_real, tmp_path):
     assert storage.read_manifest(out)["counts"] == {"runs": 3}
     again = evaluate(EvaluateConfig(real=real4, runs=runs, output=out, batch_size=4))  # complete: not rescored
     assert again.seconds == 0.0 and again.runs == json.loads(json.dumps(result.runs))
+    # resource fields and overwrite (which the pipeline passes to every stage) never refuse a re-run
+    for resources in ({"overwrite": True}, {"overwrite": False, "batch_size": 16, "num_cpus": 0.25}):
+        again = evaluate(EvaluateConfig(real=real4, runs=runs, output=out, **resources))
+        assert again.seconds == 0.0
     # a run trained on other classes is refused by name
     other = make_real(class_names=("a", "b"), per_split={"train": 1, "val": 1, "test": 1}, size=32)
     with pytest.raises(ValueError, match="trained on classes"):

@@ -33,13 +33,22 @@ def test_stage_configs_live_under_the_workdir():
     dafusion, guidance = stages["augment"]["da_fusion"], stages["augment"]["real_guidance"]
     assert dafusion.embeddings == "s3://b/w/tokens" and dafusion.erasure == "s3://b/w/erasure"
     assert dafusion.output == "s3://b/w/synthetic/da_fusion"
-    assert guidance.mode == "real_guidance" and guidance.strengths == [0.5] and guidance.embeddings is None
+    assert guidance.mode == "real_guidance" and guidance.t0_levels() == [0.5] and guidance.embeddings is None
     assert stages["train"]["baseline"].synthetic is None
     assert stages["train"]["da_fusion"].synthetic == "s3://b/w/synthetic/da_fusion"
     assert stages["train"]["real_guidance"].synthetic == "s3://b/w/synthetic/real_guidance"
     assert {m: t.name for m, t in stages["train"].items()} == {m: m for m in cfg.methods}
     for section in (stages["ingest"], dafusion, stages["train"]["da_fusion"]):
         assert section.endpoint_url == "http://127.0.0.1:9"
+
+
+def test_real_guidance_keeps_its_own_t0_when_augment_strengths_are_set():
+    cfg = PipelineConfig.from_dict({"methods": ["real_guidance", "da_fusion"], "augment": {"strengths": [0.25, 1.0]}})
+    stages = stage_configs(cfg)["augment"]
+    assert stages["da_fusion"].t0_levels() == [0.25, 1.0]
+    assert stages["real_guidance"].t0_levels() == [0.5]  # DA-Fusion's levels are not Real Guidance's
+    cfg = PipelineConfig.from_dict({"methods": ["real_guidance"], "real_guidance_strengths": [0.75]})
+    assert stage_configs(cfg)["augment"]["real_guidance"].t0_levels() == [0.75]
 
 
 def _small(workdir: str, source: str, model: str, **extra) -> PipelineConfig:
@@ -120,11 +129,11 @@ def test_pipeline_rerun_skips_complete_stages(ray_session, tiny_model, tmp_path,
     sheet = storage.read_bytes(first.outputs["gallery/da_fusion"])
     capfd.readouterr()
     second = pipeline(cfg)
-    out = capfd.readouterr().out
+    out = capfd.readouterr().err  # stage logs go to stderr
     assert "nothing to do" in out
     for k, before in manifests.items():  # complete outputs were not rewritten
         assert storage.read_bytes(storage.join(second.outputs[k], "manifest.json")) == before, k
     assert storage.read_bytes(second.outputs["gallery/da_fusion"]) == sheet
-    assert "[gallery]" not in out  # not redrawn (a redraw would give the same bytes, so ask the log)
+    assert " gallery: " not in out  # not redrawn (a redraw would give the same bytes, so ask the log)
     assert out.count("nothing to do") == 5, out  # ingest, invert, augment, train and evaluate say so
     assert json.loads(storage.read_bytes(storage.join(second.outputs["results"], "results.json")))

@@ -21,7 +21,8 @@ from PIL import Image
 from ray_dafusion import schema, storage
 from ray_dafusion.config import ConfigError, EvaluateConfig, TrainConfig
 from ray_dafusion.evaluate import evaluate
-from ray_dafusion.train import build_model, exact_batches, train
+from ray_dafusion.classifier import build_model
+from ray_dafusion.train import exact_batches, train
 
 CLASSES = ("cat", "dog", "fox")
 

@@ -1,0 +1,161 @@
+"""The classifier: model build, transforms, checkpoint format and loading.
+
+A lower floor under ``train``, ``evaluate`` (and any later scorer): each of them builds, feeds
+and reloads the classifier only through this module, so the checkpoint layout and the eval
+transform are written down once.
+
+A checkpoint is a directory::
+
+    model.pt          the model's state dict (torch.save, loadable with weights_only=True)
+    train_state.pt    optimiser and AMP scaler state (for resuming)
+    meta.json         arch, num_classes, image_size, classes, method, alpha, epoch, history
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Optional
+
+from . import storage
+from .errors import ConfigError
+
+__all__ = [
+    "CHECKPOINT_MODEL",
+    "CHECKPOINT_STATE",
+    "CHECKPOINT_META",
+    "build_model",
+    "make_transform",
+    "eval_transform",
+    "decode_uint8",
+    "save_checkpoint",
+    "load_train_state",
+    "load_classifier",
+]
+
+CHECKPOINT_MODEL = "model.pt"
+CHECKPOINT_STATE = "train_state.pt"
+CHECKPOINT_META = "meta.json"
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none", backbone: str = "finetune",
+                endpoint_url: Optional[str] = None):
+    """A torchvision ResNet with a `num_classes` head; linear_probe freezes all but `fc`."""
+    import torch
+    import torchvision
+
+    ctor = getattr(torchvision.models, arch)
+    if weights == "imagenet":
+        try:
+            model = ctor(weights="DEFAULT")
+        except Exception as exc:  # offline machines end up here
+            raise ConfigError(
+                f"config field 'weights': torchvision could not fetch ImageNet weights for {arch} "
+                f"({type(exc).__name__}: {exc}); on an offline machine pass a state-dict file "
+                "(local or s3://) or weights: none"
+            ) from None
+    else:
+        model = ctor(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    if weights not in ("none", "imagenet"):
+        _load_state_dict_file(model, weights, endpoint_url)
+    if backbone == "linear_probe":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("fc.")
+    return model
+
+
+def _load_state_dict_file(model, uri: str, endpoint_url: Optional[str]) -> None:
+    import torch
+
+    try:
+        data = storage.read_bytes(uri, endpoint_url)
+    except FileNotFoundError:
+        raise ConfigError(f"config field 'weights': no such state-dict file {uri}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"config field 'weights': {uri} is not a torch state dict loadable with "
+                          f"weights_only=True ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"config field 'weights': {uri} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    # A head trained for other classes is dropped: the new fc starts fresh.
+    for key in ("fc.weight", "fc.bias"):
+        if key in state and state[key].shape != own[key].shape:
+            del state[key]
+    bad_shape = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.startswith("fc.")]
+    unexpected = [k for k in state if k not in own]
+    if bad_shape or missing or unexpected:
+        raise ConfigError(
+            f"config field 'weights': {uri} does not match the {type(model).__name__} architecture: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {bad_shape[:5]} "
+            "(is `arch` right?)"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def make_transform(image_size: int, train: bool, rotation: float = 15.0, hflip: bool = True,
+                   randaugment: bool = False):
+    """torchvision v2 transform on a uint8 (3, H, W) tensor -> float (3, S, S) normalised to [-1, 1]."""
+    import torch
+    from torchvision.transforms import v2
+
+    steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
+    if train:
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if rotation > 0:
+            steps.append(v2.RandomRotation(rotation))
+        if randaugment:
+            steps.append(v2.RandAugment())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    return v2.Compose(steps)
+
+
+def eval_transform(meta: dict[str, Any]):
+    """The transform a checkpoint was validated with (squash to its image size, normalise)."""
+    return make_transform(int(meta["image_size"]), train=False)
+
+
+def decode_uint8(data: bytes):
+    """Encoded PNG/JPEG bytes -> uint8 tensor (3, H, W) RGB."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def save_checkpoint(directory: str, model_state: dict, train_state: dict, meta: dict[str, Any]) -> None:
+    """Write one checkpoint directory (local; Ray Train uploads it)."""
+    import torch
+
+    torch.save(model_state, os.path.join(directory, CHECKPOINT_MODEL))
+    torch.save(train_state, os.path.join(directory, CHECKPOINT_STATE))
+    with open(os.path.join(directory, CHECKPOINT_META), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_train_state(directory: str, device: Any) -> tuple[dict, dict, dict[str, Any]]:
+    """(model state dict, train state, meta) of a local checkpoint directory, for resuming."""
+    import torch
+
+    model_state = torch.load(os.path.join(directory, CHECKPOINT_MODEL), map_location=device, weights_only=True)
+    train_state = torch.load(os.path.join(directory, CHECKPOINT_STATE), map_location=device, weights_only=True)
+    with open(os.path.join(directory, CHECKPOINT_META)) as f:
+        meta = json.load(f)
+    return model_state, train_state, meta
+
+
+def load_classifier(checkpoint_uri: str, endpoint_url: Optional[str] = None):
+    """(model in eval mode on CPU, meta dict) from a checkpoint written by `train` (local or s3://)."""
+    import torch
+
+    meta = storage.read_json(storage.join(checkpoint_uri, CHECKPOINT_META), endpoint_url)
+    model = build_model(meta["arch"], int(meta["num_classes"]), "none")
+    data = storage.read_bytes(storage.join(checkpoint_uri, CHECKPOINT_MODEL), endpoint_url)
+    model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    return model.eval(), meta

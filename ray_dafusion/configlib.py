@@ -1,0 +1,336 @@
+"""The machinery behind the stage configs: typed dataclasses with docstrings under each field,
+YAML plus ``--field value`` overrides, validation that names the field, and one identity rule.
+
+``config.py`` holds only the configs themselves; everything here is generic.
+
+Identity: each field says what it is to the output through its metadata ``kind``:
+
+- ``output`` (the default): changes what the stage writes. Two runs with different values are
+  different outputs, and a re-run with another value is refused unless ``overwrite``.
+- ``extent``: how much of the same work to do (``epochs``, the ``classes`` subset). A re-run with
+  a larger extent continues the output instead of being refused.
+- ``resource``: where and with what it runs (CPUs, GPUs, caches, endpoints, batch sizes that do
+  not change results, ``overwrite`` itself). Never refuses a re-run.
+- ``location``: the output URI and run name: where the output is, not what it holds.
+
+:func:`identity` returns the ``output`` fields; every stage fingerprints that (plus the content
+fingerprints of its inputs) through :func:`config_fingerprint`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "StageConfig",
+    "resource",
+    "extent",
+    "location",
+    "field_kind",
+    "identity",
+    "config_fingerprint",
+    "field_help",
+    "field_default",
+    "read_yaml",
+    "base_type",
+    "bad",
+    "one_of",
+    "positive",
+]
+
+KINDS = ("output", "extent", "resource", "location")
+
+
+def _kind_field(kind: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={"kind": kind})
+    return field(default=default, metadata={"kind": kind})
+
+
+def resource(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field that says where or with what a stage runs; it never changes the output."""
+    return _kind_field("resource", default, default_factory)
+
+
+def extent(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field that says how much of the same work to do; more of it continues an output."""
+    return _kind_field("extent", default, default_factory)
+
+
+def location(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field that says where the output goes (a URI, a run name)."""
+    return _kind_field("location", default, default_factory)
+
+
+def field_kind(f: dataclasses.Field) -> str:
+    return f.metadata.get("kind", "output")
+
+
+def bad(name: str, value: Any, why: str) -> ConfigError:
+    """The error for one bad field value: names the field, the value and what is wrong."""
+    return ConfigError(f"config field '{name}': {why} (got {value!r})")
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage shares."""
+
+    endpoint_url: Optional[str] = resource(None)
+    """S3-compatible endpoint for s3:// URIs (MinIO, a test server); default: AWS_ENDPOINT_URL or AWS."""
+    overwrite: bool = resource(False)
+    """Replace an output written with a different config instead of refusing."""
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check values; subclasses extend. Raise ConfigError naming the field."""
+
+    def require(self, *names: str) -> None:
+        """Raise ConfigError unless every named field is set (stages call this before work)."""
+        for name in names:
+            value = getattr(self, name)
+            if value is None or value == "" or value == []:
+                raise bad(name, value, "is required for this stage")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "StageConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict[str, Any]]) -> "StageConfig":
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
+                f"known fields: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "StageConfig":
+        return cls.from_dict(read_yaml(path))
+
+    @classmethod
+    def from_args(
+        cls, config_path: Optional[str], overrides: dict[str, str], base: Optional[dict[str, Any]] = None
+    ) -> "StageConfig":
+        """Build from `base` (a dict of defaults, e.g. the demo's), then an optional YAML file, then
+        ``field -> raw string`` overrides; each later source wins, section by section."""
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in (base or {}).items()}
+        for key, value in (read_yaml(config_path) if config_path else {}).items():
+            data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+        for key, raw in overrides.items():
+            section, _, sub = key.partition(".")
+            if sub:  # `--augment.num_augmentations 5` sets a field of a nested section
+                hints = typing.get_type_hints(cls)
+                sub_cls = base_type(hints.get(section))
+                if not (inspect.isclass(sub_cls) and issubclass(sub_cls, StageConfig)):
+                    raise ConfigError(f"{cls.__name__}: '{section}' is not a config section")
+                current = data.get(section) or {}
+                if isinstance(current, StageConfig):
+                    current = current.to_dict()
+                data[section] = {**current, sub: _parse_override(sub_cls, sub, raw)}
+            else:
+                data[key] = _parse_override(cls, key, raw)
+        return cls.from_dict(data)
+
+
+def identity(cfg: StageConfig) -> dict[str, Any]:
+    """The fields of `cfg` that define its output (kind ``output``), sections included."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if field_kind(f) != "output":
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = identity(value) if isinstance(value, StageConfig) else value
+    return out
+
+
+def config_fingerprint(cfg: StageConfig, **inputs: Any) -> str:
+    """Fingerprint of what a stage's output is made of: the config's identity plus the content
+    fingerprints of its inputs (models, tokens, upstream manifests) passed as `inputs`."""
+    from .storage import fingerprint
+
+    return fingerprint({"config": identity(cfg), **({"inputs": inputs} if inputs else {})})
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A YAML mapping from a local path or s3:// URI; ConfigError for anything else."""
+    from . import storage  # config files may live on S3 too
+
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(cls: type, key: str, raw: str) -> Any:
+    """A command-line string for field `key` of `cls`, turned into the value YAML would give."""
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+        raise ConfigError(f"{cls.__name__}: unknown field '{key}'; known fields: {known}")
+    tp = hints[key]
+    base = base_type(tp)
+    if raw in ("null", "None") and type(None) in typing.get_args(tp):
+        return None
+    if base is str:
+        return raw
+    if base is list:
+        (item_tp,) = typing.get_args(_strip_optional(tp)) or (Any,)
+        if raw.strip().startswith("["):  # YAML flow syntax: --prompt_templates '["a {}, b"]'
+            return _yaml_or_raw(raw)
+        # `--strengths 0.25,0.5` is friendlier than YAML flow syntax on a command line; items of a
+        # list of strings stay strings (`--classes no,1` is ['no', '1'], not [False, 1])
+        parts = [part.strip() for part in raw.split(",") if part.strip()]
+        return parts if item_tp is str else [_yaml_or_raw(part) for part in parts]
+    value = _yaml_or_raw(raw)
+    if base is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-5` (no dot) as a string; on a command line it means the number
+            value = float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _yaml_or_raw(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def base_type(tp: Any) -> Any:
+    """`Optional[list[float]]` -> list; a nested config class stays itself."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return base_type(args[0]) if len(args) == 1 else tp
+    return origin or tp
+
+
+def _coerce_fields(cfg: StageConfig) -> None:
+    """Check each field against its annotation; ints become floats where a float is meant."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        tp = hints[f.name]
+        optional = type(None) in typing.get_args(tp)
+        if value is None:
+            if not optional:
+                raise bad(f.name, value, "may not be null")
+            continue
+        base = base_type(tp)
+        if inspect.isclass(base) and issubclass(base, StageConfig):
+            if isinstance(value, dict):
+                setattr(cfg, f.name, base.from_dict(value))
+            elif not isinstance(value, base):
+                raise bad(f.name, value, f"must be a mapping of {base.__name__} fields")
+            continue
+        setattr(cfg, f.name, _coerce(f.name, value, tp))
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    base = base_type(tp)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad(name, value, "must be true or false")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(name, value, "must be an integer")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(name, value, "must be a number")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise bad(name, value, "must be a string")
+        return value
+    if base is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad(name, value, "must be a list")
+        (item_tp,) = typing.get_args(_strip_optional(tp)) or (Any,)
+        return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if base is dict:
+        if not isinstance(value, dict):
+            raise bad(name, value, "must be a mapping")
+        return dict(value)
+    return value
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def one_of(cfg: Any, name: str, choices: typing.Iterable[str]) -> None:
+    """Raise unless field `name` holds one of `choices`."""
+    choices = tuple(choices)
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise bad(name, value, f"must be one of {', '.join(choices)}")
+
+
+def positive(cfg: Any, *names: str, allow_zero: bool = False) -> None:
+    """Raise unless each named field (when set) is > 0, or >= 0 with `allow_zero`."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and not allow_zero):
+            raise bad(name, value, "must be >= 0" if allow_zero else "must be > 0")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Map each field of a config class to the docstring written under it."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not (dataclasses.is_dataclass(klass) and klass is not object):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(getattr(nxt, "value", None), ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -1,0 +1,110 @@
+"""The driver of a per-class stage: one Ray task per class, failures collected, finished classes kept.
+
+``invert`` (textual inversion) and ``erase`` (ESD) have the same shape, and so will any later
+per-class adapter (LoRA, say)::
+
+    classes = select_classes(table, cfg.classes, file_name)   # which classes, checked
+    plan = plan_classes("invert", cfg, classes, marker)        # refuse another config; skip done ones
+    records = run_class_tasks("invert", cfg, plan.todo, task, describe)   # one task per class
+    ... the stage writes its combined output and manifest ...
+
+A class is done once its marker file exists (the task writes it last), so a re-run after a crash
+or a failed class trains only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from . import storage
+from .configlib import StageConfig, config_fingerprint
+from .errors import StageError, one_line
+from .schema import ClassInfo
+
+__all__ = ["ClassPlan", "select_classes", "plan_classes", "run_class_tasks", "class_seed"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassPlan:
+    """What a per-class stage has to do in this run."""
+
+    config_fingerprint: str
+    complete: Optional[dict[str, Any]]
+    """The manifest, when the output is complete with this config."""
+    done: list[ClassInfo] = field(default_factory=list)
+    """Classes whose marker file exists (skipped)."""
+    todo: list[ClassInfo] = field(default_factory=list)
+
+
+def class_seed(seed: int, class_name: str) -> int:
+    """A class's own seed: a hash of (run seed, class name), so seed 1 of class A never equals
+    seed 0 of class B, and adding a class does not change the others' seeds."""
+    digest = hashlib.sha256(f"{seed}\x1f{class_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def select_classes(table: Sequence[ClassInfo], wanted: Optional[Sequence[str]],
+                   file_name: Callable[[ClassInfo], str]) -> list[ClassInfo]:
+    """The classes to work on (`wanted`, default all), refusing names whose files would collide."""
+    files = [file_name(c) for c in table]
+    dupes = sorted({f for f in files if files.count(f) > 1})
+    if dupes:
+        raise ValueError(f"class names collide as file names {dupes}: class names must differ in more than "
+                         "spacing or punctuation; rename the classes")
+    if wanted is None:
+        return list(table)
+    names = {c.name for c in table}
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not in the data set; its classes: {sorted(names)}")
+    return [c for c in table if c.name in wanted]
+
+
+def plan_classes(stage: str, cfg: StageConfig, classes: Sequence[ClassInfo],
+                 marker: Callable[[ClassInfo], str], **inputs: Any) -> ClassPlan:
+    """Refuse an output made with another config; find the classes already done."""
+    ep = cfg.endpoint_url
+    fp = config_fingerprint(cfg, **inputs)
+    complete = storage.ensure_fresh_output(cfg.output, stage, fp, cfg.overwrite, ep)
+    done = [c for c in classes if storage.exists(marker(c), ep)]
+    todo = [c for c in classes if c not in done]
+    for c in done:
+        log.info("%s: %s exists, skipped", c.name, marker(c))
+    return ClassPlan(fp, complete, done, todo)
+
+
+def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Callable[..., dict[str, Any]],
+                    describe: Callable[[dict[str, Any]], str]) -> dict[str, dict[str, Any]]:
+    """Run ``task(cfg, info)`` as one Ray task per class with cfg's num_cpus / num_gpus.
+
+    Returns each class's record. Every class runs even when one fails; failures are then raised
+    together as one StageError that names each class and its reason. Finished classes stay.
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(task)
+    pending = {remote.remote(cfg, c): c for c in todo}
+    records: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        info = pending.pop(ref)
+        try:
+            records[info.name] = ray.get(ref)
+        except Exception as exc:  # keep the other classes going; report every failure at the end
+            failures[info.name] = one_line(exc)
+            log.warning("%s: FAILED %s", info.name, failures[info.name])
+            continue
+        log.info("%s: %s", info.name, describe(records[info.name]))
+    if failures:
+        raise StageError(
+            f"{stage} failed for {len(failures)} of {len(todo)} classes: "
+            + "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
+            + f". Finished classes are kept in {cfg.output}; re-run the same command to retry only the failed ones."
+        )
+    return records

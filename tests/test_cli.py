@@ -1,0 +1,70 @@
+"""The command line and the job scripts: one line on stderr and an exit code for every ordinary
+failure, the full traceback on request, and every script under jobs/ run at least once."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ray_dafusion import storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _job(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_job", os.path.join(ROOT, "jobs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray_dafusion.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_a_failed_stage_is_one_line_and_exit_code_1(tmp_path):
+    missing = str(tmp_path / "no-such-output")
+    proc = _cli("gallery", missing)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("ray-dafusion gallery: error: ") and missing in lines[-1]
+    assert "Traceback" not in proc.stderr and "--traceback" in lines[-1]
+    # on request, the whole traceback
+    assert "Traceback (most recent call last)" in _cli("gallery", missing, "--traceback").stderr
+    assert "Traceback (most recent call last)" in _cli("gallery", missing, env={"RAY_DAFUSION_TRACEBACK": "1"}).stderr
+
+
+def test_a_bad_config_is_exit_code_2():
+    proc = _cli("train", "--alpha", "2")
+    assert proc.returncode == 2 and "'alpha'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("augment", "--prompt_templates", "a photo of a {}, close up")
+    assert proc.returncode == 2 and "comma" in proc.stderr
+
+
+def test_ingest_train_evaluate_job_scripts(ray_session, tmp_path, capsys):
+    from ray_dafusion.sample_data import write_digits
+
+    source = str(tmp_path / "digits")
+    write_digits(source, size=16, per_class=5)
+    real, runs, results = (str(tmp_path / d) for d in ("real", "runs", "results"))
+    common = ["--classes", "zero,one"]
+    assert _job("ingest").main(["--config", os.path.join(ROOT, "jobs", "configs", "ingest.yaml"), "--source", source,
+                                "--output", real, "--examples_per_class", "2", "--val_per_class", "1",
+                                "--test_per_class", "2", *common]) == 0
+    assert f"ingest: output {real}" in capsys.readouterr().out
+    assert _job("train").main(["--real", real, "--output", runs, "--method", "baseline", "--arch", "resnet18",
+                               "--backbone", "finetune", "--image_size", "16", "--epochs", "1",
+                               "--batch_size", "4"]) == 0
+    assert "train (baseline, alpha 0.0)" in capsys.readouterr().out
+    assert _job("evaluate").main(["--real", real, "--runs", storage.join(runs, "baseline"),
+                                  "--output", results]) == 0
+    assert "baseline: baseline shots 2" in capsys.readouterr().out
+    # a failure inside the stage: exit code 1 and one line naming the problem
+    assert _job("ingest").main(["--source", str(tmp_path / "nothing"), "--output", str(tmp_path / "r2")]) == 1
+    err = capsys.readouterr().err
+    assert "ray-dafusion ingest: error:" in err and "is not a directory" in err and "Traceback" not in err
