@@ -65,7 +65,7 @@ def make_data(root: str, num_real: int, m: int, size: int, classes: int = 4) -> 
     for part in range(8):
         storage.write_parquet(table.slice(bounds[part], bounds[part + 1] - bounds[part]),
                               os.path.join(synth, "data", f"part-{part}.parquet"))
-    storage.write_manifest(synth, {"stage": "augment"})
+    storage.write_manifest(synth, {"stage": "augment", "mode": "da_fusion"})
     return real, synth
 
 
@@ -110,7 +110,7 @@ def _bench_loop(loop: dict) -> None:
     times = []
     for step in range(total):
         t0 = time.perf_counter()
-        x, y, _, _ = next(source)
+        x, y, *_ = next(source)
         loss = train_step(model, optimizer, scaler, x, y, device)
         float(loss)  # wait for the step to finish (CUDA is asynchronous)
         times.append(time.perf_counter() - t0)

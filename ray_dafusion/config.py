@@ -67,19 +67,25 @@ class IngestConfig(StageConfig):
     """Turn labelled images into real/{train,val,test} parquet shards."""
 
     source: str = ""
-    """Input: an image folder root/<class>/*, a VOC root (Annotations/, JPEGImages/), or a COCO instances JSON."""
+    """Input: an image folder root/<class>/* (or root/{train,val,test}/<class>/* for given splits), a VOC root (Annotations/, JPEGImages/), or a COCO instances JSON."""
     format: str = "folder"
     """Layout of `source`: folder | voc | coco."""
     output: str = location("")
     """Output URI; gets train/, val/, test/, errors/ and manifest.json."""
     examples_per_class: int = 4
-    """Train images per class, taken as a prefix of a seeded permutation (smaller sets nest in larger)."""
+    """Train images per class: the first k of a `seed`-permuted train pool, so smaller sets nest in larger."""
     val_per_class: Optional[int] = None
-    """Validation images per class; default: half of what remains after train."""
+    """Validation images per class, fixed by split_seed; default: a quarter of the class (half of a given holdout)."""
     test_per_class: Optional[int] = None
-    """Test images per class; default: the other half of what remains after train."""
+    """Test images per class, fixed by split_seed; default: a quarter of the class (the other half of a given holdout)."""
+    split_seed: int = 0
+    """Seed that draws val and test per class; they never depend on examples_per_class or seed."""
     seed: int = 0
-    """Seed of the per-class permutation that picks the splits."""
+    """Seed of the permutation of the train pool whose first examples_per_class images are train."""
+    holdout_source: Optional[str] = None
+    """COCO only: the official held-out instances JSON (e.g. instances_val2017.json); val and test are drawn from it."""
+    holdout_images_dir: Optional[str] = None
+    """COCO only: directory of the holdout's images (default: the holdout JSON's directory)."""
     images_dir: Optional[str] = None
     """COCO only: directory of the images (default: the JSON's directory)."""
     allow_fewer: bool = False
@@ -153,8 +159,8 @@ class EraseConfig(StageConfig):
     """Diffusion model: local dir, s3:// prefix, hub id, `tiny` or `sd15-shape`."""
     output: str = location("")
     """Output URI: one safetensors file per class and manifest.json."""
-    method: str = "xattn"
-    """full: every UNet parameter (the paper); xattn: cross-attention key/value only, saved as deltas."""
+    method: str = "full"
+    """full: every UNet parameter (ESD as the reference runs it); xattn: every cross-attention (attn2) parameter (ESD-x), saved as deltas."""
     iterations: int = 1000
     """Optimisation steps per class."""
     learning_rate: float = 1e-5
@@ -162,7 +168,7 @@ class EraseConfig(StageConfig):
     negative_guidance: float = 1.0
     """eta: the target is e0 - eta * (e_c - e0)."""
     start_guidance: float = 3.0
-    """Guidance used to sample the partially denoised latent x_t."""
+    """Guidance used to sample the partially denoised latent x_t (with the UNet being trained, as ESD does)."""
     num_inference_steps: int = 50
     """DDIM steps of the schedule x_t is drawn on."""
     resolution: int = 512
@@ -298,8 +304,10 @@ class TrainConfig(StageConfig):
     """Train on GPUs (AMP)."""
     cpus_per_worker: float = resource(0.5)
     """CPUs per training worker; leave some for Ray Data."""
-    epochs: int = extent(10)
-    """Passes over the real train set."""
+    epochs: int = extent(50)
+    """Epochs, each of about iterations_per_epoch optimiser steps (the reference: 50 x 200)."""
+    iterations_per_epoch: int = 200
+    """Optimiser steps per epoch, made of whole passes over the real train set (so every shot count trains as long)."""
     batch_size: int = 32
     """Global batch size (split across workers)."""
     learning_rate: float = 1e-4
@@ -312,17 +320,18 @@ class TrainConfig(StageConfig):
     """Random horizontal flips in the train transform (RandAugment is added by method standard)."""
     num_to_keep: int = resource(2)
     """Checkpoints kept besides the latest (the best on val_mean_class_acc are kept)."""
-    steps_per_epoch: Optional[int] = resource(None)
-    """Cap on optimiser steps per epoch (default: one full pass; a cap breaks exactness, for benchmarks)."""
     prefetch_batches: int = resource(2)
-    """Batches each worker reads and decodes ahead of the one being trained on."""
+    """Batches each worker decodes ahead of the one being trained on."""
+    cache_mb: float = resource(1024.0)
+    """Keep each worker's share of the encoded real+synthetic rows in memory after the first read when the whole union is at most this many MB; larger unions stream from storage on every pass."""
     shuffle_buffer: int = resource(512)
-    """Rows in each worker's local shuffle buffer (seeded by seed and epoch)."""
+    """Rows in each worker's local shuffle buffer when streaming (seeded by seed, epoch and pass)."""
     debug_dir: Optional[str] = resource(None)
     """Testing aid: each worker writes its pid and the rows it trained on per epoch here."""
 
     def validate(self) -> None:
-        positive(self, "num_to_keep", "prefetch_batches", "shuffle_buffer", "steps_per_epoch")
+        positive(self, "num_to_keep", "prefetch_batches", "shuffle_buffer", "iterations_per_epoch")
+        positive(self, "cache_mb", allow_zero=True)
         one_of(self, "method", TRAIN_METHODS)
         one_of(self, "arch", ARCHS)
         one_of(self, "backbone", BACKBONES)

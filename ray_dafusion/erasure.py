@@ -1,17 +1,19 @@
 """Concept erasure (ESD): edit the UNet so a class name no longer steers generation.
 
 For each class, a frozen copy of the original UNet gives e0 = eps(x_t, t, "") and
-e_c = eps(x_t, t, "a photo of a <class name>"); the trained UNet's eps(x_t, t, class prompt) is
-regressed (MSE) toward e0 - eta (e_c - e0), i.e. negative guidance away from the concept.
-x_t comes from running the frozen model with classifier-free guidance (start_guidance) from pure
-noise through k of the num_inference_steps DDIM steps, k uniform; t is the DDIM timestep reached,
-so the noise level of x_t and the t the UNet is told agree.
+e_c = eps(x_t, t, c), where the concept c is the bare class name ("leafy spurge"); the trained
+UNet's eps(x_t, t, c) is regressed (MSE) toward e0 - eta (e_c - e0), i.e. negative guidance away
+from the concept. As in ESD, x_t comes from the UNet being trained (no gradient), run with
+classifier-free guidance (start_guidance) on c from pure noise through k of the
+num_inference_steps DDIM steps, k uniform; t is the DDIM timestep reached, so the noise level of
+x_t and the t the UNet is told agree.
 
 Two variants (``cfg.method``):
 
-- ``full``: every UNet parameter (the paper); saved per class as the whole UNet state dict.
-- ``xattn``: only the cross-attention key/value projections (``attn2.to_k`` / ``attn2.to_v``),
-  saved per class as deltas (new - original): small enough to swap per batch.
+- ``full``: every UNet parameter (ESD as the reference runs it, the default); saved per class as
+  the whole UNet state dict.
+- ``xattn`` (ESD-x): every cross-attention parameter (``attn2``: query, key, value and output
+  projections), saved per class as deltas (new - original): small enough to swap per batch.
 
 Output (``cfg.output``)::
 
@@ -36,15 +38,17 @@ from typing import Any
 from . import perclass, schema, storage
 from .config import EraseConfig
 from .logs import setup_logging
+from .modes import class_word
 from .models import file_fingerprint
 from .runinfo import versions
 from .schema import ClassInfo
 
-__all__ = ["EraseResult", "ErasedConcept", "erase", "erase_concept", "xattn_parameter_names", "class_file_name", "ERASE_TEMPLATE"]
+__all__ = ["EraseResult", "ErasedConcept", "erase", "erase_concept", "erase_prompt", "xattn_parameter_names",
+           "class_file_name", "ERASE_TEMPLATE"]
 
 CLASSES_DIR = "classes"
-ERASE_TEMPLATE = "a photo of a {}"
-"""The prompt whose concept is erased; {} becomes the class name (the real words, not the token)."""
+ERASE_TEMPLATE = "{}"
+"""The prompt whose concept is erased: the bare class name in words (ESD erases the concept itself)."""
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,13 @@ class ErasedConcept:
 
 
 def xattn_parameter_names(unet: Any) -> list[str]:
-    """Names of the cross-attention key/value projection weights (what `xattn` trains)."""
-    return [n for n, _ in unet.named_parameters() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    """Names of every cross-attention parameter (ESD-x: what `xattn` trains)."""
+    return [n for n, _ in unet.named_parameters() if ".attn2." in n]
+
+
+def erase_prompt(class_name: str) -> str:
+    """The concept erased for a class: its name in plain words."""
+    return ERASE_TEMPLATE.replace("{}", class_word(class_name))
 
 
 def class_file_name(class_name: str) -> str:
@@ -176,10 +185,10 @@ def _erase_class(cfg: EraseConfig, info: ClassInfo) -> dict[str, Any]:
     local = resolve_model(cfg.model, cfg.cache_dir, cfg.endpoint_url)
     pipe = load_pipeline(local, device=device, torch_dtype=torch.float32)
     log.info("%s: %s, %d iterations on %s", info.name, cfg.method, cfg.iterations, device)
-    erased = erase_concept(pipe, info.name, cfg, seed=cfg.seed + info.label)
+    erased = erase_concept(pipe, info.name, cfg, seed=perclass.class_seed(cfg.seed, info.name))
     record = {
         "name": info.name, "label": info.label, "method": cfg.method,
-        "file": f"{CLASSES_DIR}/{class_file_name(info.name)}", "prompt": ERASE_TEMPLATE.replace("{}", info.name),
+        "file": f"{CLASSES_DIR}/{class_file_name(info.name)}", "prompt": erase_prompt(info.name),
         "iterations": cfg.iterations, "seconds": round(erased.seconds, 3), "device": erased.device,
         "model_fingerprint": model_fingerprint(local), "losses": erased.losses,
     }
@@ -223,7 +232,7 @@ def erase_concept(pipe: Any, class_name: str, cfg: EraseConfig, seed: int) -> Er
     else:
         names = xattn_parameter_names(unet)
         if not names:
-            raise ValueError("this UNet has no cross-attention key/value projections (attn2.to_k / attn2.to_v)")
+            raise ValueError("this UNet has no cross-attention (attn2) parameters to train with method xattn")
         params = dict(unet.named_parameters())
         trained = {n: params[n] for n in names}
     for p in trained.values():
@@ -240,7 +249,7 @@ def erase_concept(pipe: Any, class_name: str, cfg: EraseConfig, seed: int) -> Er
             return text_encoder(ids)[0]  # (1, 77, dim)
 
     emb_0 = encode("")
-    emb_c = encode(ERASE_TEMPLATE.replace("{}", class_name))
+    emb_c = encode(erase_prompt(class_name))
     emb_both = torch.cat([emb_0, emb_c])
 
     # 3. the DDIM schedule x_t is drawn on
@@ -250,9 +259,9 @@ def erase_concept(pipe: Any, class_name: str, cfg: EraseConfig, seed: int) -> Er
     size = cfg.resolution // pipe.vae_scale_factor
     shape = (1, unet.config.in_channels, size, size)
 
-    def frozen_eps(x: Any, t: Any) -> tuple[Any, Any]:
+    def eps(model: Any, x: Any, t: Any) -> tuple[Any, Any]:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            e0, ec = frozen(torch.cat([x, x]), t, emb_both).sample.float().chunk(2)
+            e0, ec = model(torch.cat([x, x]), t, emb_both).sample.float().chunk(2)
         return e0, ec
 
     # 4. ESD iterations; every random draw comes from `gen`, independent of the weights
@@ -261,11 +270,13 @@ def erase_concept(pipe: Any, class_name: str, cfg: EraseConfig, seed: int) -> Er
     for _ in range(cfg.iterations):
         k = int(torch.randint(0, len(timesteps), (1,), generator=gen))
         x = torch.randn(shape, generator=gen).to(device) * scheduler.init_noise_sigma  # (1, 4, R/8, R/8)
-        for t in timesteps[:k]:  # sample x_t with the frozen model and classifier-free guidance
-            e0, ec = frozen_eps(x, t)
+        unet.eval()
+        for t in timesteps[:k]:  # sample x_t with the UNet being trained and classifier-free guidance
+            e0, ec = eps(unet, x, t)
             x = scheduler.step(e0 + cfg.start_guidance * (ec - e0), t, x).prev_sample
+        unet.train()
         t = timesteps[k]
-        e0, ec = frozen_eps(x, t)
+        e0, ec = eps(frozen, x, t)  # the target comes from the original model
         target = e0 - cfg.negative_guidance * (ec - e0)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             pred = unet(x, t, emb_c).sample

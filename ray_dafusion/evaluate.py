@@ -216,8 +216,9 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     if not files:
         raise FileNotFoundError(f"no parquet files under {storage.join(cfg.real, cfg.split)}")
 
-    # 2. each run's best-on-val checkpoint, checked against the class table
+    # 2. each run's best-on-val checkpoint, checked against the class table and the fixed splits
     records = [_read_run(run_uri, [c.name for c in classes], cfg) for run_uri in cfg.runs]
+    _check_same_splits(cfg, records)
 
     # 3. an output of the same config and the same checkpoints is complete: report it again
     # (a run resumed for more epochs may have a new best checkpoint, so they are fingerprinted)
@@ -252,6 +253,27 @@ def _read_run(run_uri: str, class_names: list[str], cfg: EvaluateConfig) -> tupl
         raise ValueError(f"run {run_uri} was trained on classes {run_classes[:5]}..., "
                          f"but {cfg.real} has {class_names[:5]}...; evaluate it on its own data set")
     return run_uri, record
+
+
+def _check_same_splits(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]]) -> None:
+    """Every run was selected on the same val and is scored on the same test as `cfg.real` holds
+    (ingest fixes them for a data set): otherwise train images could be in the test set."""
+    ep = cfg.endpoint_url
+    mine = (storage.read_manifest(cfg.real, ep) or {}).get("split_fingerprints")
+    if not mine:
+        raise ValueError(f"{cfg.real} records no split fingerprints (an ingest output from an older version); "
+                         "re-run ingest into a new output")
+    for run_uri, record in records:
+        real = record.get("real")
+        theirs = (storage.read_manifest(real, ep) or {}).get("split_fingerprints", {}) if real else {}
+        for split in ("val", "test"):
+            if theirs.get(split) != mine.get(split):
+                raise ValueError(
+                    f"run {run_uri} was trained on {real}, whose {split} split ({theirs.get(split)}) is not the "
+                    f"{split} split of {cfg.real} ({mine.get(split)}): its numbers would not be comparable and its "
+                    f"train images may be in this {split} set. Ingest every shot count and seed from the same "
+                    "source with the same split_seed and val/test sizes."
+                )
 
 
 def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], files: list[str],

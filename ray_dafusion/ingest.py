@@ -25,10 +25,11 @@ from PIL import Image, ImageOps
 from . import schema, storage
 from .config import ConfigError, IngestConfig, callable_stage_module
 from .configlib import config_fingerprint
+from .errors import StageError
 from .runinfo import versions
 from .tokens import class_token
 
-__all__ = ["ingest", "IngestResult", "load_image_file", "SPLITS"]
+__all__ = ["ingest", "IngestResult", "load_image_file", "split_class", "split_fingerprint", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 _KEEP_FORMATS = {"PNG", "JPEG"}
@@ -106,28 +107,72 @@ def load_image_file(data: bytes, max_size: Optional[int] = None) -> tuple[bytes,
 
 
 # ---- listing: folder / VOC / COCO -----------------------------------------------------------
+#
+# Each listed item is {key, uri, class_name, annotation, given}: `given` names the split the source
+# itself assigns ("train", "val", "test", or "holdout" to be divided into val and test), or is
+# None when the source has no splits of its own.
+
+GIVEN_SPLITS = ("train", "val", "test")
 
 
-def _list_folder(cfg: IngestConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+@dataclass
+class _Listing:
+    items: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    class_dirs: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _list_source(cfg: IngestConfig) -> _Listing:
+    """Paths and class names only (no image is read here), filtered to `cfg.classes`."""
+    if cfg.format == "folder":
+        listing = _list_folder(cfg)
+    elif cfg.format == "voc":
+        listing = _list_voc(cfg)
+    else:
+        listing = _list_coco(cfg)
+    if cfg.classes is not None:
+        wanted = set(cfg.classes)
+        missing = sorted(wanted - {i["class_name"] for i in listing.items} - set(listing.class_dirs))
+        if missing:
+            raise ConfigError(f"config field 'classes': not found in {cfg.source}: {', '.join(missing)}")
+        listing.skipped["other_classes"] = sum(i["class_name"] not in wanted for i in listing.items)
+        listing.items = [i for i in listing.items if i["class_name"] in wanted]
+        listing.class_dirs = [c for c in listing.class_dirs if c in wanted]
+    if not listing.items:
+        raise ValueError(f"no images found in {cfg.source} (format: {cfg.format})")
+    return listing
+
+
+def _list_folder(cfg: IngestConfig) -> _Listing:
+    """root/<class>/*, or root/{train,val,test}/<class>/* when the source gives its own splits."""
     fs, root = storage.resolve(cfg.source, cfg.endpoint_url)
     import pyarrow.fs as pafs
 
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"ingest source {cfg.source} is not a directory (format: folder expects root/<class>/*)")
+    top = storage.list_dirs(cfg.source, cfg.endpoint_url)
+    given = "train" in top and set(top) <= set(GIVEN_SPLITS)
+    if given:
+        log.info("%s has %s/ folders: using them as the data set's own splits", cfg.source, "/, ".join(top))
+    class_dirs = sorted({c for t in top for c in storage.list_dirs(storage.join(cfg.source, t), cfg.endpoint_url)}) \
+        if given else top
     items, errors = [], []
-    class_dirs = storage.list_dirs(cfg.source, cfg.endpoint_url)
+    depth = 3 if given else 2
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if entry.type != pafs.FileType.File:
             continue
         rel = posixpath.relpath(entry.path.replace(os.sep, "/"), root.replace(os.sep, "/"))
         parts = rel.split("/")
-        if len(parts) < 2:
+        if len(parts) < depth:
+            where = "a split folder, not inside a class folder" if given and len(parts) == 2 else "the top level"
             errors.append({"stage": "ingest", "item": rel, "class_name": None,
-                           "reason": "file at the top level, not inside a class folder"})
+                           "reason": f"file at {where}, not inside a class folder"})
             continue
-        items.append({"key": rel, "uri": storage.join(cfg.source, rel), "class_name": parts[0], "annotation": None})
-    return items, errors, class_dirs
+        items.append({"key": rel, "uri": storage.join(cfg.source, rel), "class_name": parts[depth - 2],
+                      "annotation": None, "given": parts[0] if given else None})
+    return _Listing(items, errors, class_dirs)
 
 
 def _voc_largest(xml_bytes: bytes) -> tuple[Optional[str], Optional[str], int]:
@@ -148,15 +193,34 @@ def _voc_largest(xml_bytes: bytes) -> tuple[Optional[str], Optional[str], int]:
     return best, filename, n
 
 
-def _list_voc(cfg: IngestConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+def _voc_image_sets(cfg: IngestConfig) -> Optional[dict[str, str]]:
+    """stem -> "train" | "holdout" from ImageSets/Main/{train,val}.txt, when both exist (VOC's own split)."""
+    main = storage.join(cfg.source, "ImageSets", "Main")
+    lists = {}
+    for name, role in (("train.txt", "train"), ("val.txt", "holdout")):
+        try:
+            lists[role] = storage.read_bytes(storage.join(main, name), cfg.endpoint_url).decode().split()
+        except FileNotFoundError:
+            return None
+    log.info("%s has ImageSets/Main/train.txt and val.txt: train from the first, val and test from the second",
+             cfg.source)
+    return {stem: role for role, stems in lists.items() for stem in stems}
+
+
+def _list_voc(cfg: IngestConfig) -> _Listing:
     ann_dir = storage.join(cfg.source, "Annotations")
     img_dir = cfg.images_dir or storage.join(cfg.source, "JPEGImages")
     xmls = storage.list_files(ann_dir, "", cfg.endpoint_url)
     if not xmls:
         raise FileNotFoundError(f"no annotation files under {ann_dir} (format: voc expects Annotations/*.xml, JPEGImages/)")
-    items, errors, no_objects = [], [], 0
+    image_sets = _voc_image_sets(cfg)
+    items, errors, no_objects, not_listed = [], [], 0, 0
     for xml_uri in xmls:
         name = posixpath.basename(xml_uri)
+        stem = os.path.splitext(name)[0]
+        if image_sets is not None and stem not in image_sets:
+            not_listed += 1
+            continue
         try:
             label, filename, n = _voc_largest(storage.read_bytes(xml_uri, cfg.endpoint_url))
         except Exception as exc:
@@ -166,30 +230,35 @@ def _list_voc(cfg: IngestConfig) -> tuple[list[dict[str, Any]], list[dict[str, A
         if label is None:
             no_objects += 1
             continue
-        filename = filename or os.path.splitext(name)[0] + ".jpg"
-        items.append({"key": f"JPEGImages/{filename}", "uri": storage.join(img_dir, filename),
-                      "class_name": label, "annotation": f"Annotations/{name}"})
-    return items, errors, no_objects
+        filename = filename or stem + ".jpg"
+        items.append({"key": f"JPEGImages/{filename}", "uri": storage.join(img_dir, filename), "class_name": label,
+                      "annotation": f"Annotations/{name}", "given": image_sets[stem] if image_sets else None})
+    skipped = {"no_objects": no_objects, **({"not_in_image_sets": not_listed} if not_listed else {})}
+    return _Listing(items, errors, skipped=skipped)
 
 
-def _list_coco(cfg: IngestConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+def _read_coco(uri: str, endpoint_url: Optional[str]) -> dict[str, Any]:
     try:
-        data = json.loads(storage.read_bytes(cfg.source, cfg.endpoint_url))
+        data = json.loads(storage.read_bytes(uri, endpoint_url))
     except FileNotFoundError:
-        raise FileNotFoundError(f"COCO annotation file not found: {cfg.source}") from None
+        raise FileNotFoundError(f"COCO annotation file not found: {uri}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"COCO annotation file {cfg.source} is not valid JSON: {exc}") from None
+        raise ValueError(f"COCO annotation file {uri} is not valid JSON: {exc}") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"COCO annotation file {cfg.source} has no '{key}' list")
-    img_dir = cfg.images_dir or posixpath.dirname(cfg.source.rstrip("/")) or "."
+            raise ValueError(f"COCO annotation file {uri} has no '{key}' list")
+    return data
+
+
+def _coco_items(data: dict[str, Any], img_dir: str, given: Optional[str], prefix: str,
+                errors: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Each image labelled by its largest annotation; (items, images without any annotation)."""
     categories = {c["id"]: c["name"] for c in data["categories"]}
     largest: dict[Any, tuple[float, Any]] = {}
-    errors = []
     for ann in data["annotations"]:
         img_id, cat, area = ann.get("image_id"), ann.get("category_id"), ann.get("area")
         if cat not in categories or not isinstance(area, (int, float)):
-            errors.append({"stage": "ingest", "item": f"annotation {ann.get('id')}", "class_name": None,
+            errors.append({"stage": "ingest", "item": f"{prefix}annotation {ann.get('id')}", "class_name": None,
                            "reason": f"annotation with unknown category {cat!r} or no area"})
             continue
         if img_id not in largest or area > largest[img_id][0]:
@@ -200,9 +269,25 @@ def _list_coco(cfg: IngestConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
             no_objects += 1
             continue
         fname = img["file_name"]
-        items.append({"key": fname, "uri": storage.join(img_dir, fname),
-                      "class_name": categories[largest[img["id"]][1]], "annotation": None})
-    return items, errors, no_objects
+        items.append({"key": prefix + fname, "uri": storage.join(img_dir, fname),
+                      "class_name": categories[largest[img["id"]][1]], "annotation": None, "given": given})
+    return items, no_objects
+
+
+def _list_coco(cfg: IngestConfig) -> _Listing:
+    """The instances JSON; with `holdout_source`, its images are the train pool and the holdout's
+    are divided into val and test."""
+    errors: list[dict[str, Any]] = []
+    img_dir = cfg.images_dir or posixpath.dirname(cfg.source.rstrip("/")) or "."
+    items, no_objects = _coco_items(_read_coco(cfg.source, cfg.endpoint_url), img_dir,
+                                    "train" if cfg.holdout_source else None, "", errors)
+    if cfg.holdout_source:
+        hold_dir = cfg.holdout_images_dir or posixpath.dirname(cfg.holdout_source.rstrip("/")) or "."
+        held, held_empty = _coco_items(_read_coco(cfg.holdout_source, cfg.endpoint_url), hold_dir, "holdout",
+                                       "holdout/", errors)
+        items += held
+        no_objects += held_empty
+    return _Listing(items, errors, skipped={"no_objects": no_objects})
 
 
 # ---- Ray Data steps -------------------------------------------------------------------------
@@ -261,23 +346,78 @@ def _write_shard(batch: pa.Table, output: str, split: str, class_names: list[str
 # ---- the stage --------------------------------------------------------------------------------
 
 
-def _split_class(keys: list[str], cfg: IngestConfig) -> dict[str, list[str]]:
-    """Seeded permutation per class: train is its first k, so smaller subsets nest in larger."""
+def _draw(keys: list[str], seed: int) -> list[str]:
+    """`keys` in the order of a seeded permutation of their sorted order."""
     keys = sorted(keys)
-    order = [keys[i] for i in np.random.default_rng(cfg.seed).permutation(len(keys))]
+    return [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
+
+
+def _quarter(n: int) -> int:
+    return max(1, n // 4) if n >= 3 else 0
+
+
+def split_class(keys: list[str], given: dict[str, Optional[str]], cfg: IngestConfig) -> dict[str, list[str]]:
+    """One class's splits: val and test fixed for the data set, train nested in k.
+
+    - val and test: drawn by `split_seed` (from the whole class, or from a given holdout), or
+      taken as the source gives them; they never depend on `examples_per_class` or `seed`.
+    - the train pool: what remains (or the source's own train split).
+    - train: the first k of the `seed`-permuted pool, so train(k) is a prefix of train(2k) and no
+      train image of any k or seed is ever in val or test.
+
+    Returns {"train", "val", "test", "unused"}: unused are pool images beyond k and holdout
+    images beyond explicit val/test sizes (counted, never dropped silently).
+    """
+    by_given: dict[Optional[str], list[str]] = defaultdict(list)
+    for key in keys:
+        by_given[given.get(key)].append(key)
+    out: dict[str, list[str]] = {"unused": []}
+    if set(by_given) <= {None}:  # no splits of its own: val, test and pool all from the class
+        order = _draw(by_given[None], cfg.split_seed)
+        n_val = min(_size(cfg.val_per_class, _quarter(len(order))), len(order))
+        n_test = min(_size(cfg.test_per_class, _quarter(len(order))), len(order) - n_val)
+        out["val"], out["test"], pool = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
+    else:
+        pool = list(by_given["train"])
+        holdout = _draw(by_given["holdout"], cfg.split_seed)
+        n_val = min(_size(cfg.val_per_class, len(holdout) // 2), len(holdout))
+        out["val"] = _take(by_given["val"], cfg.val_per_class, cfg.split_seed) if "val" in by_given \
+            else holdout[:n_val]
+        rest = holdout[n_val:]
+        if "test" in by_given:
+            out["test"] = _take(by_given["test"], cfg.test_per_class, cfg.split_seed)
+        else:
+            n_test = min(_size(cfg.test_per_class, len(rest)), len(rest))
+            out["test"], out["unused"] = rest[:n_test], rest[n_test:]
+        for split in ("val", "test"):  # a split the source lacks is drawn from its train split
+            if split not in by_given and not holdout:
+                order = _draw(pool, cfg.split_seed + (0 if split == "val" else 1))
+                n = min(_size(cfg.val_per_class if split == "val" else cfg.test_per_class, _quarter(len(pool))),
+                        len(order))
+                out[split], pool = order[:n], sorted(order[n:])
+    order = _draw(pool, cfg.seed)
     k = min(cfg.examples_per_class, len(order))
-    rest = order[k:]
-    n_val = cfg.val_per_class if cfg.val_per_class is not None else len(rest) // 2
-    n_val = min(n_val, len(rest))
-    n_test = cfg.test_per_class if cfg.test_per_class is not None else len(rest) - n_val
-    return {"train": order[:k], "val": rest[:n_val], "test": rest[n_val:n_val + n_test]}
+    out["train"] = order[:k]
+    out["unused"] += order[k:]
+    return out
+
+
+def _size(explicit: Optional[int], default: int) -> int:
+    return default if explicit is None else explicit
+
+
+def _take(keys: list[str], n: Optional[int], seed: int) -> list[str]:
+    """All of a given split, or `n` of them drawn by `seed`."""
+    return sorted(keys) if n is None else _draw(keys, seed)[:n]
+
+
+def split_fingerprint(ids: list[str]) -> str:
+    """Identity of a split: a hash of its sorted row ids (which hash the pixels and the path)."""
+    return storage.fingerprint(sorted(ids))
 
 
 def ingest(cfg: IngestConfig) -> IngestResult:
     """Read labelled images, validate them, split them per class and write parquet shards."""
-    import ray
-    from ray.data.expressions import col
-
     cfg.require("source", "output")
     started = time.time()
     config_fp = config_fingerprint(cfg)
@@ -290,36 +430,67 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         storage.delete(storage.join(cfg.output, split), cfg.endpoint_url)
 
     # 1. list the source (paths and class names only)
-    skipped: dict[str, int] = {}
-    class_dirs: list[str] = []
-    if cfg.format == "folder":
-        items, errors, class_dirs = _list_folder(cfg)
-    elif cfg.format == "voc":
-        items, errors, skipped["no_objects"] = _list_voc(cfg)
-    else:
-        items, errors, skipped["no_objects"] = _list_coco(cfg)
-    if cfg.classes is not None:
-        wanted = set(cfg.classes)
-        missing = sorted(wanted - {i["class_name"] for i in items} - set(class_dirs))
-        if missing:
-            raise ConfigError(f"config field 'classes': not found in {cfg.source}: {', '.join(missing)}")
-        skipped["other_classes"] = sum(i["class_name"] not in wanted for i in items)
-        items = [i for i in items if i["class_name"] in wanted]
-        class_dirs = [c for c in class_dirs if c in wanted]
-    listing_errors = len(errors)
-    if not items:
-        raise ValueError(f"no images found in {cfg.source} (format: {cfg.format})")
-    log.info("%d files listed from %s", len(items), cfg.source)
+    listing = _list_source(cfg)
+    listed = len(listing.items) + len(listing.errors)
+    log.info("%d files listed from %s", len(listing.items), cfg.source)
 
     # 2. decode and validate in parallel; only small metadata comes back to the driver
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))
+    decoded, meta = _decode_all(cfg, listing.items)
+
+    # 3. quarantine bad files and duplicates; decide splits per class
+    by_class, digest_of = _quarantine(meta, listing.errors)
+    classes = _check_classes(cfg, by_class, len(meta))
+    plan = _plan_splits(cfg, classes, by_class, digest_of, {i["key"]: i.get("given") for i in listing.items})
+    if plan.unused:
+        listing.skipped["unused"] = plan.unused
+        log.info("%d usable images are in no split (train pool beyond examples_per_class=%d, or holdout beyond "
+                 "val/test sizes); counted as skipped 'unused'", plan.unused, cfg.examples_per_class)
+
+    # 4. write each split as bounded shards, in parallel; quarantined files to errors/
+    files = _write_splits(cfg, decoded, plan, classes)
+    if listing.errors:
+        storage.write_parquet(schema.error_table(listing.errors),
+                              storage.join(cfg.output, "errors", "part-00000.parquet"), cfg.endpoint_url)
+
+    # 5. the manifest goes last: it marks the output complete
+    empty = sorted(set(listing.class_dirs) - set(by_class))
+    counts = _counts(listed, plan, listing, files, empty)
+    seconds = time.time() - started
+    storage.write_manifest(cfg.output, {
+        "stage": "ingest",
+        "config": cfg.to_dict(),
+        "config_fingerprint": config_fp,
+        "seed": cfg.seed,
+        "split_seed": cfg.split_seed,
+        "split_fingerprints": {s: split_fingerprint(plan.ids[s]) for s in SPLITS},
+        "classes": [{"name": c, "label": i, "token": class_token(c)} for i, c in enumerate(classes)],
+        "counts": counts,
+        "seconds": round(seconds, 3),
+        "versions": versions(),
+    }, cfg.endpoint_url)
+    for cls in empty:
+        log.warning("class folder %r has no usable images; it is left out of the class table", cls)
+    log.info("wrote %s images of %d classes to %s (%d quarantined in errors/, %d skipped) in %.1fs",
+             counts["splits"], len(classes), cfg.output, len(listing.errors), sum(listing.skipped.values()), seconds)
+    return IngestResult(cfg.output, classes, counts["splits"], len(listing.errors), listing.skipped, seconds)
+
+
+def _decode_all(cfg: IngestConfig, items: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
+    """(the decoded rows, materialised once in the object store; their small metadata columns)."""
+    import ray.data
+
+    ds = ray.data.from_items([{k: i[k] for k in ("key", "uri", "class_name")} for i in items],
+                             override_num_blocks=max(1, min(len(items) // 64, 64)))
     decoded = ds.map_batches(
         _decode, fn_kwargs={"endpoint_url": cfg.endpoint_url, "max_size": cfg.max_image_size},
         batch_size=32, num_cpus=0.5,
     ).materialize()
-    meta = decoded.select_columns(["key", "class_name", "sha256", "error"]).take_all()
+    return decoded, decoded.select_columns(["key", "class_name", "sha256", "error"]).take_all()
 
-    # 3. quarantine bad files and duplicates; decide splits per class
+
+def _quarantine(meta: list[dict[str, Any]], errors: list[dict[str, Any]]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Unreadable files, pixel duplicates and images under several classes go to `errors`;
+    returns (class -> usable keys, key -> pixel digest)."""
     by_class: dict[str, list[str]] = defaultdict(list)
     first_seen: dict[str, tuple[str, str]] = {}
     dup_classes: dict[str, set[str]] = defaultdict(set)
@@ -340,84 +511,88 @@ def ingest(cfg: IngestConfig) -> IngestResult:
                            "reason": f"same image appears under several classes: {', '.join(sorted(dup_classes[digest]))}"})
         else:
             by_class[cls].append(key)
+    return by_class, {key: digest for digest, (key, _) in first_seen.items()}
 
-    empty = sorted(set(class_dirs) - set(by_class))
+
+def _check_classes(cfg: IngestConfig, by_class: dict[str, list[str]], listed: int) -> list[str]:
     classes = sorted(by_class)
     if not classes:
-        raise ValueError(f"no usable images in {cfg.source}: all {len(meta)} files were quarantined (see errors)")
-    short = {c: len(by_class[c]) for c in classes if len(by_class[c]) < cfg.examples_per_class}
+        raise ValueError(f"no usable images in {cfg.source}: all {listed} files were quarantined (see errors)")
+    return classes
+
+
+@dataclass
+class _SplitPlan:
+    assign: dict[str, tuple[str, int, str]]
+    """key -> (split, label, id)"""
+    per_class: dict[str, dict[str, int]]
+    ids: dict[str, list[str]]
+    unused: int
+
+
+def _plan_splits(cfg: IngestConfig, classes: list[str], by_class: dict[str, list[str]], digest_of: dict[str, str],
+                 given: dict[str, Optional[str]]) -> _SplitPlan:
+    plans = {cls: split_class(by_class[cls], given, cfg) for cls in classes}
+    short = {c: len(p["train"]) for c, p in plans.items() if len(p["train"]) < cfg.examples_per_class}
     if short and not cfg.allow_fewer:
         listed = ", ".join(f"{c!r} ({n})" for c, n in sorted(short.items()))
         raise ValueError(
-            f"classes with fewer usable images than examples_per_class={cfg.examples_per_class}: {listed}. "
-            "Lower examples_per_class, add images, or set allow_fewer: true to train on what there is."
+            f"classes whose train pool (what val and test leave) holds fewer usable images than "
+            f"examples_per_class={cfg.examples_per_class}: {listed}. Lower examples_per_class or val_per_class / "
+            "test_per_class, add images, or set allow_fewer: true to train on what there is."
         )
-    digest_of = {key: digest for digest, (key, _) in first_seen.items()}
     assign: dict[str, tuple[str, int, str]] = {}
     per_class: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+    ids: dict[str, list[str]] = {s: [] for s in SPLITS}
     unused = 0
     for label, cls in enumerate(classes):
-        parts = _split_class(by_class[cls], cfg)
-        unused += len(by_class[cls]) - sum(len(keys) for keys in parts.values())
-        for split, keys in parts.items():
+        unused += len(plans[cls]["unused"])
+        for split in SPLITS:
+            keys = plans[cls][split]
             per_class[split][cls] = len(keys)
             for key in keys:
                 rid = hashlib.sha256(f"{key}\n{digest_of[key]}".encode()).hexdigest()[:16]
                 assign[key] = (split, label, rid)
+                ids[split].append(rid)
+    return _SplitPlan(assign, per_class, ids, unused)
 
-    if unused:  # explicit val/test sizes that leave images over: counted, never dropped silently
-        skipped["unused"] = unused
-        log.info("%d usable images are in no split (val_per_class=%s, test_per_class=%s); counted as skipped "
-                 "'unused'", unused, cfg.val_per_class, cfg.test_per_class)
 
-    # 4. write each split as bounded shards, in parallel
+def _write_splits(cfg: IngestConfig, decoded: Any, plan: _SplitPlan, classes: list[str]) -> dict[str, list[str]]:
+    """Each split as bounded parquet shards; the decoded rows stream from the one materialised copy."""
+    from ray.data.expressions import col
+
     files: dict[str, list[str]] = {}
-    assigned = decoded.map_batches(_assign_split, fn_kwargs={"assign": assign}, batch_format="pyarrow",
-                                   num_cpus=0.5).materialize()
     for split in SPLITS:
-        expected = sum(per_class[split].values())
-        written = [] if not expected else assigned.filter(expr=col("split") == split).map_batches(
+        expected = sum(plan.per_class[split].values())
+        written = [] if not expected else decoded.map_batches(
+            _assign_split, fn_kwargs={"assign": plan.assign}, batch_format="pyarrow", num_cpus=0.5,
+        ).filter(expr=col("split") == split).map_batches(
             _write_shard, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=0.5,
             fn_kwargs={"output": cfg.output, "split": split, "class_names": classes,
                        "endpoint_url": cfg.endpoint_url},
         ).take_all()
         files[split] = sorted(w["file"] for w in written)
         if sum(w["rows"] for w in written) != expected:
-            raise RuntimeError(f"ingest wrote {sum(w['rows'] for w in written)} {split} rows, expected {expected}")
-    if errors:
-        storage.write_parquet(schema.error_table(errors), storage.join(cfg.output, "errors", "part-00000.parquet"),
-                              cfg.endpoint_url)
+            raise StageError(f"ingest wrote {sum(w['rows'] for w in written)} {split} rows, expected {expected}; "
+                             "re-run the same command")
+    return files
 
-    # 5. the manifest goes last: it marks the output complete
+
+def _counts(listed: int, plan: _SplitPlan, listing: _Listing, files: dict[str, list[str]],
+            empty: list[str]) -> dict[str, Any]:
     reasons: dict[str, int] = defaultdict(int)
-    for e in errors:
+    for e in listing.errors:
         reasons[e["reason"].split(" (")[0] if not e["reason"].startswith("duplicate of") else "duplicate"] += 1
-    counts = {
-        "listed": len(items) + listing_errors,
-        "splits": {s: sum(per_class[s].values()) for s in SPLITS},
-        "per_class": per_class,
-        "errors": len(errors),
+    return {
+        "listed": listed,
+        "splits": {s: sum(plan.per_class[s].values()) for s in SPLITS},
+        "per_class": plan.per_class,
+        "errors": len(listing.errors),
         "error_reasons": dict(reasons),
-        "skipped": skipped,
+        "skipped": listing.skipped,
         "empty_classes": empty,
         "files": {s: len(files[s]) for s in SPLITS},
     }
-    seconds = time.time() - started
-    storage.write_manifest(cfg.output, {
-        "stage": "ingest",
-        "config": cfg.to_dict(),
-        "config_fingerprint": config_fp,
-        "seed": cfg.seed,
-        "classes": [{"name": c, "label": i, "token": class_token(c)} for i, c in enumerate(classes)],
-        "counts": counts,
-        "seconds": round(seconds, 3),
-        "versions": versions(),
-    }, cfg.endpoint_url)
-    for cls in empty:
-        log.warning("class folder %r has no usable images; it is left out of the class table", cls)
-    log.info("wrote %s images of %d classes to %s (%d quarantined in errors/, %d skipped) in %.1fs",
-             counts["splits"], len(classes), cfg.output, len(errors), sum(skipped.values()), seconds)
-    return IngestResult(cfg.output, classes, counts["splits"], len(errors), skipped, seconds)
 
 
 callable_stage_module(__name__)  # `from ray_dafusion import ingest` may give this module: call it as the stage

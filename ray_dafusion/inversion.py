@@ -167,7 +167,7 @@ def _invert_class(cfg: InvertConfig, info: ClassInfo) -> dict[str, Any]:
     pipe = load_pipeline(local, device=device, torch_dtype=torch.float32)
     log.info("%s: %d images, token %s, %d steps on %s", info.name, len(images), info.token, cfg.steps, device)
     # 3. train
-    learned = learn_token(pipe, info.token, images, cfg, seed=cfg.seed + info.label)
+    learned = learn_token(pipe, info.token, images, cfg, seed=perclass.class_seed(cfg.seed, info.name))
     # 4. the class file: {token: tensor}, the record in its metadata
     record = {
         "name": info.name, "label": info.label, "token": info.token, "file": f"{CLASSES_DIR}/{class_file_name(info.token)}",

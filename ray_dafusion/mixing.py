@@ -1,13 +1,15 @@
 """Alpha-mixing of real and synthetic examples: exact per sample, stateless per epoch.
 
-In every epoch each real train example appears exactly once: with probability ``alpha`` it is
-replaced by one of its own synthetic versions (chosen uniformly among the versions that exist),
-otherwise it stays real. The choice is a pure function of ``(seed, epoch, source_id)``, so
+An epoch is made of whole passes over the real train set. In every pass each real train example
+appears exactly once: with probability ``alpha`` it is replaced by one of its own synthetic
+versions (chosen uniformly among the versions that exist), otherwise it stays real. The choice is
+a pure function of ``(seed, epoch, pass, source_id)``, so
 
 * any worker can decide for any row on its own, with no coordination and no shuffle barrier:
   training streams the union of real and synthetic rows and keeps a row exactly when it is the
   chosen one (:func:`keep_mask`);
-* a run is reproducible and a resumed epoch makes the same choices as the interrupted one.
+* a run is reproducible and a resumed epoch makes the same choices as the interrupted one;
+* the choice is drawn afresh in every pass of an epoch.
 
 Real rows take part with ``aug_index == -1`` (:data:`REAL`), so one rule serves both kinds:
 keep a row iff ``choose(...) == aug_index``.
@@ -28,8 +30,9 @@ REAL = -1
 _TWO_64 = float(2**64)
 
 
-def choose(seed: int, epoch: int, source_id: str, candidates: Sequence[int], alpha: float) -> int:
-    """The stand-in for real example `source_id` in `epoch`: REAL (-1) or one aug_index.
+def choose(seed: int, epoch: int, source_id: str, candidates: Sequence[int], alpha: float,
+           pass_index: int = 0) -> int:
+    """The stand-in for real example `source_id` in pass `pass_index` of `epoch`: REAL (-1) or one aug_index.
 
     `candidates` are the aug_index values of the source's synthetic images that exist (sorted);
     a source without any always stays real. Hash-based, so the same inputs give the same answer
@@ -37,7 +40,7 @@ def choose(seed: int, epoch: int, source_id: str, candidates: Sequence[int], alp
     """
     if not candidates or alpha <= 0.0:
         return REAL
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{source_id}".encode(), digest_size=16).digest()
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{pass_index}:{source_id}".encode(), digest_size=16).digest()
     coin = int.from_bytes(digest[:8], "little") / _TWO_64  # uniform in [0, 1)
     if coin >= alpha:
         return REAL
@@ -52,8 +55,9 @@ def keep_mask(
     seed: int,
     epoch: int,
     alpha: float,
+    pass_index: int = 0,
 ) -> np.ndarray:
-    """Boolean mask over rows of the real+synthetic union: True where the row is used in `epoch`.
+    """Boolean mask over rows of the real+synthetic union: True where the row is used in that pass.
 
     Real rows have source_id == their own id and aug_index == REAL.
     """
@@ -62,7 +66,7 @@ def keep_mask(
     for sid, aug in zip(source_ids, aug_indices):
         choice = memo.get(sid)
         if choice is None:
-            choice = memo[sid] = choose(seed, epoch, sid, candidates.get(sid, ()), alpha)
+            choice = memo[sid] = choose(seed, epoch, sid, candidates.get(sid, ()), alpha, pass_index)
         out.append(choice == int(aug))
     return np.asarray(out, dtype=bool)
 
@@ -86,6 +90,7 @@ def epoch_plan(
     seed: int,
     epoch: int,
     alpha: float,
+    pass_index: int = 0,
 ) -> dict[str, int]:
-    """real id -> its choice in `epoch` (REAL or an aug_index); for reports and tests."""
-    return {rid: choose(seed, epoch, rid, candidates.get(rid, ()), alpha) for rid in real_ids}
+    """real id -> its choice in that pass (REAL or an aug_index); for reports and tests."""
+    return {rid: choose(seed, epoch, rid, candidates.get(rid, ()), alpha, pass_index) for rid in real_ids}

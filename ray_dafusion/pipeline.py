@@ -30,8 +30,8 @@ DEMO_CONFIG: dict[str, Any] = {
     "invert": {"model": "tiny", "steps": 60, "resolution": 64, "batch_size": 4, "num_cpus": 1.0},
     "augment": {"model": "tiny", "num_augmentations": 4, "num_inference_steps": 20, "resolution": 64,
                 "batch_size": 4, "num_cpus": 0.5, "max_actors": 2},
-    "train": {"arch": "resnet18", "backbone": "finetune", "image_size": 32, "epochs": 8, "batch_size": 16,
-              "learning_rate": 1e-3, "rotation": 10.0, "num_workers": 1, "cpus_per_worker": 0.5},
+    "train": {"arch": "resnet18", "backbone": "finetune", "image_size": 32, "epochs": 8, "iterations_per_epoch": 25,
+              "batch_size": 16, "learning_rate": 1e-3, "rotation": 10.0, "num_workers": 1, "cpus_per_worker": 0.5},
 }
 
 

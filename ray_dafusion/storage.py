@@ -46,6 +46,7 @@ __all__ = [
     "ensure_fresh_output",
     "fingerprint",
     "sha256_bytes",
+    "total_size",
     "fsspec_options",
 ]
 
@@ -341,6 +342,18 @@ def list_dirs(uri: str, endpoint_url: Optional[str] = None) -> list[str]:
     fs, path = resolve(uri, endpoint_url)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+
+def total_size(uris: list[str], endpoint_url: Optional[str] = None) -> int:
+    """Bytes in the files `uris` (one metadata request per filesystem)."""
+    if not uris:
+        return 0
+    fs, _ = resolve(uris[0], endpoint_url)
+    try:
+        infos = fs.get_file_info([resolve(u, endpoint_url)[1] for u in uris])
+    except Exception as exc:
+        raise _wrap(uris[0], exc) from None
+    return sum(max(i.size or 0, 0) for i in infos)
 
 
 def sha256_bytes(data: bytes) -> str:

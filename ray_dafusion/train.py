@@ -1,26 +1,35 @@
-"""Train a ResNet classifier with Ray Train on alpha-mixed, streamed real/synthetic batches.
+"""Train a ResNet classifier with Ray Train on alpha-mixed real/synthetic batches.
 
 Data path (nothing is gathered on one node):
 
     real/train/*.parquet ──┐  Ray Data read + project to (id, source_id, aug_index, label, image_bytes)
     synthetic/**.parquet ──┴─> union ─> randomize_block_order ─> streaming_split(workers, equal=False)
-        └─> each worker, each epoch: local shuffle buffer (seed, epoch, rank)
-            └─> collate (Ray Data's prefetch threads): keep the rows mixing.keep_mask chooses for
-                this epoch, decode + transform only those ─> exact-size batches ─> DDP step
+        └─> each worker: its share, read once into memory (sorted by id) when the whole union is
+            at most cache_mb, else streamed again on every pass
+            └─> every epoch: P whole passes over the real train set (P x N / batch ~ iterations_per_epoch
+                steps, so every shot count trains as long, as in the reference); in every pass each
+                real id is kept exactly once, itself or one of its synthetic images (mixing.keep_mask
+                with a choice drawn per (seed, epoch, pass, id)); rows decoded and transformed ahead
+                in threads, the random transform seeded per (seed, epoch, pass, id)
+                └─> exact-size batches cut across pass boundaries ─> DDP step
 
-The mixing choice is stateless (mixing.choose), so keeping "the chosen row of every source" in
-each worker's stream gives every real example exactly once per epoch, whichever worker reads it.
-Shards then differ in size by a few rows; DDP's Join context lets a worker that runs out early
-shadow the collectives of the others, so no rows are dropped and nobody hangs.
+The mixing choice is stateless, so keeping "the chosen row of every source" in each worker's rows
+gives every real example exactly once per pass, whichever worker holds it. Shards differ in size by
+a few rows; DDP's Join context lets a worker that runs out early shadow the collectives of the
+others, so no rows are dropped and nobody hangs. With the in-memory share, the same config gives
+the same checkpoint bytes on one CPU worker.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -55,6 +64,9 @@ __all__ = [
     "streaming_data",
     "StreamingData",
     "exact_split_config",
+    "passes_per_epoch",
+    "item_seed",
+    "seeded_transform",
 ]
 
 RESULT_FILE = "train_result.json"
@@ -76,8 +88,10 @@ class TrainResult:
     best_val_mean_class_acc: Optional[float]
     epochs_completed: int
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    """One entry per epoch (loss, val accuracy, synthetic fraction, samples/s)."""
+    """One entry per epoch (loss, val accuracy, synthetic fraction, samples/s, optimiser steps)."""
     seconds: float = 0.0
+    optimizer_steps: int = 0
+    """Optimiser steps actually taken over all epochs."""
 
 
 def method_settings(cfg: TrainConfig) -> tuple[float, bool]:
@@ -86,35 +100,73 @@ def method_settings(cfg: TrainConfig) -> tuple[float, bool]:
     return (cfg.alpha if method.synthetic_mode else 0.0), method.randaugment
 
 
+def item_seed(seed: int, epoch: int, pass_index: int, row_id: str) -> int:
+    """Seed of one row's random train transform in one pass: the same run draws the same flips,
+    rotations and RandAugment ops whatever the thread, worker count or order."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{pass_index}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+_TRANSFORM_LOCK = threading.Lock()
+
+
+def seeded_transform(transform: Any, image: Any, seed: int) -> Any:
+    """`transform(image)` with torch's CPU generator set to `seed` for the call and restored after.
+
+    torchvision's random transforms draw from the global generator, which prefetch threads share;
+    the lock makes each row's draws its own.
+    """
+    import torch
+
+    with _TRANSFORM_LOCK, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return transform(image)
+
+
+def _transform_rows(transform: Any, image_size: int, image_bytes: Any, labels: Any, aug: Any, ids: Any,
+                    seeds: Optional[list[int]], pass_index: int) -> tuple:
+    """Decode and transform rows -> (x (B, 3, S, S), y (B,), aug_index (B,), ids (B,), pass (B,))."""
+    import torch
+
+    images = [decode_uint8(b) for b in image_bytes]
+    if seeds is None:
+        images = [transform(img) for img in images]
+    else:
+        images = [seeded_transform(transform, img, s) for img, s in zip(images, seeds)]
+    x = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    return x, y, np.asarray(aug), np.asarray(ids), np.full(len(ids), pass_index)
+
+
 class MixedCollate(NumpyBatchCollateFn):
-    """Ray Data collate: keep this epoch's chosen rows, decode and transform only those.
+    """Ray Data collate: keep this pass's chosen rows, decode and transform only those.
 
     Runs in Ray Data's prefetch threads. Returns (images (B, 3, S, S), labels (B,), aug_index (B,),
-    ids (B,)); B may be 0 when no row of the batch is chosen.
+    ids (B,), pass (B,)); B may be 0 when no row of the batch is chosen. Train transforms are seeded
+    per (seed, epoch, pass, row id).
     """
 
     def __init__(self, transform, image_size: int, candidates: Optional[dict] = None, seed: int = 0,
-                 epoch: int = 0, alpha: float = 0.0, keep_all: bool = False):
+                 epoch: int = 0, alpha: float = 0.0, keep_all: bool = False, pass_index: int = 0):
         self.transform, self.image_size = transform, image_size
         self.candidates, self.seed, self.epoch, self.alpha = candidates or {}, seed, epoch, alpha
-        self.keep_all = keep_all
+        self.keep_all, self.pass_index = keep_all, pass_index
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        import torch
-
         if self.keep_all:
             mask = np.ones(len(batch["label"]), dtype=bool)
         else:
             mask = mixing.keep_mask(batch["source_id"], batch["aug_index"], self.candidates,
-                                    self.seed, self.epoch, self.alpha)
-        images = [self.transform(decode_uint8(b)) for b in batch["image_bytes"][mask]]
-        x = torch.stack(images) if images else torch.empty(0, 3, self.image_size, self.image_size)
-        y = torch.as_tensor(np.asarray(batch["label"][mask], dtype=np.int64))
-        return x, y, np.asarray(batch["aug_index"][mask]), np.asarray(batch["id"][mask])
+                                    self.seed, self.epoch, self.alpha, self.pass_index)
+        ids = batch["id"][mask]
+        seeds = None if self.keep_all else [item_seed(self.seed, self.epoch, self.pass_index, str(i)) for i in ids]
+        return _transform_rows(self.transform, self.image_size, batch["image_bytes"][mask], batch["label"][mask],
+                               batch["aug_index"][mask], ids, seeds, self.pass_index)
 
 
 def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
-    """Re-cut variable-size (x, y, aug, ids) chunks into batches of `batch_size` rows.
+    """Re-cut variable-size chunks (tuples of row-aligned tensors and arrays) into batches of
+    `batch_size` rows.
 
     The remainder joins the last batch (so it holds batch_size..2*batch_size-1 rows): no row is
     dropped, and BatchNorm never sees a lone trailing sample.
@@ -122,8 +174,11 @@ def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
     import torch
 
     def cat(parts):
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+        return tuple(torch.cat(cols) if isinstance(cols[0], torch.Tensor) else np.concatenate(cols)
+                     for cols in zip(*parts))
+
+    def cut(batch, start, stop):
+        return tuple(col[start:stop] for col in batch)
 
     pending: list[tuple] = []
     count = 0
@@ -134,11 +189,11 @@ def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
         pending.append(chunk)
         count += len(chunk[1])
         while count >= batch_size:
-            x, y, aug, ids = cat(pending)
+            joined = cat(pending)
             if held is not None:
                 yield held
-            held = (x[:batch_size], y[:batch_size], aug[:batch_size], ids[:batch_size])
-            rest = (x[batch_size:], y[batch_size:], aug[batch_size:], ids[batch_size:])
+            held = cut(joined, 0, batch_size)
+            rest = cut(joined, batch_size, None)
             pending, count = ([rest] if len(rest[1]) else []), len(rest[1])
     if held is not None and count:
         yield cat([held, *pending])
@@ -146,6 +201,12 @@ def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
         yield held
     elif count:
         yield cat(pending)
+
+
+def passes_per_epoch(num_real: int, batch_size: int, iterations_per_epoch: int) -> int:
+    """Whole passes over the real train set that make about `iterations_per_epoch` steps of
+    `batch_size` (the reference trains 200 steps per epoch whatever the shot count)."""
+    return max(1, math.ceil(iterations_per_epoch * batch_size / max(num_real, 1)))
 
 
 def train_step(model, optimizer, scaler, x, y, device):
@@ -187,6 +248,16 @@ def _allreduce_sum(values, device):
     return t.cpu().numpy()
 
 
+def _allreduce_max(values, device):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().numpy()
+
+
 def _debug_write(debug_dir: Optional[str], name: str, obj: Any) -> None:
     if debug_dir:
         storage.write_json(storage.join(debug_dir, name), obj)
@@ -210,10 +281,13 @@ def _train_loop(loop: dict[str, Any]) -> None:
     model, bare, optimizer, scaler = _prepare_model(cfg, loop["num_classes"], device)
     start_epoch, history = _resume(bare, optimizer, scaler, device, rank)
 
-    # 2. per epoch: train on this epoch's exact mixture, validate, checkpoint
+    # 2. this worker's share of the union, held in memory when the whole union is small enough
     shards = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    cache = _RowCache(shards[0]) if loop["cache"] and start_epoch < cfg.epochs else None
+
+    # 3. per epoch: whole passes over the exact mixture, validate, checkpoint
     for epoch in range(start_epoch, cfg.epochs):
-        stats = _train_epoch(cfg, loop, model, optimizer, scaler, shards[0], epoch, rank, world, device)
+        stats = _train_epoch(cfg, loop, model, optimizer, scaler, shards[0], cache, epoch, rank, world, device)
         confusion = _validate(cfg, bare, shards[1], loop["num_classes"], world, device)
         metrics = _epoch_metrics(epoch, stats, confusion)
         history.append(metrics)
@@ -250,41 +324,119 @@ def _resume(bare: Any, optimizer: Any, scaler: Any, device: Any, rank: int) -> t
     return meta["epoch"] + 1, meta["history"]
 
 
+class _RowCache:
+    """This worker's share of the real+synthetic union, encoded, sorted by id.
+
+    Filled by one read of the worker's shard; every later pass of the run draws from memory, so
+    a few-shot run does not re-read storage hundreds of times per epoch. Sorting makes the row
+    order independent of which read task finished first: the same seed gives the same run.
+    """
+
+    COLUMNS = ("id", "source_id", "aug_index", "label", "image_bytes")
+
+    def __init__(self, shard: Any) -> None:
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in self.COLUMNS}
+        for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+            for c in self.COLUMNS:
+                parts[c].append(batch[c])
+        cols = {c: np.concatenate(v) if v else np.array([], dtype=object) for c, v in parts.items()}
+        order = np.argsort(cols["id"].astype(str), kind="stable")
+        for c in self.COLUMNS:
+            setattr(self, c, cols[c][order])
+
+    def __len__(self) -> int:
+        return len(self.id)
+
+
+def _cache_passes(cache: _RowCache, cfg: TrainConfig, loop: dict[str, Any], transform: Any, epoch: int, rank: int,
+                  local_batch: int, passes: int) -> Iterator[tuple]:
+    """Chunks of transformed rows for every pass of an epoch, decoded ahead in a thread pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(pass_index: int, idx: np.ndarray) -> tuple:
+        ids = cache.id[idx]
+        seeds = [item_seed(cfg.seed, epoch, pass_index, str(i)) for i in ids]
+        return _transform_rows(transform, cfg.image_size, cache.image_bytes[idx], cache.label[idx],
+                               cache.aug_index[idx], ids, seeds, pass_index)
+
+    def plan() -> Iterator[tuple[int, np.ndarray]]:
+        for p in range(passes):
+            chosen = np.flatnonzero(mixing.keep_mask(cache.source_id, cache.aug_index, loop["candidates"], cfg.seed,
+                                                     epoch, loop["alpha"], p))
+            chosen = chosen[np.random.default_rng([cfg.seed, epoch, p, rank]).permutation(len(chosen))]
+            for start in range(0, len(chosen), local_batch):
+                yield p, chosen[start:start + local_batch]
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
+        ahead: collections.deque = collections.deque()
+        for p, idx in plan():
+            ahead.append(pool.submit(work, p, idx))
+            if len(ahead) > cfg.prefetch_batches:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def _stream_pass(shard: Any, cfg: TrainConfig, loop: dict[str, Any], transform: Any, epoch: int, rank: int,
+                 local_batch: int, pass_index: int) -> Iterator[tuple]:
+    """Chunks of one pass, streamed from storage (for unions larger than cache_mb)."""
+    read_batch = local_batch * loop["rows_per_real"]
+    collate = MixedCollate(transform, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"],
+                           pass_index=pass_index)
+    yield from shard.iter_torch_batches(
+        batch_size=read_batch, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
+        local_shuffle_buffer_size=max(cfg.shuffle_buffer, read_batch),
+        local_shuffle_seed=(cfg.seed * 100_003 + epoch * 1009 + pass_index) * 31 + rank,
+    )
+
+
+def _segments(shard: Any, cache: Optional[_RowCache], cfg: TrainConfig, loop: dict[str, Any], transform: Any,
+              epoch: int, rank: int, local_batch: int) -> Iterator[Iterator[tuple]]:
+    """The epoch's chunk streams, each run to its end by every worker before the next begins.
+
+    From memory the whole epoch is one stream (batches are cut across pass boundaries). Streamed
+    from storage, every pass is its own: Ray Data starts a pass only when every worker asks for
+    it, and a worker in step with the others (DDP) cannot ask before they finish theirs.
+    """
+    passes = loop["passes_per_epoch"]
+    if cache is not None:
+        yield _cache_passes(cache, cfg, loop, transform, epoch, rank, local_batch, passes)
+    else:
+        for p in range(passes):
+            yield _stream_pass(shard, cfg, loop, transform, epoch, rank, local_batch, p)
+
+
 def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: Any, scaler: Any, shard: Any,
-                 epoch: int, rank: int, world: int, device: Any) -> dict[str, float]:
-    """One epoch over this worker's shard of the union, keeping this epoch's chosen rows."""
+                 cache: Optional[_RowCache], epoch: int, rank: int, world: int, device: Any) -> dict[str, float]:
+    """One epoch: `passes` whole passes over the real train set, each real id exactly once per pass
+    (itself or one of its synthetic images)."""
     from torch.distributed.algorithms.join import Join
 
     model.train()
     if cfg.backbone == "linear_probe":
         _freeze_batchnorm(model)
     local_batch = max(1, cfg.batch_size // world)
-    read_batch = local_batch * loop["rows_per_real"]
     transform = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, loop["randaugment"])
-    collate = MixedCollate(transform, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"])
-    chunks = shard.iter_torch_batches(
-        batch_size=read_batch, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
-        local_shuffle_buffer_size=max(cfg.shuffle_buffer, read_batch),
-        local_shuffle_seed=cfg.seed * 100_003 + epoch * 1009 + rank,
-    )
     loss_sum = seen = synthetic = steps = 0
     seen_rows: list[list[Any]] = []
     start = time.perf_counter()
-    with Join([model]) if world > 1 else contextlib.nullcontext():
-        for x, y, aug, ids in exact_batches(chunks, local_batch):
-            if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
-                break
-            loss = train_step(model, optimizer, scaler, x, y, device)
-            steps += 1
-            loss_sum += float(loss.detach()) * len(y)
-            seen += len(y)
-            synthetic += int((aug >= 0).sum())
-            if cfg.debug_dir:
-                seen_rows += [[str(i), int(a), int(lbl)] for i, a, lbl in zip(ids, aug, y.tolist())]
+    for segment in _segments(shard, cache, cfg, loop, transform, epoch, rank, local_batch):
+        # uneven shards: a worker that runs out shadows the others' collectives until they finish
+        with Join([model]) if world > 1 else contextlib.nullcontext():
+            for x, y, aug, ids, passes in exact_batches(segment, local_batch):
+                loss = train_step(model, optimizer, scaler, x, y, device)
+                steps += 1
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                synthetic += int((aug >= 0).sum())
+                if cfg.debug_dir:
+                    seen_rows += [[str(i), int(a), int(lbl), int(p)]
+                                  for i, a, lbl, p in zip(ids, aug, y.tolist(), passes)]
     seconds = time.perf_counter() - start
     _debug_write(cfg.debug_dir, f"epoch{epoch}-rank{rank}-{os.getpid()}.json", seen_rows)
     loss_sum, seen, synthetic = _allreduce_sum([loss_sum, seen, synthetic], device)
-    return {"loss_sum": loss_sum, "seen": seen, "synthetic": synthetic, "seconds": seconds}
+    (steps,) = _allreduce_max([steps], device)  # with Join, the longest worker's steps are everyone's
+    return {"loss_sum": loss_sum, "seen": seen, "synthetic": synthetic, "seconds": seconds, "steps": steps}
 
 
 def _validate(cfg: TrainConfig, bare: Any, shard: Any, num_classes: int, world: int, device: Any) -> np.ndarray:
@@ -295,7 +447,7 @@ def _validate(cfg: TrainConfig, bare: Any, shard: Any, num_classes: int, world: 
     eval_model = bare.eval()
     collate = MixedCollate(make_transform(cfg.image_size, False), cfg.image_size, keep_all=True)
     with torch.no_grad():
-        for x, y, _, _ in shard.iter_torch_batches(batch_size=max(1, cfg.batch_size // world), device="cpu",
+        for x, y, *_ in shard.iter_torch_batches(batch_size=max(1, cfg.batch_size // world), device="cpu",
                                                    prefetch_batches=cfg.prefetch_batches, collate_fn=collate):
             if len(y) == 0:
                 continue
@@ -315,6 +467,7 @@ def _epoch_metrics(epoch: int, stats: dict[str, float], confusion: np.ndarray) -
         "train_samples": int(seen),
         "synthetic_fraction": float(stats["synthetic"] / max(seen, 1)),
         "samples_per_s": float(seen / seconds) if seconds > 0 else 0.0,
+        "steps": int(stats["steps"]),
         "val_mean_class_acc": float(per_class.mean()) if len(per_class) else 0.0,
         "val_top1": float(np.trace(confusion) / max(confusion.sum(), 1)),
     }
@@ -376,6 +529,13 @@ def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int]) -> tupl
             f"synthetic set {cfg.synthetic} is incomplete (no {storage.MANIFEST}); let `ray-dafusion augment` finish "
             "(a re-run resumes) before training on it"
         )
+    made_by = manifest.get("mode") or (manifest.get("config") or {}).get("mode")
+    wanted = TRAIN_METHODS[cfg.method].synthetic_mode
+    if made_by != wanted:
+        raise ConfigError(
+            f"config field 'synthetic': method {cfg.method} trains on a {wanted} synthetic set, but {cfg.synthetic} "
+            f"was made in mode {made_by!r}; point `synthetic` at the augment output of mode {wanted}"
+        )
     files = storage.list_files(cfg.synthetic, ".parquet", cfg.endpoint_url, recursive=True)
     # errors/ holds augment's quarantined rows (another schema), not images
     files = [f for f in files if not f[len(cfg.synthetic):].lstrip("/").startswith("errors/")]
@@ -433,6 +593,8 @@ class StreamingData:
     num_synthetic: int
     rows_per_real: int
     """Union rows per real row: how many rows to read for one batch of chosen rows."""
+    union_bytes: int = 0
+    """Size of the parquet files of the union (encoded images), to decide whether workers cache it."""
 
 
 def streaming_data(cfg: TrainConfig, alpha: float) -> StreamingData:
@@ -469,7 +631,8 @@ def streaming_data(cfg: TrainConfig, alpha: float) -> StreamingData:
         _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": False}, zero_copy_batch=True)
     n_synth = sum(len(c) for c in candidates.values())
     return StreamingData(classes, real_labels, candidates, train_ds, val_ds, n_synth,
-                         max(1, math.ceil((len(real_labels) + n_synth) / max(len(real_labels), 1))))
+                         max(1, math.ceil((len(real_labels) + n_synth) / max(len(real_labels), 1))),
+                         storage.total_size(splits["train"] + synthetic_files, ep))
 
 
 def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
@@ -504,9 +667,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 5. results: best on val and the per-epoch history; the manifest last
     out = _write_results(cfg, name, run_uri, data, result, alpha, randaugment, config_fp, started)
     acc = f"{out.best_val_mean_class_acc:.3f}" if out.best_val_mean_class_acc is not None else "n/a"
-    log.info("%s: %d epochs on %d real + %d synthetic images, best val mean per-class accuracy %s; run, "
-             "checkpoints and %s in %s (%.1fs)", name, out.epochs_completed, len(data.real_labels),
-             data.num_synthetic, acc, RESULT_FILE, run_uri, out.seconds)
+    log.info("%s: %d epochs (%d optimiser steps) on %d real + %d synthetic images, best val mean per-class "
+             "accuracy %s; run, checkpoints and %s in %s (%.1fs)", name, out.epochs_completed, out.optimizer_steps,
+             len(data.real_labels), data.num_synthetic, acc, RESULT_FILE, run_uri, out.seconds)
     return out
 
 
@@ -518,7 +681,7 @@ def _finished_run(run_uri: str, config_fp: str, epochs: int, ep: Optional[str]) 
     if record["epochs_completed"] < epochs:
         return None
     log.info("%s is complete (same config, %d epochs); nothing to do", run_uri, record["epochs_completed"])
-    return TrainResult(**{f.name: record[f.name] for f in dataclasses.fields(TrainResult)})
+    return TrainResult(**{f.name: record[f.name] for f in dataclasses.fields(TrainResult) if f.name in record})
 
 
 def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaugment: bool) -> Any:
@@ -540,6 +703,8 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
             "config": cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
             "candidates": data.candidates, "classes": [dataclasses.asdict(c) for c in data.classes],
             "rows_per_real": data.rows_per_real,
+            "passes_per_epoch": passes_per_epoch(len(data.real_labels), cfg.batch_size, cfg.iterations_per_epoch),
+            "cache": data.union_bytes <= cfg.cache_mb * 2**20,
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -566,7 +731,7 @@ def _write_results(cfg: TrainConfig, name: str, run_uri: str, data: StreamingDat
     out = TrainResult(
         output=run_uri, name=name, method=cfg.method, alpha=alpha, best_checkpoint=best_uri,
         best_val_mean_class_acc=best_acc, epochs_completed=len(history), metrics=history,
-        seconds=round(time.time() - started, 2),
+        seconds=round(time.time() - started, 2), optimizer_steps=sum(int(m.get("steps", 0)) for m in history),
     )
     n_real = len(data.real_labels)
     storage.write_json(storage.join(run_uri, RESULT_FILE), {
@@ -576,7 +741,8 @@ def _write_results(cfg: TrainConfig, name: str, run_uri: str, data: StreamingDat
     }, ep)
     storage.write_manifest(run_uri, {
         "stage": "train", "config": cfg.to_dict(), "config_fingerprint": config_fp,
-        "counts": {"epochs": len(history), "real_train": n_real, "synthetic": data.num_synthetic},
+        "counts": {"epochs": len(history), "optimizer_steps": out.optimizer_steps, "real_train": n_real,
+                   "synthetic": data.num_synthetic},
         "timings": {"seconds": out.seconds}, "versions": versions(),
     }, ep)
     return out

@@ -125,6 +125,7 @@ def write_real_dataset(
     """Write a small data set in the ingest output layout (train/val/test parquet + manifest)
     without running ingest, so stages can be tested on their own."""
     from ray_dafusion import schema, storage
+    from ray_dafusion.ingest import split_fingerprint
     from ray_dafusion.tokens import class_token
     from PIL import Image
     import pyarrow as pa
@@ -132,6 +133,7 @@ def write_real_dataset(
     per_split = per_split or {"train": 2, "val": 1, "test": 1}
     rng = np.random.default_rng(seed)
     counts = {}
+    split_ids: dict[str, list[str]] = {}
     for split, n in per_split.items():
         rows = []
         for label, name in enumerate(class_names):
@@ -148,11 +150,13 @@ def write_real_dataset(
         table = pa.Table.from_pylist(rows, schema=schema.real_schema(list(class_names)))
         storage.write_parquet(table, storage.join(root, split, "part-00000.parquet"), endpoint_url)
         counts[split] = len(rows)
+        split_ids[split] = [r["id"] for r in rows]
     storage.write_manifest(root, {
         "stage": "ingest",
         "classes": [{"name": n, "label": i, "token": class_token(n)} for i, n in enumerate(class_names)],
         "counts": counts,
         "config_fingerprint": "test-fixture",
+        "split_fingerprints": {split: split_fingerprint(ids) for split, ids in split_ids.items()},
     }, endpoint_url)
     return root
 

@@ -384,6 +384,7 @@ def test_duplicated_file_is_refused_with_what_to_do(ray_run, tmp_path):
     for f in storage.list_files(cfg.output, recursive=True):
         if not f.endswith("manifest.json"):  # an interrupted run: no manifest yet
             storage.write_bytes(storage.join(copy, os.path.relpath(f, cfg.output)), storage.read_bytes(f))
+    storage.write_bytes(storage.join(copy, "_run.json"), storage.read_bytes(storage.join(cfg.output, "_run.json")))
     first = storage.parquet_files(storage.join(copy, "data"))[0]
     storage.write_bytes(storage.join(copy, "data", "part-extra-copy.parquet"), storage.read_bytes(first))
     with pytest.raises(StageError, match="cannot repair") as err:

@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from ray_dafusion import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +56,7 @@ def test_ingest_train_evaluate_job_scripts(ray_session, tmp_path, capsys):
                                 "--test_per_class", "2", *common]) == 0
     assert f"ingest: output {real}" in capsys.readouterr().out
     assert _job("train").main(["--real", real, "--output", runs, "--method", "baseline", "--arch", "resnet18",
-                               "--backbone", "finetune", "--image_size", "16", "--epochs", "1",
+                               "--backbone", "finetune", "--image_size", "16", "--epochs", "1", "--iterations_per_epoch", "2",
                                "--batch_size", "4"]) == 0
     assert "train (baseline, alpha 0.0)" in capsys.readouterr().out
     assert _job("evaluate").main(["--real", real, "--runs", storage.join(runs, "baseline"),

@@ -91,3 +91,56 @@ def test_results_table_and_plots(ray_session, make_real, tmp_path):
         evaluate(EvaluateConfig(real=other, runs=runs[:1], output=str(tmp_path / "r2")))
     with pytest.raises(FileNotFoundError, match="train_result.json"):
         evaluate(EvaluateConfig(real=real4, runs=[str(tmp_path)], output=str(tmp_path / "r3")))
+
+
+def _random_run(root: str, name: str, seed: int, real: str) -> str:
+    """A stored run with a random head (predictions vary from image to image)."""
+    run = _constant_run(root, name, "baseline", 0, real)
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = torch.nn.Linear(512, len(CLASSES))
+    with torch.no_grad():
+        model.fc.weight.mul_(50.0)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    storage.write_bytes(storage.join(run, "checkpoint_000", "model.pt"), buf.getvalue())
+    return run
+
+
+def test_more_runs_than_one_pass_over_many_blocks_score_exactly(ray_session, make_real, tmp_path):
+    """11 runs (two scoring passes of 8) over a test split written as one-row files: every run's
+    accuracy equals a direct in-process computation (predictions joined to labels by id)."""
+    from ray_dafusion.classifier import decode_uint8, eval_transform, load_classifier
+
+    real = make_real(class_names=CLASSES, per_split={"train": 1, "val": 1, "test": 5}, size=32)
+    table = storage.read_parquet(storage.join(real, "test"))
+    storage.delete(storage.join(real, "test"))
+    for i in range(table.num_rows):
+        storage.write_parquet(table.slice(i, 1), storage.join(real, "test", f"part-{i:03d}.parquet"))
+    runs = [_random_run(str(tmp_path / "runs"), f"r{i:02d}", i, real) for i in range(11)]
+    result = evaluate(EvaluateConfig(real=real, runs=runs, output=str(tmp_path / "results"), batch_size=2))
+    rows = sorted(table.to_pylist(), key=lambda r: r["id"])
+    labels = np.array([r["label"] for r in rows])
+    accuracies = []
+    for run, scored in zip(runs, result.runs):
+        model, meta = load_classifier(storage.join(run, "checkpoint_000"))
+        transform = eval_transform(meta)
+        with torch.no_grad():
+            x = torch.stack([transform(decode_uint8(r["image"]["bytes"])) for r in rows])
+            preds = model(x).argmax(1).numpy()
+        direct = class_metrics(labels, preds, len(CLASSES))
+        assert scored["name"] == os.path.basename(run)
+        assert scored["confusion"] == direct["confusion"] and scored["mean_class_acc"] == direct["mean_class_acc"]
+        accuracies.append(direct["mean_class_acc"])
+    assert len(set(accuracies)) > 1, "the runs should disagree, or the test checks nothing"
+
+
+def test_a_run_from_another_test_split_is_refused(ray_session, make_real, tmp_path):
+    real = make_real(class_names=CLASSES, per_split={"train": 1, "val": 1, "test": 2}, size=32)
+    other = make_real(class_names=CLASSES, per_split={"train": 1, "val": 1, "test": 3}, size=32)
+    runs = [_constant_run(str(tmp_path / "runs"), "mine", "baseline", 0, real),
+            _constant_run(str(tmp_path / "runs"), "theirs", "baseline", 0, other)]
+    with pytest.raises(ValueError, match="test split .* is not the test split"):
+        evaluate(EvaluateConfig(real=real, runs=runs, output=str(tmp_path / "results")))

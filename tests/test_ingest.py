@@ -45,17 +45,23 @@ def test_folder_splits_are_seeded_disjoint_and_nested(tmp_path):
     small = ingest(IngestConfig(source=str(root), output=str(tmp_path / "k2"), examples_per_class=2, seed=3))
     big = ingest(IngestConfig(source=str(root), output=str(tmp_path / "k4"), examples_per_class=4, seed=3))
     assert small.classes == ["cat", "dog"]
-    assert small.counts == {"train": 4, "val": 8, "test": 8}
-    assert big.counts == {"train": 8, "val": 6, "test": 6}
+    # val and test: a quarter of each class each, the same whatever the shots
+    assert small.counts == {"train": 4, "val": 4, "test": 4}
+    assert big.counts == {"train": 8, "val": 4, "test": 4}
+    assert small.skipped == {"unused": 8} and big.skipped == {"unused": 4}  # the pool beyond k
     splits = {s: _read_split(big.output, s) for s in ("train", "val", "test")}
     ids = {s: {r["id"] for r in rows} for s, rows in splits.items()}
     assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
     small_train = {r["source_path"] for r in _read_split(small.output, "train")}
     big_train = {r["source_path"] for r in splits["train"]}
     assert small_train < big_train  # smaller few-shot subsets are prefixes of larger ones
-    # a different seed picks a different subset
+    # a different seed picks a different subset, never from val or test, which stay the same
     other = ingest(IngestConfig(source=str(root), output=str(tmp_path / "s9"), examples_per_class=4, seed=9))
     assert {r["source_path"] for r in _read_split(other.output, "train")} != big_train
+    prints = [storage.read_manifest(r.output)["split_fingerprints"] for r in (small, big, other)]
+    assert len({(p["val"], p["test"]) for p in prints}) == 1 and len({p["train"] for p in prints}) == 3
+    for split in ("val", "test"):
+        assert {r["id"] for r in _read_split(other.output, split)} == ids[split]
     manifest = storage.read_manifest(big.output)
     assert manifest["classes"] == [{"name": "cat", "label": 0, "token": "<cat>"},
                                    {"name": "dog", "label": 1, "token": "<dog>"}]
@@ -112,8 +118,9 @@ def test_bad_files_are_converted_or_quarantined_and_counted(tmp_path):
     for i in range(4):
         _save(_png(200 + i), str(other / f"{i}.webp"), fmt="WEBP")
 
-    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=2))
-    assert res.classes == ["café au lait", "日本"]
+    # every usable image into a split: the train pools (what val and test leave) become train
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=5, allow_fewer=True))
+    assert res.classes == ["café au lait", "日本"] and "unused" not in res.skipped
     rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
     kept = sorted(os.path.basename(r["source_path"]) for r in rows if r["class_name"] == "café au lait")
     # of two identical files the first by path is kept, the other quarantined as its duplicate
@@ -150,13 +157,13 @@ def test_too_few_images_is_refused_unless_allowed(tmp_path):
 
 
 def test_same_image_under_two_classes_is_quarantined(tmp_path):
-    root = _folder(tmp_path, n=4)
+    root = _folder(tmp_path, n=6)
     (root / "dog" / "also_cat.png").write_bytes((root / "cat" / "img0.png").read_bytes())
     res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=2))
     errors = {e["item"]: e["reason"] for e in storage.read_parquet(storage.join(res.output, "errors")).to_pylist()}
     assert errors == {"cat/img0.png": "same image appears under several classes: cat, dog",
                       "dog/also_cat.png": "duplicate of cat/img0.png (same pixels)"}
-    assert res.counts["train"] + res.counts["val"] + res.counts["test"] == 7
+    assert res.counts["train"] + res.counts["val"] + res.counts["test"] + res.skipped["unused"] == 11
 
 
 def _voc_xml(filename, objects):
@@ -179,7 +186,8 @@ def test_voc_largest_object_labels_the_image(tmp_path):
     _save(_png(9), str(root / "JPEGImages" / "9.jpg"), fmt="JPEG")
     (root / "Annotations" / "9.xml").write_text(_voc_xml("9.jpg", []))  # no objects: skipped
     (root / "Annotations" / "bad.xml").write_text("<annotation><object>")  # unreadable
-    res = ingest(IngestConfig(source=str(root), format="voc", output=str(tmp_path / "o"), examples_per_class=1))
+    res = ingest(IngestConfig(source=str(root), format="voc", output=str(tmp_path / "o"), examples_per_class=1,
+                              val_per_class=1, test_per_class=0))
     rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
     labels = {os.path.basename(r["source_path"]): r["class_name"] for r in rows}
     assert labels == {"0.jpg": "dog", "1.jpg": "dog", "2.jpg": "cat", "3.jpg": "cat"}
@@ -202,7 +210,7 @@ def test_coco_largest_area_labels_the_image(tmp_path):
     ann_file.write_text(json.dumps({"images": imgs, "annotations": anns,
                                     "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "traffic light"}]}))
     res = ingest(IngestConfig(source=str(ann_file), format="coco", images_dir=str(images),
-                              output=str(tmp_path / "o"), examples_per_class=1))
+                              output=str(tmp_path / "o"), examples_per_class=1, val_per_class=1, test_per_class=0))
     rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
     assert {r["source_path"]: r["class_name"] for r in rows} == {
         "0.png": "traffic light", "1.png": "person", "2.png": "traffic light", "3.png": "person"}
@@ -261,3 +269,92 @@ def test_load_image_file_keeps_rgb_originals_and_reencodes_the_rest():
     assert (w2, h2) == (10, 8)
     with pytest.raises(ValueError, match="zero-byte"):
         load_image_file(b"")
+
+
+# ---- fixed val/test, nested train (the paper's protocol) ---------------------------------------
+
+
+def test_split_rule_over_shots_and_seeds():
+    """For k in 1..16 and seeds 0-9 on 20 images per class: no train image is ever in val or test,
+    val/test are identical everywhere, and train(k) is a prefix of train(2k)."""
+    from ray_dafusion.ingest import split_class
+
+    keys = [f"cat/{i:02d}.png" for i in range(20)]
+    reference = None
+    for seed in range(10):
+        previous = None
+        for k in (1, 2, 4, 8, 16):
+            parts = split_class(keys, {}, IngestConfig(examples_per_class=k, seed=seed, val_per_class=2,
+                                                       test_per_class=2))
+            held = set(parts["val"]) | set(parts["test"])
+            assert not held & set(parts["train"]) and len(parts["train"]) == k
+            assert sorted(parts["train"] + parts["val"] + parts["test"] + parts["unused"]) == keys
+            if reference is None:
+                reference = (parts["val"], parts["test"])
+            assert (parts["val"], parts["test"]) == reference
+            if previous is not None:
+                assert parts["train"][: len(previous)] == previous
+            previous = parts["train"]
+    assert len(reference[0]) == len(reference[1]) == 2
+    # another split_seed draws other val/test; the default sizes are a quarter of the class each
+    other = split_class(keys, {}, IngestConfig(examples_per_class=1, split_seed=1, val_per_class=2, test_per_class=2))
+    assert (other["val"], other["test"]) != reference
+    default = split_class(keys, {}, IngestConfig(examples_per_class=10))
+    assert (len(default["val"]), len(default["test"]), len(default["train"])) == (5, 5, 10)
+
+
+def test_source_given_splits_are_kept(tmp_path):
+    root = tmp_path / "given"
+    seed = 100
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                seed += 1
+                _save(_png(seed), str(root / split / cls / f"{i}.png"))
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=4))
+    assert res.classes == ["cat", "dog"] and res.counts == {"train": 8, "val": 4, "test": 6}
+    for split in ("train", "val", "test"):
+        assert {r["source_path"].split("/")[0] for r in _read_split(res.output, split)} == {split}
+    # only train/ and test/ given: val is drawn from the given train split, fixed by split_seed
+    (root / "val").rename(tmp_path / "val-aside")
+    a = ingest(IngestConfig(source=str(root), output=str(tmp_path / "a"), examples_per_class=1, val_per_class=2))
+    b = ingest(IngestConfig(source=str(root), output=str(tmp_path / "b"), examples_per_class=3, val_per_class=2, seed=5))
+    val_a = {r["source_path"] for r in _read_split(a.output, "val")}
+    assert val_a == {r["source_path"] for r in _read_split(b.output, "val")} and len(val_a) == 4
+    assert all(p.startswith("train/") for p in val_a)
+    assert not val_a & {r["source_path"] for r in _read_split(b.output, "train")}
+
+
+def test_voc_image_sets_and_coco_holdout_give_val_and_test(tmp_path):
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    stems = {"train": [], "val": []}
+    for i in range(12):
+        _save(_png(200 + i), str(root / "JPEGImages" / f"{i}.jpg"), fmt="JPEG")
+        (root / "Annotations" / f"{i}.xml").write_text(_voc_xml(f"{i}.jpg", [("cat" if i % 2 else "dog", (0, 0, 9, 9))]))
+        stems["train" if i < 8 else "val"].append(str(i))
+    for name, listed in stems.items():
+        (root / "ImageSets" / "Main" / f"{name}.txt").write_text("\n".join(listed) + "\n")
+    res = ingest(IngestConfig(source=str(root), format="voc", output=str(tmp_path / "o"), examples_per_class=2))
+    assert res.counts == {"train": 4, "val": 2, "test": 2}  # VOC's val halves into val and test
+    held = {r["source_path"] for s in ("val", "test") for r in _read_split(res.output, s)}
+    assert held == {f"JPEGImages/{i}.jpg" for i in range(8, 12)}
+
+    images = tmp_path / "coco"
+    def coco(name, ids):
+        imgs, anns = [], []
+        for i in ids:
+            _save(_png(300 + i), str(images / name / f"{i}.png"))
+            imgs.append({"id": i, "file_name": f"{i}.png"})
+            anns.append({"id": i, "image_id": i, "category_id": 1 + i % 2, "area": 10.0})
+        path = images / f"{name}.json"
+        path.write_text(json.dumps({"images": imgs, "annotations": anns,
+                                    "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+        return str(path)
+    train_json, val_json = coco("train", range(6)), coco("val", range(6, 14))
+    res = ingest(IngestConfig(source=train_json, format="coco", images_dir=str(images / "train"),
+                              holdout_source=val_json, holdout_images_dir=str(images / "val"),
+                              output=str(tmp_path / "c"), examples_per_class=2))
+    assert res.counts == {"train": 4, "val": 4, "test": 4}
+    assert {r["source_path"].split("/")[0] for s in ("val", "test") for r in _read_split(res.output, s)} == {"holdout"}

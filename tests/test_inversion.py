@@ -224,3 +224,11 @@ def test_a_failing_class_is_named_and_the_others_are_kept(ray_session, make_real
     assert storage.read_manifest(out) is None  # not complete...
     done = storage.list_files(storage.join(out, "classes"), ".safetensors")
     assert [os.path.basename(u) for u in done] == ["cat.safetensors", "dog.safetensors"]  # ...but nothing lost
+
+
+def test_per_class_seeds_are_hashed_not_added():
+    from ray_dafusion.perclass import class_seed
+
+    assert class_seed(1, "cat") != class_seed(0, "dog")  # `seed + label` made these equal
+    assert class_seed(0, "cat") == class_seed(0, "cat") and class_seed(0, "cat") != class_seed(1, "cat")
+    assert len({class_seed(s, c) for s in range(10) for c in ("cat", "dog", "fox")}) == 30

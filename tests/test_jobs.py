@@ -96,7 +96,7 @@ def test_pipeline_job_submitted_to_a_real_head(ray_head, tmp_path, tiny_model):
         "invert": {"model": tiny_model, "steps": 4, "resolution": 32, "batch_size": 2, "num_cpus": 0.5},
         "augment": {"model": tiny_model, "num_augmentations": 2, "num_inference_steps": 4, "resolution": 32,
                     "batch_size": 2, "num_cpus": 0.5},
-        "train": {"arch": "resnet18", "backbone": "finetune", "image_size": 32, "epochs": 1, "batch_size": 4,
+        "train": {"arch": "resnet18", "backbone": "finetune", "image_size": 32, "epochs": 1, "batch_size": 4, "iterations_per_epoch": 2,
                   "cpus_per_worker": 0.5},
     }))
     proc = _submit(ray_head, ["python", "jobs/pipeline.py", "--config", str(config)], timeout=900)

@@ -60,7 +60,7 @@ def _small(workdir: str, source: str, model: str, **extra) -> PipelineConfig:
         "invert": {"model": model, "steps": 4, "resolution": 32, "batch_size": 2, "num_cpus": 0.5},
         "augment": {"model": model, "num_augmentations": 2, "num_inference_steps": 4, "resolution": 32,
                     "batch_size": 2, "num_cpus": 0.5},
-        "train": {"arch": "resnet18", "backbone": "finetune", "image_size": 32, "epochs": 1, "batch_size": 4,
+        "train": {"arch": "resnet18", "backbone": "finetune", "image_size": 32, "epochs": 1, "batch_size": 4, "iterations_per_epoch": 2,
                   "cpus_per_worker": 0.5},
         **extra,
     })

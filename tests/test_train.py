@@ -1,5 +1,6 @@
-"""Training through Ray Train on tiny data: exact mixing as seen by the workers, DDP on two
-workers with fractional CPUs, a worker killed mid-run, resume, S3 storage and weights."""
+"""Training through Ray Train on tiny data: exact mixing per pass as seen by the workers, the
+reference's step budget, DDP on two workers with fractional CPUs, a worker killed mid-run, resume,
+bit-identical reruns, S3 storage and weights."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from ray_dafusion.train import exact_batches, train
 CLASSES = ("cat", "dog", "fox")
 
 
-def write_synthetic(real: str, out: str, m: int = 3, skip_sources=(), complete: bool = True, endpoint_url=None) -> str:
+def write_synthetic(real: str, out: str, m: int = 3, skip_sources=(), complete: bool = True, endpoint_url=None,
+                    mode: str = "da_fusion") -> str:
     """M synthetic rows per real train row (none for `skip_sources`), in the augment layout."""
     src = storage.read_parquet(storage.join(real, "train"), endpoint_url, columns=["id", "label", "class_name"])
     rows = []
@@ -51,12 +53,13 @@ def write_synthetic(real: str, out: str, m: int = 3, skip_sources=(), complete: 
     storage.write_parquet(schema.error_table([{"stage": "augment", "item": "x", "class_name": "cat", "reason": "r"}]),
                           storage.join(out, "errors", "part-0.parquet"), endpoint_url)
     if complete:
-        storage.write_manifest(out, {"stage": "augment", "counts": {"synthetic": len(rows)}}, endpoint_url)
+        storage.write_manifest(out, {"stage": "augment", "mode": mode, "counts": {"synthetic": len(rows)}},
+                               endpoint_url)
     return out
 
 
 def _epoch_rows(debug_dir: str) -> dict[int, dict[int, tuple[int, list]]]:
-    """epoch -> rank -> (pid, rows [id, aug_index, label]) of the last worker that trained that epoch.
+    """epoch -> rank -> (pid, rows [id, aug_index, label, pass]) of the last worker that trained that epoch.
 
     A restarted worker group (a killed worker, or a spontaneous failure on a loaded machine)
     trains an epoch again; its files are newer than those of the attempt that died.
@@ -74,16 +77,18 @@ def _pids(debug_dir: str) -> set[int]:
     return {int(re.search(r"-(\d+)\.json$", p).group(1)) for p in glob.glob(os.path.join(debug_dir, "pid-rank*-*.json"))}
 
 
-def _check_exact(rows, real_ids: dict, skip=()):
-    """Each real id once (itself or one of its own synthetic images), same label."""
-    sources = Counter()
-    for rid, aug, label in rows:
+def _check_exact(rows, real_ids: dict, skip=(), passes: int = 1):
+    """In every pass each real id once (itself or one of its own synthetic images), same label."""
+    by_pass: dict[int, Counter] = {}
+    for rid, aug, label, p in rows:
         source = rid if aug == -1 else rid.rsplit("-", 1)[0]
         if aug != -1:
             assert rid == f"{source}-{aug}" and source not in skip  # only its own synthetic images
         assert label == real_ids[source]
-        sources[source] += 1
-    assert sources == Counter(list(real_ids)), "every real train id exactly once per epoch"
+        by_pass.setdefault(p, Counter())[source] += 1
+    assert sorted(by_pass) == list(range(passes))
+    for p, sources in by_pass.items():
+        assert sources == Counter(list(real_ids)), f"every real train id exactly once in pass {p}"
 
 
 def _real_ids(real):
@@ -96,22 +101,27 @@ def test_mixed_stream_exact_per_epoch_then_resume(ray_session, make_real, tmp_pa
     skip = ("train-0-0", "train-2-3")
     synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=3, skip_sources=skip)
     debug = str(tmp_path / "debug")
+    # 12 real images, batch 4, 6 steps per epoch: 2 whole passes per epoch
     cfg = TrainConfig(real=real, synthetic=synthetic, output=str(tmp_path / "runs"), name="mix", method="da_fusion",
                       alpha=0.5, arch="resnet18", backbone="finetune", image_size=32, epochs=2, batch_size=4,
-                      num_workers=1, cpus_per_worker=0.5, debug_dir=debug, shuffle_buffer=8)
+                      iterations_per_epoch=6, num_workers=1, cpus_per_worker=0.5, debug_dir=debug)
     result = train(cfg)
     assert result.epochs_completed == 2 and [m["epoch"] for m in result.metrics] == [0, 1]
+    assert result.optimizer_steps == 12 and [m["steps"] for m in result.metrics] == [6, 6]
     ids = _real_ids(real)
     seen = _epoch_rows(debug)
     assert sorted(seen) == [0, 1]
     n_synth = 0
+    choices = []
     for epoch, by_rank in seen.items():
         rows = by_rank[0][1]
-        _check_exact(rows, ids, skip)
-        n_synth += sum(aug != -1 for _, aug, _ in rows)
-    assert 0 < n_synth < 2 * len(ids)  # alpha 0.5 mixes both kinds
+        _check_exact(rows, ids, skip, passes=2)
+        n_synth += sum(aug != -1 for _, aug, _, _ in rows)
+        choices += [sorted((rid, aug) for rid, aug, _, p in rows if p == q) for q in (0, 1)]
+    assert 0 < n_synth < 4 * len(ids)  # alpha 0.5 mixes both kinds
+    assert len({tuple(c) for c in choices}) == 4  # the mixing choice is drawn afresh in every pass
     for m in result.metrics:
-        assert m["train_samples"] == len(ids) and 0.0 <= m["val_mean_class_acc"] <= 1.0
+        assert m["train_samples"] == 2 * len(ids) and 0.0 <= m["val_mean_class_acc"] <= 1.0
     written = json.load(open(os.path.join(result.output, "train_result.json")))
     assert written["method"] == "da_fusion" and written["alpha"] == 0.5 and len(written["metrics"]) == 2
     assert written["best_checkpoint"] and os.path.exists(os.path.join(written["best_checkpoint"], "model.pt"))
@@ -129,16 +139,31 @@ def test_mixed_stream_exact_per_epoch_then_resume(ray_session, make_real, tmp_pa
     new_pids = _pids(debug) - first_pids
     trained_again = {e for e, by_rank in _epoch_rows(debug).items() if by_rank[0][0] in new_pids}
     assert new_pids and trained_again == {2}, "epochs 0 and 1 were not trained again"
-    _check_exact(_epoch_rows(debug)[2][0][1], ids, skip)
+    _check_exact(_epoch_rows(debug)[2][0][1], ids, skip, passes=2)
+
+
+def test_the_same_config_gives_the_same_checkpoint_bytes(ray_session, make_real, tmp_path):
+    """Seeds mean results: mixing, order and every random transform are drawn from the seed."""
+    real = make_real(class_names=CLASSES, per_split={"train": 3, "val": 1, "test": 1}, size=32)
+    synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=2)
+    base = dict(real=real, synthetic=synthetic, method="da_fusion", alpha=0.5, arch="resnet18", backbone="finetune",
+                image_size=32, epochs=1, batch_size=3, iterations_per_epoch=6, rotation=15.0, num_workers=1)
+    runs = [train(TrainConfig(**base, output=str(tmp_path / d))) for d in ("a", "b")]
+    runs.append(train(TrainConfig(**{**base, "seed": 1}, output=str(tmp_path / "c"))))
+    weights = [storage.read_bytes(storage.join(r.best_checkpoint, "model.pt")) for r in runs]
+    assert weights[0] == weights[1]
+    assert weights[0] != weights[2]
 
 
 def test_two_workers_survive_a_killed_worker(ray_session, make_real, tmp_path):
     real = make_real(class_names=CLASSES, per_split={"train": 5, "val": 2, "test": 1}, size=32)
     synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=2)
     debug = str(tmp_path / "debug")
+    # streamed from storage on every pass (cache_mb 0): 15 real images, batch 4, 2 passes per epoch
     cfg = TrainConfig(real=real, synthetic=synthetic, output=str(tmp_path / "runs"), name="ddp", alpha=1.0,
                       arch="resnet18", backbone="finetune", image_size=64, epochs=2, batch_size=4,
-                      num_workers=2, cpus_per_worker=0.5, max_failures=1, debug_dir=debug, shuffle_buffer=4)
+                      iterations_per_epoch=4, cache_mb=0, num_workers=2, cpus_per_worker=0.5, max_failures=1,
+                      debug_dir=debug, shuffle_buffer=4)
     killed = []
 
     def kill_rank0_after_first_epoch():
@@ -164,9 +189,9 @@ def test_two_workers_survive_a_killed_worker(ray_session, make_real, tmp_path):
         # the last pair of ranks that trained this epoch saw each real id exactly once between them
         assert set(seen[epoch]) == {0, 1}
         both = seen[epoch][0][1] + seen[epoch][1][1]
-        _check_exact(both, ids)
-        assert all(aug != -1 for _, aug, _ in both)  # alpha 1: no real row where every source has synthetics
-    assert all(m["train_samples"] == len(ids) and m["synthetic_fraction"] == 1.0 for m in result.metrics)
+        _check_exact(both, ids, passes=2)
+        assert all(aug != -1 for _, aug, _, _ in both)  # alpha 1: no real row where every source has synthetics
+    assert all(m["train_samples"] == 2 * len(ids) and m["synthetic_fraction"] == 1.0 for m in result.metrics)
 
 
 def test_s3_storage_state_dict_weights_linear_probe(ray_session, make_real, s3_bucket, tmp_path):
@@ -178,13 +203,14 @@ def test_s3_storage_state_dict_weights_linear_probe(ray_session, make_real, s3_b
     storage.write_bytes(f"{bucket}/weights/r18.pt", buf.getvalue())
     cfg = TrainConfig(real=real, output=f"{bucket}/runs", method="standard", alpha=0.5, arch="resnet18",
                       weights=f"{bucket}/weights/r18.pt", backbone="linear_probe", image_size=32, epochs=2,
-                      batch_size=2, steps_per_epoch=2, num_workers=1, cpus_per_worker=0.5)
+                      batch_size=2, iterations_per_epoch=2, num_workers=1, cpus_per_worker=0.5)
     result = train(cfg)
     assert result.output == f"{bucket}/runs/standard" and result.alpha == 0.0  # standard: alpha 0 + RandAugment
     assert result.best_checkpoint.startswith(f"{bucket}/runs/standard/checkpoint_")
     written = storage.read_json(f"{result.output}/train_result.json")
     assert written["randaugment"] is True and written["num_synthetic"] == 0
-    assert [m["train_samples"] for m in written["metrics"]] == [4, 4]  # 6 real rows, capped at 2 steps of 2
+    assert [m["train_samples"] for m in written["metrics"]] == [6, 6]  # one whole pass of 6 rows per epoch
+    assert [m["steps"] for m in written["metrics"]] == [3, 3] and written["optimizer_steps"] == 6
     state = torch.load(__import__("io").BytesIO(storage.read_bytes(f"{result.best_checkpoint}/model.pt")),
                        weights_only=True)
     # linear probe: the backbone is exactly the loaded weights, only the head moved
@@ -208,6 +234,10 @@ def test_clear_errors_before_training(make_real, tmp_path):
                                        pa.array(["elsewhere"] * t.num_rows)), foreign + "/data/a/part-0.parquet")
     with pytest.raises(ValueError, match="not in"):
         train(TrainConfig(**{**base, "real": other}, method="da_fusion", synthetic=foreign))
+    # a synthetic set of another mode than the method names is refused
+    guided = write_synthetic(real, str(tmp_path / "guided"), mode="real_guidance")
+    with pytest.raises(ConfigError, match="made in mode 'real_guidance'"):
+        train(TrainConfig(**base, method="da_fusion", synthetic=guided))
     wrong = str(tmp_path / "r34.pt")
     torch.save(build_model("resnet34", 10, "none").state_dict(), wrong)
     with pytest.raises(ConfigError, match="does not match"):
