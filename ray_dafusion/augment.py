@@ -32,12 +32,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from . import models, schema, storage, tokens, weights
+from . import models, plan, schema, storage, tokens, weights
 from .config import AugmentConfig, ConfigError, callable_stage_module
 from .configlib import config_fingerprint
 from .errors import StageError
 from .modes import AUGMENT_MODES
 from .runinfo import versions
+from .watchdog import Watchdog
 
 __all__ = [
     "AugmentResult",
@@ -182,7 +183,7 @@ class DiffusionAugmenter:
 
         self.pipe = models.load_pipeline(cfg.model, cache_dir=cfg.cache_dir, endpoint_url=cfg.endpoint_url)
         self.model_fingerprint = models.model_fingerprint(
-            models.resolve_model(cfg.model, cfg.cache_dir, cfg.endpoint_url)
+            models.resolve_model(cfg.model, cfg.cache_dir, cfg.endpoint_url), cfg.cache_dir
         )
         self.embeddings_fingerprint = ""
         self.tokens: set[str] = set()
@@ -405,8 +406,19 @@ def _quarantined(output: str, endpoint_url: Optional[str]) -> set[str]:
     return set(storage.read_parquet(errors_dir, endpoint_url, columns=["item"]).column("item").to_pylist())
 
 
+def _actor_plan(cfg: AugmentConfig) -> tuple[int, dict[str, float]]:
+    """(actors to start, custom resources pinning them to generation nodes), checked against the
+    cluster so that Ray Data's read and write tasks keep a CPU (else the job would hang)."""
+    cap = plan.capacity()
+    pin = plan.node_pinning(cfg.node_resource, cfg.num_gpus, cap, "augment")
+    demand = plan.Demand("diffusion actors", cfg.max_actors, {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus, **pin},
+                         count_field="max_actors", size_fields={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus})
+    return plan.check("augment", demand, cap), pin
+
+
 def _map_augmenter(ds: Any, cfg: AugmentConfig, classes: list[schema.ClassInfo], partial: dict[str, list[int]],
-                   fingerprints: dict[str, Any], faults: Optional[dict[str, Any]]) -> Any:
+                   fingerprints: dict[str, Any], faults: Optional[dict[str, Any]], actors: int,
+                   pin: dict[str, float]) -> Any:
     """The actor pool stage: resources, pool size and fault tolerance from the config."""
     import ray.data
 
@@ -419,7 +431,7 @@ def _map_augmenter(ds: Any, cfg: AugmentConfig, classes: list[schema.ClassInfo],
             "expected_fingerprints": {"model": fingerprints["model"], "embeddings": fingerprints["embeddings"]},
             "_faults": faults,
         },
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, actors), max_size=actors),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.num_cpus,
@@ -427,9 +439,11 @@ def _map_augmenter(ds: Any, cfg: AugmentConfig, classes: list[schema.ClassInfo],
         # Ray Data's defaults are unlimited restarts; bound them so a broken node fails the job.
         max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_restarts,
+        **({"resources": pin} if pin else {}),
     )
 
 
+@storage.leased("augment")
 def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> AugmentResult:
     """Generate `num_augmentations` synthetic rows per real train row into `cfg.output`.
 
@@ -493,7 +507,7 @@ def _prepare_conditioning(cfg: AugmentConfig, classes: list[schema.ClassInfo]) -
     """Fingerprints of the model, tokens and erasure (checked against the data set and the model)."""
     ep = cfg.endpoint_url
     local_model = models.resolve_model(cfg.model, cfg.cache_dir, ep)
-    fingerprints: dict[str, Any] = {"model": models.model_fingerprint(local_model), "embeddings": ""}
+    fingerprints: dict[str, Any] = {"model": models.model_fingerprint(local_model, cfg.cache_dir), "embeddings": ""}
     token_set: set[str] = set()
     if AUGMENT_MODES[cfg.mode].needs_tokens:
         tensors, fingerprints["embeddings"] = weights.load_embeddings(cfg.embeddings, ep)
@@ -573,6 +587,7 @@ def _generate(cfg: AugmentConfig, classes: list[schema.ClassInfo], train_files: 
     from ray.data.expressions import col
 
     ep = cfg.endpoint_url
+    actors, pin = _actor_plan(cfg)
     fs, _ = storage.resolve(cfg.real, ep)
     ds = ray.data.read_parquet([storage.resolve(f, ep)[1] for f in train_files], filesystem=fs,
                                columns=_REAL_COLUMNS)
@@ -584,15 +599,19 @@ def _generate(cfg: AugmentConfig, classes: list[schema.ClassInfo], train_files: 
         # Ray 2.60 takes max_restarts / max_task_retries only as **ray_remote_args, which it
         # flags as deprecated for 2.64 while offering no named parameter for them yet.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = _map_augmenter(ds, cfg, classes, progress.partial, fingerprints, faults)
+        ds = _map_augmenter(ds, cfg, classes, progress.partial, fingerprints, faults, actors, pin)
     stop_after = (faults or {}).get("stop_after_batches")
     summaries = []
-    for summary in ds.iter_rows():
-        summaries.append(summary)
-        if summary["rows"]:
-            log.info("wrote %s (%d images, %.1fs)", summary["file"], summary["rows"], summary["seconds"])
-        if stop_after is not None and len(summaries) >= stop_after:
-            raise RuntimeError(f"injected stop after {len(summaries)} batches")
+    hint = (f"each of {actors} actors reserves num_cpus {cfg.num_cpus:g} and num_gpus {cfg.num_gpus:g}"
+            + (f" on nodes with {', '.join(pin)}" if pin else "") + "; lower them or max_actors, or add nodes")
+    with Watchdog("augment", "batch", cfg.stall_warning, cfg.stall_timeout, hint=hint) as watchdog:
+        for summary in ds.iter_rows():
+            watchdog.progress()
+            summaries.append(summary)
+            if summary["rows"]:
+                log.info("wrote %s (%d images, %.1fs)", summary["file"], summary["rows"], summary["seconds"])
+            if stop_after is not None and len(summaries) >= stop_after:
+                raise RuntimeError(f"injected stop after {len(summaries)} batches")
     return summaries
 
 

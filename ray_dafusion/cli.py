@@ -113,12 +113,19 @@ def _parse(argv: Optional[Sequence[str]]) -> tuple[str, StageConfig, bool]:
 
 
 def connect_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a fresh local one."""
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a fresh local one.
+
+    A fresh local cluster is a single node on loopback: Ray's single-node mode (the variable
+    below, read when ray is first imported) keeps every address at 127.0.0.1 instead of the
+    machine's external interface, so a laptop run opens nothing to the network.
+    """
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, log_to_driver=True)
 
 

@@ -33,7 +33,10 @@ from .configlib import (
     read_yaml,
     resource,
 )
-from .modes import AUGMENT_MODES, TRAIN_METHODS
+from .modes import AUGMENT_MODES, SWEEP_VARIANTS, TRAIN_METHODS
+
+ARCHS = ("resnet50", "resnet18", "resnet34", "small_cnn")
+"""Classifier architectures: torchvision ResNets, or classifier.small_cnn for small images on a CPU."""
 
 __all__ = [
     "ConfigError",
@@ -45,7 +48,9 @@ __all__ = [
     "TrainConfig",
     "EvaluateConfig",
     "GalleryConfig",
+    "PretrainConfig",
     "PipelineConfig",
+    "SweepConfig",
     "STAGES",
     "CONFIGS",
     "load_config",
@@ -59,7 +64,7 @@ __all__ = [
 # Stage configs
 # --------------------------------------------------------------------------------------
 
-FORMATS = ("folder", "voc", "coco")
+FORMATS = ("folder", "voc", "coco", "real")
 
 
 @dataclass
@@ -67,13 +72,13 @@ class IngestConfig(StageConfig):
     """Turn labelled images into real/{train,val,test} parquet shards."""
 
     source: str = ""
-    """Input: an image folder root/<class>/* (or root/{train,val,test}/<class>/* for given splits), a VOC root (Annotations/, JPEGImages/), or a COCO instances JSON."""
+    """Input: an image folder root/<class>/* (or root/{train,val,test}/<class>/* for given splits), a VOC root (Annotations/, JPEGImages/), a COCO instances JSON, or (format real) an ingest output made with examples_per_class null."""
     format: str = "folder"
-    """Layout of `source`: folder | voc | coco."""
+    """Layout of `source`: folder | voc | coco | real (a k-shot subset of an earlier ingest's pool: rows copied, val/test kept)."""
     output: str = location("")
     """Output URI; gets train/, val/, test/, errors/ and manifest.json."""
-    examples_per_class: int = 4
-    """Train images per class: the first k of a `seed`-permuted train pool, so smaller sets nest in larger."""
+    examples_per_class: Optional[int] = 4
+    """Train images per class: the first k of a `seed`-permuted train pool, so smaller sets nest in larger (null: the whole pool, for format real to subset later)."""
     val_per_class: Optional[int] = None
     """Validation images per class, fixed by split_seed; default: a quarter of the class (half of a given holdout)."""
     test_per_class: Optional[int] = None
@@ -137,6 +142,10 @@ class InvertConfig(StageConfig):
     """CPUs reserved by each per-class Ray task."""
     num_gpus: float = resource(0.0)
     """GPUs reserved by each per-class Ray task (fp16 mixed precision when > 0)."""
+    node_resource: Optional[str] = resource("gen_gpu")
+    """Custom resource of the node type this stage's tasks should run on (cluster.yaml: gen_gpu, train_gpu); used only when the cluster defines it."""
+    stall_warning: Optional[float] = resource(1800.0)
+    """Seconds without a finished class (one class of textual inversion can take many minutes on a CPU) before the stage logs what it is waiting on (null: never)."""
     cache_dir: Optional[str] = resource(None)
     """Local model cache (default: ~/.cache/ray_dafusion)."""
 
@@ -181,6 +190,10 @@ class EraseConfig(StageConfig):
     """CPUs reserved by each per-class Ray task."""
     num_gpus: float = resource(0.0)
     """GPUs reserved by each per-class Ray task."""
+    node_resource: Optional[str] = resource("gen_gpu")
+    """Custom resource of the node type this stage's tasks should run on (cluster.yaml: gen_gpu, train_gpu); used only when the cluster defines it."""
+    stall_warning: Optional[float] = resource(3600.0)
+    """Seconds without a finished class (one class of ESD can take an hour on a CPU) before the stage logs what it is waiting on (null: never)."""
     cache_dir: Optional[str] = resource(None)
     """Local model cache (default: ~/.cache/ray_dafusion)."""
 
@@ -237,6 +250,8 @@ class AugmentConfig(StageConfig):
     """GPUs per actor (1 on a GPU node: fp16)."""
     num_cpus: float = resource(0.5)
     """CPUs per actor; keep below a node's CPUs so Ray Data's read tasks can run."""
+    node_resource: Optional[str] = resource("gen_gpu")
+    """Custom resource of the node type this stage's actors should run on (cluster.yaml: gen_gpu, train_gpu); used only when the cluster defines it."""
     max_restarts: int = resource(3)
     """Times Ray restarts a crashed actor (its batch is retried)."""
     cache_dir: Optional[str] = resource(None)
@@ -268,7 +283,6 @@ class AugmentConfig(StageConfig):
                           "--prompt_templates '[\"a photo of a {}, close up\"]')")
 
 
-ARCHS = ("resnet50", "resnet18", "resnet34")
 BACKBONES = ("linear_probe", "finetune")
 
 
@@ -289,7 +303,7 @@ class TrainConfig(StageConfig):
     alpha: float = 0.5
     """Probability that a real example is replaced by one of its synthetic images."""
     arch: str = "resnet50"
-    """torchvision ResNet depth."""
+    """resnet50 | resnet18 | resnet34 (torchvision), or small_cnn (~100k parameters, for small images on a CPU)."""
     backbone: str = "linear_probe"
     """linear_probe: frozen backbone (the paper); finetune: train everything."""
     weights: str = "none"
@@ -304,6 +318,10 @@ class TrainConfig(StageConfig):
     """Train on GPUs (AMP)."""
     cpus_per_worker: float = resource(0.5)
     """CPUs per training worker; leave some for Ray Data."""
+    node_resource: Optional[str] = resource("train_gpu")
+    """Custom resource of the node type this stage's workers should run on (cluster.yaml: gen_gpu, train_gpu); used only when the cluster defines it."""
+    stall_warning: Optional[float] = resource(1800.0)
+    """Seconds without a finished epoch before the stage logs what it is waiting on (null: never)."""
     epochs: int = extent(50)
     """Epochs, each of about iterations_per_epoch optimiser steps (the reference: 50 x 200)."""
     iterations_per_epoch: int = 200
@@ -317,7 +335,9 @@ class TrainConfig(StageConfig):
     max_failures: int = resource(2)
     """Worker failures Ray Train survives by restarting from the last checkpoint."""
     hflip: bool = True
-    """Random horizontal flips in the train transform (RandAugment is added by method standard)."""
+    """Random horizontal flips in the train transform."""
+    randaugment: Optional[bool] = None
+    """Standard augmentation (RandAugment) on top of flips and rotation; default: the method's (on for standard only)."""
     num_to_keep: int = resource(2)
     """Checkpoints kept besides the latest (the best on val_mean_class_acc are kept)."""
     prefetch_batches: int = resource(2)
@@ -359,6 +379,8 @@ class EvaluateConfig(StageConfig):
     """CPUs per scoring actor (fractional leaves room for Ray Data's readers)."""
     num_gpus: float = resource(0.0)
     """GPUs per scoring actor."""
+    node_resource: Optional[str] = resource("train_gpu")
+    """Custom resource of the node type this stage's scoring actor should run on (cluster.yaml: gen_gpu, train_gpu); used only when the cluster defines it."""
 
     def validate(self) -> None:
         positive(self, "num_cpus", "num_gpus", allow_zero=True)
@@ -383,6 +405,69 @@ class GalleryConfig(StageConfig):
 
     def validate(self) -> None:
         positive(self, "max_sources", "thumb_size")
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    """Train a small Stable-Diffusion-shaped text-conditional model on unlabelled images (Ray Train)."""
+
+    source: str = ""
+    """Unlabelled images: every image file under this folder (local or s3://), sub-folder names ignored."""
+    output: str = location("")
+    """Output: a diffusers pipeline directory (give it to `model`), manifest.json, and _checkpoints/ to resume."""
+    init: Optional[str] = None
+    """Continue from this pipeline (a model URI; its VAE is kept frozen) instead of starting from scratch."""
+    shape: str = "small32"
+    """Architecture from models.PRETRAIN_SHAPES (small32: 32 px, 8x8x4 latents, 8.6 MB)."""
+    num_clusters: int = 32
+    """Caption words: the images (and mirrors) are clustered into this many groups, one made-up word each."""
+    empty_caption_fraction: float = 0.15
+    """Share of captions left empty, so classifier-free guidance has an unconditional model."""
+    vae_steps: int = 1500
+    """Autoencoder steps (0 with `init`: keep the init's VAE)."""
+    vae_batch_size: int = 32
+    """Images per autoencoder step (global)."""
+    vae_learning_rate: float = 2e-3
+    """Adam learning rate of the autoencoder (cosine decay to 0)."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term of the autoencoder loss."""
+    steps: int = 2400
+    """UNet and text-encoder steps."""
+    batch_size: int = 64
+    """Images per UNet step (global, split across workers)."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate of UNet and text encoder (warm-up, then cosine to a tenth)."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up steps."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average whose weights are saved."""
+    seed: int = 0
+    """Seeds clustering, initialisation, batches, noise and captions."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (a killed run resumes from the last)."""
+    num_workers: int = resource(1)
+    """Ray Train workers (DDP)."""
+    use_gpu: bool = resource(False)
+    """Train on GPUs."""
+    cpus_per_worker: float = resource(1.0)
+    """CPUs per training worker."""
+    node_resource: Optional[str] = resource("train_gpu")
+    """Custom resource of the node type this stage's workers should run on (cluster.yaml: gen_gpu, train_gpu); used only when the cluster defines it."""
+    max_failures: int = resource(2)
+    """Worker failures survived by restarting from the last checkpoint."""
+    stall_warning: Optional[float] = resource(1800.0)
+    """Seconds without a checkpoint before the stage logs what it is waiting on (null: never)."""
+
+    def validate(self) -> None:
+        positive(self, "num_clusters", "steps", "batch_size", "learning_rate", "vae_batch_size", "vae_learning_rate",
+                 "checkpoint_every", "num_workers", "cpus_per_worker")
+        positive(self, "vae_steps", "warmup_steps", "kl_weight", "max_failures", allow_zero=True)
+        if not 0.0 <= self.empty_caption_fraction < 1.0:
+            raise bad("empty_caption_fraction", self.empty_caption_fraction, "must lie in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise bad("ema_decay", self.ema_decay, "must lie in [0, 1)")
+        if self.vae_steps == 0 and not self.init:
+            raise bad("vae_steps", self.vae_steps, "must be > 0 when training from scratch (no init)")
 
 
 @dataclass
@@ -416,6 +501,44 @@ class PipelineConfig(StageConfig):
                 raise bad("methods", self.methods, f"each must be one of {', '.join(TRAIN_METHODS)}")
 
 
+@dataclass
+class SweepConfig(StageConfig):
+    """The paper's experiment as a Ray Tune sweep: shots x seeds x methods, stage outputs reused."""
+
+    source: str = ""
+    """Labelled images (an image folder, VOC or COCO as ingest takes them); ingested once, subsets per (shots, seed)."""
+    workdir: str = location("./runs/sweep")
+    """URI under which the pool, every subset, token set, synthetic set, run, the trials and the results live."""
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Examples per class of each trial."""
+    seeds: list[int] = field(default_factory=lambda: list(range(10)))
+    """Seeds: which shots are drawn, and the seed of every stage of the trial."""
+    methods: list[str] = field(default_factory=lambda: ["baseline", "standard", "real_guidance", "da_fusion"])
+    """Compared methods (modes.SWEEP_VARIANTS): baseline, standard, real_guidance, da_fusion, da_fusion_k1 (k=1 ablation)."""
+    max_concurrent_trials: int = resource(1)
+    """Trials run at once (1 on a 2-core machine; more where the cluster has room)."""
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    """Ingest section (split sizes, split_seed, format); examples_per_class and seed are the trial's."""
+    invert: InvertConfig = field(default_factory=InvertConfig)
+    """Invert section, shared by every trial that needs tokens."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augment section; mode and t0 levels come from each method."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Train section, shared by every method; method and seed are the trial's."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Evaluate section (scores every run on the pool's fixed test split)."""
+
+    def validate(self) -> None:
+        for name in self.methods:
+            if name not in SWEEP_VARIANTS:
+                raise bad("methods", self.methods, f"each must be one of {', '.join(SWEEP_VARIANTS)}")
+        positive(self, "max_concurrent_trials")
+        if not self.shots or any(k < 1 for k in self.shots):
+            raise bad("shots", self.shots, "needs one or more shot counts >= 1")
+        if not self.seeds:
+            raise bad("seeds", self.seeds, "needs at least one seed")
+
+
 @dataclass(frozen=True)
 class Stage:
     """One entry of the stage registry: its function (imported on first use) and its config."""
@@ -435,7 +558,9 @@ STAGES: dict[str, Stage] = {
     "train": Stage("ray_dafusion.train", "train", TrainConfig),
     "evaluate": Stage("ray_dafusion.evaluate", "evaluate", EvaluateConfig),
     "gallery": Stage("ray_dafusion.gallery", "gallery", GalleryConfig),
+    "pretrain": Stage("ray_dafusion.pretrain", "pretrain", PretrainConfig),
     "pipeline": Stage("ray_dafusion.pipeline", "pipeline", PipelineConfig),
+    "sweep": Stage("ray_dafusion.sweep", "sweep", SweepConfig),
     "demo": Stage("ray_dafusion.pipeline", "demo", PipelineConfig,
                   "Run the whole pipeline on the embedded default: local Ray, ./runs/demo, the tiny model, "
                   "handwritten digits. Takes the pipeline's options."),

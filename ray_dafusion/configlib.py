@@ -91,6 +91,10 @@ class StageConfig:
     """S3-compatible endpoint for s3:// URIs (MinIO, a test server); default: AWS_ENDPOINT_URL or AWS."""
     overwrite: bool = resource(False)
     """Replace an output written with a different config instead of refusing."""
+    stall_warning: Optional[float] = resource(300.0)
+    """Seconds without a finished batch, task or epoch before the stage logs what it is waiting on (null: never)."""
+    stall_timeout: Optional[float] = resource(None)
+    """Seconds without progress after which the stage fails instead of waiting (default: wait)."""
 
     def __post_init__(self) -> None:
         _coerce_fields(self)

@@ -106,6 +106,7 @@ def class_file_name(class_name: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
+@storage.leased("erase")
 def erase(cfg: EraseConfig) -> EraseResult:
     """Erase every class name of `cfg.real` from the UNet (one Ray task per class)."""
     cfg.require("real", "output")
@@ -190,7 +191,7 @@ def _erase_class(cfg: EraseConfig, info: ClassInfo) -> dict[str, Any]:
         "name": info.name, "label": info.label, "method": cfg.method,
         "file": f"{CLASSES_DIR}/{class_file_name(info.name)}", "prompt": erase_prompt(info.name),
         "iterations": cfg.iterations, "seconds": round(erased.seconds, 3), "device": erased.device,
-        "model_fingerprint": model_fingerprint(local), "losses": erased.losses,
+        "model_fingerprint": model_fingerprint(local, cfg.cache_dir), "losses": erased.losses,
     }
     data = save_safetensors({k: v.contiguous() for k, v in erased.tensors.items()},
                             metadata={"method": cfg.method, "class_name": info.name})

@@ -21,12 +21,13 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from . import schema, storage
+from . import plan, schema, storage
 from .classifier import decode_uint8, eval_transform, load_classifier
 from .config import EvaluateConfig, callable_stage_module
 from .configlib import config_fingerprint
 from .errors import StageError
 from .runinfo import versions
+from .watchdog import Watchdog
 
 __all__ = ["EvaluateResult", "evaluate", "class_metrics", "Scorer"]
 
@@ -106,6 +107,10 @@ def _score(cfg: EvaluateConfig, checkpoint_uris: list[str], files: list[str]) ->
     """
     import ray.data
 
+    cap = plan.capacity()
+    pin = plan.node_pinning(cfg.node_resource, cfg.num_gpus, cap, "evaluate")
+    plan.check("evaluate", plan.Demand("scoring actor", 1, {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus, **pin},
+                                       size_fields={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}), cap)
     fs, _ = storage.resolve(files[0], cfg.endpoint_url)
     ds = ray.data.read_parquet([storage.resolve(f, cfg.endpoint_url)[1] for f in files], filesystem=fs,
                                columns=["id", "label", "image"])
@@ -114,9 +119,12 @@ def _score(cfg: EvaluateConfig, checkpoint_uris: list[str], files: list[str]) ->
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
         fn_constructor_kwargs={"checkpoint_uris": checkpoint_uris, "endpoint_url": cfg.endpoint_url,
                                "use_gpu": cfg.num_gpus > 0},
+        **({"resources": pin} if pin else {}),
     )
     cols = [f"pred_{i}" for i in range(len(checkpoint_uris))]
-    rows = scored.select_columns(["id", "label", *cols]).take_all()  # a few ints per test image
+    with Watchdog("evaluate", "scoring pass", cfg.stall_warning, cfg.stall_timeout,
+                  hint=f"the scoring actor reserves num_cpus {cfg.num_cpus:g} and num_gpus {cfg.num_gpus:g}"):
+        rows = scored.select_columns(["id", "label", *cols]).take_all()  # a few ints per test image
     labels = {r["id"]: int(r["label"]) for r in rows}
     if len(labels) != len(rows):
         raise ValueError(f"{cfg.split} split of {cfg.real} has duplicate ids; re-run ingest")
@@ -204,6 +212,7 @@ def _markdown(runs: list[dict[str, Any]], split: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@storage.leased("evaluate")
 def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score every run in `cfg.runs` on `cfg.split`; write results.json, results.md and plots."""
     cfg.require("real", "runs", "output")

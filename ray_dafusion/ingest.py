@@ -396,7 +396,7 @@ def split_class(keys: list[str], given: dict[str, Optional[str]], cfg: IngestCon
                         len(order))
                 out[split], pool = order[:n], sorted(order[n:])
     order = _draw(pool, cfg.seed)
-    k = min(cfg.examples_per_class, len(order))
+    k = len(order) if cfg.examples_per_class is None else min(cfg.examples_per_class, len(order))
     out["train"] = order[:k]
     out["unused"] += order[k:]
     return out
@@ -416,11 +416,14 @@ def split_fingerprint(ids: list[str]) -> str:
     return storage.fingerprint(sorted(ids))
 
 
+@storage.leased("ingest")
 def ingest(cfg: IngestConfig) -> IngestResult:
     """Read labelled images, validate them, split them per class and write parquet shards."""
     cfg.require("source", "output")
     started = time.time()
-    config_fp = config_fingerprint(cfg)
+    # a subset's identity includes the pool it is drawn from (its manifest's fingerprint)
+    parent = (storage.read_manifest(cfg.source, cfg.endpoint_url) or {}) if cfg.format == "real" else {}
+    config_fp = config_fingerprint(cfg, **({"pool": parent.get("config_fingerprint")} if parent else {}))
     done = storage.ensure_fresh_output(cfg.output, "ingest", config_fp, cfg.overwrite, cfg.endpoint_url)
     if done is not None:
         log.info("%s is complete (same config); nothing to do", cfg.output)
@@ -428,6 +431,8 @@ def ingest(cfg: IngestConfig) -> IngestResult:
                             done["counts"]["errors"], done["counts"].get("skipped", {}), 0.0, reused=True)
     for split in (*SPLITS, "errors"):  # leftovers of an interrupted run of the same config
         storage.delete(storage.join(cfg.output, split), cfg.endpoint_url)
+    if cfg.format == "real":
+        return _subset(cfg, config_fp, started)
 
     # 1. list the source (paths and class names only)
     listing = _list_source(cfg)
@@ -473,6 +478,65 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     log.info("wrote %s images of %d classes to %s (%d quarantined in errors/, %d skipped) in %.1fs",
              counts["splits"], len(classes), cfg.output, len(listing.errors), sum(listing.skipped.values()), seconds)
     return IngestResult(cfg.output, classes, counts["splits"], len(listing.errors), listing.skipped, seconds)
+
+
+def _subset(cfg: IngestConfig, config_fp: str, started: float) -> IngestResult:
+    """format real: the k-shot train set of an earlier ingest's whole pool, by the same rule a direct
+    ingest applies (first k of the `seed`-permuted pool keys per class); val, test and errors are
+    copied as they are, so every subset of one pool is scored on the same images."""
+    ep = cfg.endpoint_url
+    parent = storage.read_manifest(cfg.source, ep)
+    if parent is None or parent.get("stage") != "ingest":
+        raise FileNotFoundError(f"format real: {cfg.source} is not a complete ingest output (no ingest manifest)")
+    if (parent.get("config") or {}).get("examples_per_class", 0) is not None:
+        raise ValueError(f"format real: {cfg.source} was made with examples_per_class "
+                         f"{parent['config'].get('examples_per_class')}, not null (the whole train pool); re-ingest "
+                         "the source with examples_per_class: null to take k-shot subsets of it")
+    if cfg.examples_per_class is None:
+        raise ConfigError("config field 'examples_per_class': format real takes a k-shot subset; give k")
+    pool = storage.read_parquet(storage.join(cfg.source, "train"), ep)
+    keys = pool.column("source_path").to_pylist()
+    labels = pool.column("label").to_pylist()
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for key, label in zip(keys, labels):
+        by_class[label].append(key)
+    chosen: set[str] = set()
+    per_class_train: dict[str, int] = {}
+    names = [c["name"] for c in parent["classes"]]
+    for label, class_keys in sorted(by_class.items()):
+        picked = _draw(class_keys, cfg.seed)[: cfg.examples_per_class]
+        if len(picked) < cfg.examples_per_class and not cfg.allow_fewer:
+            raise ValueError(f"class {names[label]!r} has {len(picked)} images in the pool of {cfg.source}, fewer than "
+                             f"examples_per_class={cfg.examples_per_class}; lower it or set allow_fewer: true")
+        chosen.update(picked)
+        per_class_train[names[label]] = len(picked)
+    train = pool.filter(pa.array([k in chosen for k in keys])).sort_by("id")
+    storage.write_parquet(train, storage.join(cfg.output, "train", "part-00000.parquet"), ep)
+    for split in ("val", "test", "errors"):
+        for uri in storage.list_files(storage.join(cfg.source, split), ".parquet", ep):
+            storage.write_bytes(storage.join(cfg.output, split, posixpath.basename(uri)), storage.read_bytes(uri, ep), ep)
+    counts = dict(parent["counts"])
+    counts["splits"] = {**counts["splits"], "train": train.num_rows}
+    counts["per_class"] = {**counts["per_class"], "train": per_class_train}
+    counts["skipped"] = {**counts.get("skipped", {}), "unused": len(keys) - train.num_rows}
+    counts["files"] = {**counts.get("files", {}), "train": 1}
+    seconds = time.time() - started
+    storage.write_manifest(cfg.output, {
+        **{k: parent[k] for k in ("classes", "split_seed") if k in parent},
+        "stage": "ingest",
+        "config": cfg.to_dict(),
+        "config_fingerprint": config_fp,
+        "parent": {"uri": cfg.source, "config_fingerprint": parent.get("config_fingerprint")},
+        "seed": cfg.seed,
+        "split_fingerprints": {**parent["split_fingerprints"],
+                               "train": split_fingerprint(train.column("id").to_pylist())},
+        "counts": counts,
+        "seconds": round(seconds, 3),
+        "versions": versions(),
+    }, ep)
+    log.info("%d-shot subset (seed %d) of %s: %d train images, val and test as the pool's, in %s (%.1fs)",
+             cfg.examples_per_class, cfg.seed, cfg.source, train.num_rows, cfg.output, seconds)
+    return IngestResult(cfg.output, names, counts["splits"], counts.get("errors", 0), counts["skipped"], seconds)
 
 
 def _decode_all(cfg: IngestConfig, items: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
@@ -533,7 +597,8 @@ class _SplitPlan:
 def _plan_splits(cfg: IngestConfig, classes: list[str], by_class: dict[str, list[str]], digest_of: dict[str, str],
                  given: dict[str, Optional[str]]) -> _SplitPlan:
     plans = {cls: split_class(by_class[cls], given, cfg) for cls in classes}
-    short = {c: len(p["train"]) for c, p in plans.items() if len(p["train"]) < cfg.examples_per_class}
+    wanted = cfg.examples_per_class or 1
+    short = {c: len(p["train"]) for c, p in plans.items() if len(p["train"]) < wanted}
     if short and not cfg.allow_fewer:
         listed = ", ".join(f"{c!r} ({n})" for c, n in sorted(short.items()))
         raise ValueError(

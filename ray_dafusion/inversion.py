@@ -86,6 +86,7 @@ def class_file_name(token: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
+@storage.leased("invert")
 def invert(cfg: InvertConfig) -> InvertResult:
     """Learn a token for every class of `cfg.real` (one Ray task per class) and write `cfg.output`."""
     cfg.require("real", "output")
@@ -172,7 +173,7 @@ def _invert_class(cfg: InvertConfig, info: ClassInfo) -> dict[str, Any]:
     record = {
         "name": info.name, "label": info.label, "token": info.token, "file": f"{CLASSES_DIR}/{class_file_name(info.token)}",
         "num_images": len(images), "steps": cfg.steps, "seconds": round(learned.seconds, 3),
-        "device": learned.device, "model_fingerprint": model_fingerprint(local), "losses": learned.losses,
+        "device": learned.device, "model_fingerprint": model_fingerprint(local, cfg.cache_dir), "losses": learned.losses,
     }
     data = save_safetensors({info.token: learned.embedding.contiguous()}, metadata={"record": json.dumps(record)})
     storage.write_bytes(_class_uri(cfg.output, info), data, cfg.endpoint_url)

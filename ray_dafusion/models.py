@@ -16,8 +16,9 @@ same ``from_pretrained`` code as a real checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -27,10 +28,27 @@ __all__ = [
     "build_pipeline",
     "model_fingerprint",
     "file_fingerprint",
+    "SHIPPED_MODELS",
+    "PRETRAIN_SHAPES",
+    "NOISE_SCHEDULE",
+    "build_pretrain_components",
+    "assemble_pipeline",
+    "ship_model",
+    "DIGITS_COMMANDS",
 ]
 
 BUILTIN_MODELS = ("tiny", "sd15-shape")
 _BUILD_VERSION = "1"  # bump when a built-in model's shape or seed changes
+
+SHIPPED_MODELS = {"digits": os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits")}
+"""Pretrained models that ship with the package (a diffusers directory each, with its manifest)."""
+
+DIGITS_COMMANDS = (
+    "python -c \"from ray_dafusion.sample_data import write_digits; "
+    "write_digits('runs/digits-pretrain', half='pretrain', labelled=False)\"",
+    "ray-dafusion pretrain --config jobs/configs/pretrain_digits.yaml",
+)
+"""What made the shipped `digits` model (`make digits-model` runs them, then ship_model)."""
 
 
 def default_cache_dir(cache_dir: Optional[str] = None) -> str:
@@ -54,6 +72,11 @@ def resolve_model(uri: str, cache_dir: Optional[str] = None, endpoint_url: Optio
 
     if not uri:
         raise ValueError("model URI is empty; use a local directory, s3:// prefix, hub id or 'tiny'")
+    if uri in SHIPPED_MODELS:
+        path = SHIPPED_MODELS[uri]
+        if not os.path.exists(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"the shipped model {uri!r} is missing from {path}; reinstall ray-dafusion")
+        return path
     cache = default_cache_dir(cache_dir)
     if uri in BUILTIN_MODELS:
         target = os.path.join(cache, f"{uri}-v{_BUILD_VERSION}")
@@ -117,9 +140,10 @@ def load_pipeline(
     return pipe
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer(extra_words: Sequence[str] = ()):
     """A byte-level BPE CLIP tokenizer written here: every byte is a token, common prompt
-    words merge into one token (so "the" can initialise textual inversion)."""
+    words merge into one token (so "the" can initialise textual inversion), and so does each of
+    `extra_words` (the caption words of a pretrained model)."""
     from transformers import CLIPTokenizer
 
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -128,7 +152,7 @@ def _tiny_tokenizer():
     vocab = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     words = "a an the of photo picture close-up cropped bright dark good one small large blurry clean rendition"
-    for word in words.split():
+    for word in words.split() + list(extra_words):
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
             merges.append((parts[0], parts[1]))
@@ -220,6 +244,83 @@ def build_pipeline(name: str):
     )
 
 
+# ---- small text-conditional models trained here (`pretrain`) ---------------------------------------
+
+PRETRAIN_SHAPES: dict[str, dict[str, Any]] = {
+    "small32": {
+        "resolution": 32,
+        "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), latent_channels=4,
+                    layers_per_block=1, norm_num_groups=8, sample_size=32),
+        "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+                     down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                     cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=77, projection_dim=64),
+    },
+}
+"""Shapes `pretrain` builds from scratch. small32: 32 px images, 8x8x4 latents (VAE factor 4),
+a 1.8M-parameter UNet with cross-attention, a 2-layer 64-wide CLIP text encoder: 8.6 MB in fp32."""
+
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                      clip_sample=False)
+"""The noise schedule `pretrain` trains with (cosine, epsilon prediction)."""
+
+
+def build_pretrain_components(shape: str, tokenizer: Any, seed: int = 0) -> tuple[Any, Any, Any]:
+    """(vae, unet, text_encoder) of a PRETRAIN_SHAPES entry, randomly initialised from `seed`."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = PRETRAIN_SHAPES[shape]
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**spec["vae"])
+    unet = UNet2DConditionModel(**spec["unet"])
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                        **spec["text"]))
+    return vae, unet, text
+
+
+def assemble_pipeline(vae: Any, unet: Any, text_encoder: Any, tokenizer: Any):
+    """An img2img pipeline around trained components, with the DDIM sampler they are meant for.
+
+    `leading` spacing with steps_offset 1 starts t0 = 1.0 at t = 981, not 999: on the cosine
+    schedule with epsilon prediction, t = 999 (alpha_bar 2e-9) magnifies the noise error ~600x.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    scheduler = DDIMScheduler(**NOISE_SCHEDULE, set_alpha_to_one=False, timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionImg2ImgPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def ship_model(source: str, name: str, commands: Sequence[str]) -> str:
+    """Copy a pretrained pipeline (model_index.json, its component folders) and its manifest, with
+    the commands that made it, into the package's assets as SHIPPED_MODELS[name]."""
+    import shutil
+
+    target = SHIPPED_MODELS[name]
+    with open(os.path.join(source, "model_index.json")) as f:
+        components = [k for k, v in json.load(f).items() if isinstance(v, list) and v[0] is not None]
+    with open(os.path.join(source, "manifest.json")) as f:
+        manifest = json.load(f)
+    if manifest.get("stage") != "pretrain":
+        raise ValueError(f"{source} is not a complete pretrain output")
+    shutil.rmtree(target, ignore_errors=True)
+    os.makedirs(target)
+    shutil.copy2(os.path.join(source, "model_index.json"), target)
+    for component in components:
+        shutil.copytree(os.path.join(source, component), os.path.join(target, component))
+    with open(os.path.join(target, "manifest.json"), "w") as f:
+        json.dump({**manifest, "commands": list(commands)}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return target
+
+
 def file_fingerprint(path_or_bytes: Any) -> str:
     """sha256 (16 hex chars) of a file's bytes or of a bytes object."""
     h = hashlib.sha256()
@@ -232,26 +333,48 @@ def file_fingerprint(path_or_bytes: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(local_dir: str) -> str:
-    """Hash of a pipeline directory: configs in full, weight files by size and their first and
-    last MiB (hashing gigabytes of weights on every actor start would cost minutes)."""
+def model_fingerprint(local_dir: str, cache_dir: Optional[str] = None) -> str:
+    """Hash of a pipeline directory: every file's path, size and full content, so any changed
+    weight changes it. A file's hash is remembered in the local cache under its (path, size,
+    mtime, inode), so a multi-GB checkpoint is read once per node, not once per actor start."""
     if not os.path.isdir(local_dir):
         return hashlib.sha256(local_dir.encode()).hexdigest()[:16]  # a hub id: its name
     h = hashlib.sha256()
-    for root, _, names in sorted(os.walk(local_dir)):
+    for root, dirs, names in os.walk(local_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))  # a pretrain run's checkpoints are not weights
         for name in sorted(names):
-            if name.startswith("."):
+            if name.startswith((".", "_")) or (root == local_dir and name == "manifest.json"):
                 continue
             path = os.path.join(root, name)
             rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
-            size = os.path.getsize(path)
-            h.update(f"{rel}:{size}\n".encode())
-            with open(path, "rb") as f:
-                if size <= 2 << 20:
-                    h.update(f.read())
-                else:
-                    h.update(f.read(1 << 20))
-                    f.seek(size - (1 << 20))
-                    h.update(f.read())
+            h.update(f"{rel}:{os.path.getsize(path)}:{_file_hash(path, cache_dir)}\n".encode())
     return h.hexdigest()[:16]
 
+
+def _file_hash(path: str, cache_dir: Optional[str]) -> str:
+    """sha256 of a file's bytes, memoised on disk by (path, size, mtime_ns, inode)."""
+    stat = os.stat(path)
+    if stat.st_size <= 1 << 20:  # small files: hashing is cheaper than the bookkeeping
+        return file_fingerprint(path)
+    key = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    memo = os.path.join(default_cache_dir(cache_dir), "file-hashes.json")
+    with _lock(memo):
+        known = _read_memo(memo)
+        if key in known:
+            return known[key]
+        digest = file_fingerprint(path)
+        known[key] = digest
+        tmp = f"{memo}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, memo)
+    return digest
+
+
+def _read_memo(path: str) -> dict[str, str]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["AugmentMode", "TrainMethod", "AUGMENT_MODES", "TRAIN_METHODS", "augment_mode", "train_method"]
+__all__ = ["AugmentMode", "TrainMethod", "SweepVariant", "AUGMENT_MODES", "TRAIN_METHODS", "SWEEP_VARIANTS",
+           "augment_mode", "train_method"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,27 @@ TRAIN_METHODS: dict[str, TrainMethod] = {
     "standard": TrainMethod("standard", None, True, "real images with RandAugment (alpha 0)"),
     "real_guidance": TrainMethod("real_guidance", "real_guidance", False, "alpha-mixed Real Guidance images"),
     "da_fusion": TrainMethod("da_fusion", "da_fusion", False, "alpha-mixed DA-Fusion images"),
+}
+
+
+@dataclass(frozen=True)
+class SweepVariant:
+    """One compared method of a sweep: a train method, and the t0 levels of its synthetic set."""
+
+    name: str
+    method: str
+    """A key of TRAIN_METHODS."""
+    strengths: Optional[tuple[float, ...]] = None
+    """t0 levels of the synthetic set (None: the augment mode's default)."""
+    summary: str = ""
+
+
+SWEEP_VARIANTS: dict[str, SweepVariant] = {
+    "baseline": SweepVariant("baseline", "baseline", summary="real images only"),
+    "standard": SweepVariant("standard", "standard", summary="real images, standard augmentation"),
+    "real_guidance": SweepVariant("real_guidance", "real_guidance", summary="Real Guidance images, t0 0.5"),
+    "da_fusion": SweepVariant("da_fusion", "da_fusion", summary="DA-Fusion, t0 from k=4 levels"),
+    "da_fusion_k1": SweepVariant("da_fusion_k1", "da_fusion", (0.5,), "DA-Fusion, one t0 level (0.5): the paper's k=1 ablation"),
 }
 
 

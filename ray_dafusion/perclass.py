@@ -19,10 +19,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from . import storage
+from . import plan, storage
 from .configlib import StageConfig, config_fingerprint
 from .errors import StageError, one_line
 from .schema import ClassInfo
+from .watchdog import Watchdog
 
 __all__ = ["ClassPlan", "select_classes", "plan_classes", "run_class_tasks", "class_seed"]
 
@@ -74,7 +75,7 @@ def plan_classes(stage: str, cfg: StageConfig, classes: Sequence[ClassInfo],
     done = [c for c in classes if storage.exists(marker(c), ep)]
     todo = [c for c in classes if c not in done]
     for c in done:
-        log.info("%s: %s exists, skipped", c.name, marker(c))
+        logging.getLogger(f"ray_dafusion.{stage}").info("%s: %s exists, skipped", c.name, marker(c))
     return ClassPlan(fp, complete, done, todo)
 
 
@@ -87,20 +88,31 @@ def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Calla
     """
     import ray
 
-    remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(task)
+    log = logging.getLogger(f"ray_dafusion.{stage}")  # lines read "invert: cat: done ...", not "perclass: ..."
+    cap = plan.capacity()
+    pin = plan.node_pinning(cfg.node_resource, cfg.num_gpus, cap, stage)
+    plan.check(stage, plan.Demand("per-class task", len(todo), {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus, **pin},
+                                  size_fields={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+                                  needs_data_tasks=False), cap)
+    # "DEFAULT": never inside a caller's placement group (a sweep trial's), which has no room for them
+    remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy="DEFAULT",
+                        **({"resources": pin} if pin else {}))(task)
     pending = {remote.remote(cfg, c): c for c in todo}
     records: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        info = pending.pop(ref)
-        try:
-            records[info.name] = ray.get(ref)
-        except Exception as exc:  # keep the other classes going; report every failure at the end
-            failures[info.name] = one_line(exc)
-            log.warning("%s: FAILED %s", info.name, failures[info.name])
-            continue
-        log.info("%s: %s", info.name, describe(records[info.name]))
+    hint = f"each class task reserves num_cpus {cfg.num_cpus:g} and num_gpus {cfg.num_gpus:g}; lower them or add nodes"
+    with Watchdog(stage, "class", cfg.stall_warning, cfg.stall_timeout, hint=hint) as watchdog:
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            watchdog.progress()
+            info = pending.pop(ref)
+            try:
+                records[info.name] = ray.get(ref)
+            except Exception as exc:  # keep the other classes going; report every failure at the end
+                failures[info.name] = one_line(exc)
+                log.warning("%s: FAILED %s", info.name, failures[info.name])
+                continue
+            log.info("%s: %s", info.name, describe(records[info.name]))
     if failures:
         raise StageError(
             f"{stage} failed for {len(failures)} of {len(todo)} classes: "

@@ -9,13 +9,18 @@ the manifest is always the last thing written.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import socket
+import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -44,6 +49,11 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "ensure_fresh_output",
+    "delete_output",
+    "remove_temp_files",
+    "lease",
+    "leased",
+    "LeaseError",
     "fingerprint",
     "sha256_bytes",
     "total_size",
@@ -51,6 +61,8 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
@@ -297,6 +309,33 @@ def parquet_files(uri: str, endpoint_url: Optional[str] = None) -> list[str]:
     return list_files(uri, ".parquet", endpoint_url, recursive=True)
 
 
+RUN_RECORD = "_run.json"
+LEASE = "_lease.json"
+
+
+def _record_stage(manifest: Optional[dict[str, Any]], run: Optional[dict[str, Any]]) -> Optional[str]:
+    return (manifest or {}).get("stage") or (run or {}).get("stage")
+
+
+def _refuse_dangerous_delete(uri: str, stage: str) -> None:
+    """Never delete a bucket, a filesystem root, the home directory or the directory the command
+    runs in (or one above it), whatever the config says."""
+    if is_s3(uri):
+        if "/" not in uri[len("s3://"):].strip("/"):
+            raise StorageError(f"refusing to delete the whole bucket {uri} for {stage} overwrite: use a prefix")
+        return
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    path = os.path.realpath(resolve(uri)[1])
+    cwd = os.path.realpath(os.getcwd())
+    home = os.path.realpath(os.path.expanduser("~"))
+    if path in (os.path.sep, home) or cwd == path or cwd.startswith(path.rstrip(os.sep) + os.sep):
+        raise StorageError(
+            f"refusing to delete {uri} ({path}) for {stage} overwrite: it is the current directory, one above it, "
+            "the home directory or the filesystem root; give the stage an output directory of its own"
+        )
+
+
 def ensure_fresh_output(
     uri: str,
     stage: str,
@@ -308,15 +347,21 @@ def ensure_fresh_output(
 
     Returns the manifest when the output is complete and was made with the same config (the
     stage can skip). Raises when it holds another config's output, unless `overwrite`, in which
-    case it is deleted. Partial output of the same config is left for the stage to resume.
-    A small ``_run.json`` records the config fingerprint at the start of a run.
+    case it is deleted: only a directory whose record says this stage wrote it, never another
+    stage's output, an unrelated directory, the current directory or a bucket. Partial output of
+    the same config is left for the stage to resume; temporary files of a crashed write are
+    removed. A small ``_run.json`` records the config fingerprint at the start of a run.
     """
     manifest = read_manifest(uri, endpoint_url)
-    run_uri = join(uri, "_run.json")
+    run_uri = join(uri, RUN_RECORD)
     try:
         run = read_json(run_uri, endpoint_url)
     except FileNotFoundError:
         run = None
+    owner = _record_stage(manifest, run)
+    if owner is not None and owner != stage:
+        raise StorageError(f"{uri} holds a {owner} output, not a {stage} one; choose another output "
+                           "(overwrite never deletes another stage's output)")
     previous = (manifest or {}).get("config_fingerprint") or (run or {}).get("config_fingerprint")
     if previous is not None and previous != config_fp:
         if not overwrite:
@@ -324,18 +369,220 @@ def ensure_fresh_output(
                 f"{uri} already holds {stage} output made with a different config "
                 f"(fingerprint {previous}, now {config_fp}); choose another output or set overwrite: true"
             )
-        delete(uri, endpoint_url)
+        _refuse_dangerous_delete(uri, stage)
+        delete_output(uri, endpoint_url)
         manifest = None
     elif previous is None and exists(uri, endpoint_url) and list_files(uri, "", endpoint_url, recursive=True):
-        if not overwrite:
-            raise StorageError(
-                f"{uri} is not empty and holds no {stage} run record; choose another output or set overwrite: true"
-            )
-        delete(uri, endpoint_url)
+        raise StorageError(
+            f"{uri} is not empty and holds no ray-dafusion {stage} run record; choose an empty or new output "
+            "(overwrite only ever deletes what a stage wrote)"
+        )
     if manifest is not None:
         return manifest
+    removed = remove_temp_files(uri, endpoint_url)
+    if removed:
+        log.info("%s: removed %d temporary files of an interrupted write", uri, removed)
     write_json(run_uri, {"stage": stage, "config_fingerprint": config_fp}, endpoint_url)
     return None
+
+
+def delete_output(uri: str, endpoint_url: Optional[str] = None) -> None:
+    """Delete a stage's output directory, keeping this process's lease on it."""
+    held = _LEASES.get(_lease_key(uri, endpoint_url))
+    delete(uri, endpoint_url)
+    if held is not None:
+        held.write()
+
+
+def remove_temp_files(uri: str, endpoint_url: Optional[str] = None) -> int:
+    """Delete the `.tmp-*` files a killed atomic write left under `uri`; returns how many."""
+    fs, path = resolve(uri, endpoint_url)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    except Exception as exc:
+        raise _wrap(uri, exc) from None
+    stale = [i.path for i in infos if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith(".tmp-")]
+    for p in stale:
+        try:
+            fs.delete_file(p)
+        except Exception:  # already gone
+            pass
+    return len(stale)
+
+
+# ---- leases: one live driver per output ----------------------------------------------------
+
+
+class LeaseError(StorageError):
+    """Another live driver holds the output."""
+
+
+def _lease_key(uri: str, endpoint_url: Optional[str]) -> tuple[str, str]:
+    return (_endpoint(endpoint_url) or "", uri.rstrip("/"))
+
+
+_LEASES: dict[tuple[str, str], "_Lease"] = {}
+_LEASES_LOCK = threading.Lock()
+
+
+class _Lease:
+    """`<output>/_lease.json`: host, pid, start time and a heartbeat refreshed by a thread."""
+
+    def __init__(self, uri: str, stage: str, endpoint_url: Optional[str], ttl: float) -> None:
+        self.uri, self.stage, self.endpoint_url, self.ttl = uri, stage, endpoint_url, ttl
+        self.token = uuid.uuid4().hex
+        self.started = time.time()
+        self.depth = 0
+        self.lost: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def path(self) -> str:
+        return join(self.uri, LEASE)
+
+    def record(self) -> dict[str, Any]:
+        return {"stage": self.stage, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                "started_at": self.started, "heartbeat_at": time.time(), "ttl_seconds": self.ttl}
+
+    def write(self) -> None:
+        write_json(self.path, self.record(), self.endpoint_url)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name=f"lease {self.uri}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                current = read_json(self.path, self.endpoint_url)
+            except Exception:
+                current = None
+            if current is not None and current.get("token") != self.token:
+                self.lost = f"{current.get('host')} pid {current.get('pid')} took over the output"
+                log.error("%s: lease lost: %s", self.uri, self.lost)
+                return
+            try:
+                self.write()
+            except Exception as exc:  # a transient storage error: try again at the next beat
+                log.warning("%s: could not refresh the lease: %s", self.uri, exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            current = read_json(self.path, self.endpoint_url)
+            if current.get("token") == self.token:
+                delete(self.path, self.endpoint_url)
+        except FileNotFoundError:
+            pass
+
+
+def _holder_alive(holder: dict[str, Any], ttl: float) -> bool:
+    """A lease is live while its heartbeat is fresh, unless its pid is provably dead on this host."""
+    if time.time() - float(holder.get("heartbeat_at", 0)) > ttl:
+        return False
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            pass
+    return True
+
+
+@contextlib.contextmanager
+def lease(uri: str, stage: str, endpoint_url: Optional[str] = None, ttl: float = 60.0):
+    """Hold `uri` for one driver while the block runs; a second driver is refused with the holder's
+    host, pid and start time while the holder is alive, and takes over once it is dead (its pid is
+    gone on this host, or its heartbeat is older than `ttl` seconds). Re-entrant within a process."""
+    key = _lease_key(uri, endpoint_url)
+    with _LEASES_LOCK:
+        held = _LEASES.get(key)
+        if held is not None:
+            held.depth += 1
+    if held is not None:
+        try:
+            yield held
+        finally:
+            held.depth -= 1
+        return
+    mine = _Lease(uri, stage, endpoint_url, ttl)
+    path = mine.path
+    holder = _read_lease(path, endpoint_url)
+    if holder is not None and _holder_alive(holder, float(holder.get("ttl_seconds", ttl))):
+        raise LeaseError(_held_message(uri, holder))
+    if holder is not None:
+        log.warning("%s: taking over from a dead driver (%s pid %s, last heartbeat %.0fs ago)", uri,
+                    holder.get("host"), holder.get("pid"), time.time() - float(holder.get("heartbeat_at", 0)))
+        delete(path, endpoint_url)
+    fs, local_path = resolve(path, endpoint_url)
+    if isinstance(fs, pafs.LocalFileSystem):  # an exclusive create: exactly one driver succeeds
+        os.makedirs(os.path.dirname(local_path), exist_ok=True)
+        try:
+            fd = os.open(local_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise LeaseError(_held_message(uri, _read_lease(path, endpoint_url))) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine.record(), f)
+    else:  # object stores: write, let a concurrent writer land, and see who won (the last write)
+        mine.write()
+        time.sleep(_LEASE_SETTLE_SECONDS)
+        current = read_json(path, endpoint_url)
+        if current.get("token") != mine.token:
+            raise LeaseError(_held_message(uri, current))
+    mine.start()
+    with _LEASES_LOCK:
+        _LEASES[key] = mine
+    try:
+        yield mine
+    finally:
+        with _LEASES_LOCK:
+            _LEASES.pop(key, None)
+        mine.release()
+    if mine.lost:
+        raise LeaseError(f"{uri}: {mine.lost} while this driver was writing; check the output before using it")
+
+
+def _read_lease(path: str, endpoint_url: Optional[str]) -> Optional[dict[str, Any]]:
+    """The lease record, None when there is none; a file caught half-written counts as fresh."""
+    try:
+        return read_json(path, endpoint_url)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return {"heartbeat_at": time.time(), "host": "unknown (lease being written)", "pid": "?"}
+
+
+def leased(stage: str, uri_of: Callable[[Any], str] = lambda cfg: cfg.output):
+    """Decorate a stage function so that it holds its output's lease while it runs."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            uri = uri_of(cfg)
+            if not uri:  # the stage's own check names the missing field
+                return fn(cfg, *args, **kwargs)
+            with lease(uri, stage, cfg.endpoint_url):
+                return fn(cfg, *args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+_LEASE_SETTLE_SECONDS = 1.0  # object stores only; local files use an exclusive create
+
+
+def _held_message(uri: str, holder: dict[str, Any]) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started_at", 0))))
+    age = time.time() - float(holder.get("heartbeat_at", 0))
+    return (f"{uri} is being written by another {holder.get('stage', 'ray-dafusion')} driver: host "
+            f"{holder.get('host')}, pid {holder.get('pid')}, started {started} (heartbeat {age:.0f}s ago). Wait for it "
+            f"to finish, or stop it; once it is dead this output can be taken over (after "
+            f"{float(holder.get('ttl_seconds', 60)):.0f}s without a heartbeat, at once on the same host).")
 
 
 def list_dirs(uri: str, endpoint_url: Optional[str] = None) -> list[str]:

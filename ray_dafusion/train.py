@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from . import mixing, schema, storage
+from . import mixing, plan, schema, storage
 from .classifier import (
     CHECKPOINT_META,
     build_model,
@@ -53,6 +53,7 @@ from .errors import ConfigError
 from .logs import setup_logging
 from .modes import TRAIN_METHODS
 from .runinfo import versions
+from .watchdog import Watchdog
 
 __all__ = [
     "TrainResult",
@@ -97,7 +98,8 @@ class TrainResult:
 def method_settings(cfg: TrainConfig) -> tuple[float, bool]:
     """(alpha actually used, RandAugment on) for the configured method (modes.TRAIN_METHODS)."""
     method = TRAIN_METHODS[cfg.method]
-    return (cfg.alpha if method.synthetic_mode else 0.0), method.randaugment
+    randaugment = method.randaugment if cfg.randaugment is None else cfg.randaugment
+    return (cfg.alpha if method.synthetic_mode else 0.0), randaugment
 
 
 def item_seed(seed: int, epoch: int, pass_index: int, row_id: str) -> int:
@@ -639,6 +641,7 @@ def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
     return f"s3://{checkpoint.path}" if storage.is_s3(cfg.output) else checkpoint.path
 
 
+@storage.leased("train", lambda cfg: storage.join(cfg.output, cfg.name or cfg.method) if cfg.output else "")
 def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.method` with Ray Train; re-running the same name and output resumes."""
     cfg.require("real", "output")
@@ -688,6 +691,12 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    cap = plan.capacity()
+    pin = plan.node_pinning(cfg.node_resource, 1.0 if cfg.use_gpu else 0.0, cap, "train")
+    plan.check("train", plan.Demand(
+        "training workers", cfg.num_workers, {"CPU": cfg.cpus_per_worker, "GPU": 1.0 if cfg.use_gpu else 0.0, **pin},
+        size_fields={"cpus_per_worker": cfg.cpus_per_worker, "num_gpus (use_gpu)": 1.0 if cfg.use_gpu else 0.0},
+        count_field=None), cap)
     fs, path = storage.resolve(cfg.output, cfg.endpoint_url)
     run_config = RunConfig(
         name=name,
@@ -707,12 +716,17 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
             "cache": data.union_bytes <= cfg.cache_mb * 2**20,
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **pin}),
         run_config=run_config,
         datasets={"train": data.train, "val": data.val},
         dataset_config=exact_split_config(),
     )
-    return trainer.fit()
+    run_uri = storage.join(cfg.output, name)
+    hint = (f"{cfg.num_workers} workers reserve cpus_per_worker {cfg.cpus_per_worker:g}"
+            + (" and a GPU each" if cfg.use_gpu else "") + "; lower them, or add nodes")
+    with Watchdog("train", "epoch", cfg.stall_warning, cfg.stall_timeout, hint=hint,
+                  probe=lambda: len(storage.list_dirs(run_uri, cfg.endpoint_url)), poll_seconds=5.0):
+        return trainer.fit()
 
 
 def _write_results(cfg: TrainConfig, name: str, run_uri: str, data: StreamingData, result: Any, alpha: float,

@@ -98,10 +98,14 @@ class ErasureWeights:
     class's whole UNet state); ``apply(unet, None)`` restores the original weights. Only the
     affected original tensors are copied (once, the first time a UNet is seen), so swapping
     per class group is a few tensor copies and never reloads the pipeline. Class files are read
-    lazily and kept in CPU memory (``max_cached`` bounds how many; ``full`` files are whole UNets).
+    lazily and kept in CPU memory, least recently used first out, within ``max_cache_bytes``
+    (default 2 GiB: a ``full`` class is a whole UNet, ~3.4 GB for SD 1.x in fp32, so at most the
+    class in use is kept; ``xattn`` deltas are small and many fit). ``max_cached`` also bounds the
+    number of classes.
     """
 
-    def __init__(self, uri: str, endpoint_url: Optional[str] = None, max_cached: Optional[int] = None) -> None:
+    def __init__(self, uri: str, endpoint_url: Optional[str] = None, max_cached: Optional[int] = None,
+                 max_cache_bytes: int = 2 << 30) -> None:
         manifest = storage.read_manifest(uri, endpoint_url)
         if manifest is None:
             raise FileNotFoundError(
@@ -114,6 +118,7 @@ class ErasureWeights:
         self.endpoint_url = endpoint_url
         self.method: str = manifest["method"]
         self.max_cached = max_cached
+        self.max_cache_bytes = max_cache_bytes
         self._classes: dict[str, dict[str, Any]] = dict(manifest.get("classes") or {})
         self._cache: dict[str, dict[str, Any]] = {}  # class -> tensors on CPU, most recent last
         self._originals: dict[str, Any] = {}  # parameter name -> original tensor of the UNet
@@ -171,6 +176,10 @@ class ErasureWeights:
                 param.copy_(new.to(param.device, param.dtype))
         self._current = class_name
 
+    def cached_bytes(self) -> int:
+        """Bytes of class weights held in CPU memory now."""
+        return sum(t.numel() * t.element_size() for tensors in self._cache.values() for t in tensors.values())
+
     def _entry(self, class_name: str) -> dict[str, Any]:
         if class_name not in self._classes:
             raise ValueError(
@@ -194,8 +203,11 @@ class ErasureWeights:
             raise ValueError(f"erasure file {path} changed since `erase` wrote it (fingerprint mismatch)")
         tensors = load_safetensors(data)
         del data
-        if self.max_cached is not None:
-            while self._cache and len(self._cache) >= max(1, self.max_cached):
-                self._cache.pop(next(iter(self._cache)))
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        while self._cache and (
+            (self.max_cached is not None and len(self._cache) >= max(1, self.max_cached))
+            or self.cached_bytes() + size > self.max_cache_bytes
+        ):
+            self._cache.pop(next(iter(self._cache)))  # least recently used
         self._cache[class_name] = tensors
         return tensors

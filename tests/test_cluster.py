@@ -33,6 +33,14 @@ def test_cluster_shape():
     assert types["gen-gpu"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
     assert "InstanceMarketOptions" not in types["train-gpu"]["node_config"]
     assert any("pip install" in c and "ray-dafusion" in c for c in config["setup_commands"])
+    # each node type carries a custom resource, and each stage's default node_resource asks for it
+    from ray_dafusion import config as C
+
+    assert types["gen-gpu"]["resources"] == {"gen_gpu": 1} and types["train-gpu"]["resources"] == {"train_gpu": 1}
+    for cls in (C.AugmentConfig, C.InvertConfig, C.EraseConfig):
+        assert cls().node_resource == "gen_gpu"
+    for cls in (C.TrainConfig, C.EvaluateConfig):
+        assert cls().node_resource == "train_gpu"
 
 
 def test_validation_catches_a_broken_node_type():

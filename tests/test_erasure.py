@@ -269,3 +269,30 @@ def test_tokens_and_erasure_round_trip_through_the_augmenter(ray_session, make_r
         assert find_leak(row["prompt"], ["cat", "dog"], list(tensors)) is None
         assert row["embeddings_fingerprint"] == fingerprint
         assert row["erasure_fingerprint"] == erasure.fingerprint(row["class_name"])
+
+
+def test_erasure_weights_keep_a_bounded_number_of_classes_in_memory(tmp_path):
+    """A `full` class is a whole UNet: the cache holds what fits in max_cache_bytes (at least the class in use)."""
+    from safetensors.torch import save
+
+    from ray_dafusion.models import file_fingerprint
+
+    unet = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    out = str(tmp_path / "erasure")
+    classes = {}
+    for i, name in enumerate(("cat", "dog", "fox")):
+        data = save({k: torch.full_like(v, float(i)) for k, v in unet.state_dict().items()})
+        storage.write_bytes(storage.join(out, "classes", f"{name}.safetensors"), data)
+        classes[name] = {"name": name, "file": f"classes/{name}.safetensors", "fingerprint": file_fingerprint(data)}
+    storage.write_manifest(out, {"stage": "erase", "method": "full", "classes": classes})
+    one_class = sum(v.numel() * v.element_size() for v in unet.state_dict().values())
+    weights = ErasureWeights(out, max_cache_bytes=int(1.5 * one_class))
+    for i, name in enumerate(("cat", "dog", "fox", "cat")):
+        weights.apply(unet, name)
+        assert torch.equal(unet[0].weight, torch.full_like(unet[0].weight, float(i % 3)))
+        assert len(weights._cache) == 1 and weights.cached_bytes() <= 1.5 * one_class
+    weights.apply(unet, None)
+    roomy = ErasureWeights(out)  # the default budget (2 GiB) keeps all three small classes
+    for name in ("cat", "dog", "fox"):
+        roomy.apply(unet, name)
+    assert len(roomy._cache) == 3

@@ -358,3 +358,25 @@ def test_voc_image_sets_and_coco_holdout_give_val_and_test(tmp_path):
                               output=str(tmp_path / "c"), examples_per_class=2))
     assert res.counts == {"train": 4, "val": 4, "test": 4}
     assert {r["source_path"].split("/")[0] for s in ("val", "test") for r in _read_split(res.output, s)} == {"holdout"}
+
+
+def test_a_subset_of_a_pool_equals_a_direct_ingest(tmp_path):
+    """format real: a sweep ingests once (examples_per_class null: the whole pool) and takes k-shot
+    subsets per (shots, seed) by copying rows; each equals what a direct ingest would write."""
+    root = _folder(tmp_path, n=10)
+    pool = ingest(IngestConfig(source=str(root), output=str(tmp_path / "pool"), examples_per_class=None))
+    assert pool.counts == {"train": 12, "val": 4, "test": 4}
+    for k, seed in ((1, 0), (3, 7)):
+        direct = ingest(IngestConfig(source=str(root), output=str(tmp_path / f"direct-{k}-{seed}"),
+                                     examples_per_class=k, seed=seed))
+        subset = ingest(IngestConfig(source=pool.output, format="real", output=str(tmp_path / f"sub-{k}-{seed}"),
+                                     examples_per_class=k, seed=seed))
+        for split in ("train", "val", "test"):
+            assert sorted(r["id"] for r in _read_split(subset.output, split)) == \
+                sorted(r["id"] for r in _read_split(direct.output, split)), (k, seed, split)
+        a, b = storage.read_manifest(direct.output), storage.read_manifest(subset.output)
+        assert a["split_fingerprints"] == b["split_fingerprints"] and a["classes"] == b["classes"]
+        assert subset.counts == direct.counts
+    with pytest.raises(ValueError, match="examples_per_class null"):
+        ingest(IngestConfig(source=str(tmp_path / "direct-1-0"), format="real", output=str(tmp_path / "x"),
+                            examples_per_class=1))

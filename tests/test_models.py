@@ -95,3 +95,23 @@ def test_sd15_shape_has_stable_diffusion_15_sizes():
     assert pipe.text_encoder.config.hidden_size == 768 and pipe.text_encoder.config.num_hidden_layers == 12
     assert pipe.text_encoder.config.vocab_size == 49408
     assert pipe.vae_scale_factor == 8
+
+
+def test_fingerprint_sees_any_changed_weight_and_remembers_big_files(tmp_path, model_cache):
+    import json as _json
+
+    from ray_dafusion.models import model_fingerprint
+
+    model = tmp_path / "m"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    weights = model / "unet" / "w.bin"
+    weights.write_bytes(bytes(5 << 20))  # 5 MiB of zeros
+    before = model_fingerprint(str(model), model_cache)
+    memo = _json.load(open(os.path.join(model_cache, "file-hashes.json")))
+    assert any(k.startswith(str(weights)) for k in memo)  # remembered: read once per node
+    assert model_fingerprint(str(model), model_cache) == before
+    data = bytearray(weights.read_bytes())
+    data[(5 << 20) // 2] = 1  # one byte in the middle, far from the first and last MiB
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(str(model), model_cache) != before

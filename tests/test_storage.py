@@ -74,3 +74,126 @@ def test_atomic_local_write_leaves_no_temp(tmp_path):
     storage.write_bytes(target, b"2")
     assert open(target, "rb").read() == b"2"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+# ---- overwrite deletes only what a stage wrote ----------------------------------------------------
+
+
+def test_overwrite_never_deletes_what_a_stage_did_not_write(tmp_path, monkeypatch):
+    unrelated = tmp_path / "my-photos"
+    unrelated.mkdir()
+    (unrelated / "holiday.jpg").write_bytes(b"precious")
+    for overwrite in (False, True):
+        with pytest.raises(storage.StorageError, match="holds no ray-dafusion augment run record"):
+            storage.ensure_fresh_output(str(unrelated), "augment", "fp", overwrite)
+    assert (unrelated / "holiday.jpg").read_bytes() == b"precious"
+    # another stage's output is never deleted by this one's overwrite
+    real = str(tmp_path / "real")
+    storage.ensure_fresh_output(real, "ingest", "fp1", False)
+    storage.write_manifest(real, {"stage": "ingest", "config_fingerprint": "fp1"})
+    with pytest.raises(storage.StorageError, match="holds a ingest output, not a augment one"):
+        storage.ensure_fresh_output(real, "augment", "fp2", True)
+    assert storage.read_manifest(real)["stage"] == "ingest"
+    # an output that is the current directory (`--output .`) or above it is never deleted
+    monkeypatch.chdir(real)
+    with pytest.raises(storage.StorageError, match="current directory"):
+        storage.ensure_fresh_output(".", "ingest", "fp2", True)
+    storage.write_json(str(tmp_path / "_run.json"), {"stage": "ingest", "config_fingerprint": "fp0"})
+    with pytest.raises(storage.StorageError, match="current directory, one above it"):
+        storage.ensure_fresh_output(str(tmp_path), "ingest", "fp2", True)  # the parent of the working directory
+    assert storage.read_manifest(real)["stage"] == "ingest"
+    with pytest.raises(storage.StorageError, match="whole bucket"):
+        storage._refuse_dangerous_delete("s3://bucket", "ingest")
+    # the stage's own output of another config is deleted with overwrite: true
+    monkeypatch.chdir(tmp_path)
+    assert storage.ensure_fresh_output(real, "ingest", "fp2", True) is None
+    assert storage.read_manifest(real) is None and storage.read_json(storage.join(real, "_run.json"))[
+        "config_fingerprint"] == "fp2"
+
+
+def test_temp_files_of_a_crashed_write_are_removed_on_the_next_run(root):
+    storage.ensure_fresh_output(root, "augment", "fp", False)
+    storage.write_bytes(storage.join(root, "data", ".tmp-0123456789ab-part-x.parquet"), b"half a file")
+    storage.write_bytes(storage.join(root, "data", "part-y.parquet"), b"a committed file")
+    assert storage.ensure_fresh_output(root, "augment", "fp", False) is None  # same config: resume
+    fs, path = storage.resolve(storage.join(root, "data"))
+    import pyarrow.fs as pafs
+
+    names = sorted(os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path)))
+    assert names == ["part-y.parquet"]
+
+
+# ---- one live driver per output -------------------------------------------------------------------
+
+_HOLDER = """
+import sys, time
+from ray_dafusion import storage
+with storage.lease(sys.argv[1], "augment", ttl=float(sys.argv[2])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold(uri: str, ttl: float = 60.0):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, uri, str(ttl)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_second_driver_is_refused_while_the_first_lives_then_takes_over(where, tmp_path, s3_bucket):
+    import signal
+    import socket
+
+    uri = str(tmp_path / "out") if where == "local" else s3_bucket("lease-" + where) + "/out"
+    holder = _hold(uri)
+    try:
+        with pytest.raises(storage.LeaseError) as err:
+            with storage.lease(uri, "augment"):
+                pass
+        message = str(err.value)
+        assert f"pid {holder.pid}" in message and socket.gethostname() in message and "started" in message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the holder is dead (its pid is gone on this host): the next driver takes over at once
+    with storage.lease(uri, "augment") as mine:
+        assert storage.read_json(storage.join(uri, "_lease.json"))["token"] == mine.token
+    with pytest.raises(FileNotFoundError):  # released at the end
+        storage.read_json(storage.join(uri, "_lease.json"))
+
+
+def test_a_lease_from_another_host_lives_by_its_heartbeat(tmp_path):
+    import time
+
+    uri = str(tmp_path / "out")
+    record = {"stage": "train", "host": "gpu-node-7", "pid": 4242, "token": "x", "started_at": time.time() - 100,
+              "ttl_seconds": 30}
+    storage.write_json(storage.join(uri, "_lease.json"), {**record, "heartbeat_at": time.time() - 5})
+    with pytest.raises(storage.LeaseError, match="gpu-node-7, pid 4242"):
+        with storage.lease(uri, "train"):
+            pass
+    storage.write_json(storage.join(uri, "_lease.json"), {**record, "heartbeat_at": time.time() - 31})
+    with storage.lease(uri, "train"):  # stale: taken over
+        pass
+
+
+def test_a_stage_refuses_an_output_another_driver_holds(ray_session, make_real, tmp_path):
+    from ray_dafusion import IngestConfig
+    from ray_dafusion.ingest import ingest
+    from ray_dafusion.sample_data import write_digits
+
+    source = str(tmp_path / "digits")
+    write_digits(source, size=8, per_class=4)
+    out = str(tmp_path / "real")
+    holder = _hold(out)
+    try:
+        with pytest.raises(storage.LeaseError, match=f"pid {holder.pid}"):
+            ingest(IngestConfig(source=source, output=out, examples_per_class=1, classes=["one", "two"]))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ingest(IngestConfig(source=source, output=out, examples_per_class=1, classes=["one", "two"])).counts

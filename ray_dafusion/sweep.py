@@ -1,0 +1,354 @@
+"""Sweep: the paper's experiment, shots x seeds x methods, as Ray Tune trials over reused stage outputs.
+
+Shape of a run (everything under ``workdir``)::
+
+    ingest source ─> real/pool            once: val and test fixed, the whole train pool kept
+      for each trial (shots k, seed s, method m), on Ray Tune:
+        ingest (format real) ─> real/k{k}-s{s}                      one per (k, s), shared
+        invert               ─> tokens/k{k}-s{s}                    one per (k, s), if m needs tokens
+        augment              ─> synthetic/{mode}[-t0s]/k{k}-s{s}     one per (k, s, mode, t0 levels)
+        train                ─> train/{m}-k{k}-s{s}                 the trial's own run
+        trials/{m}-k{k}-s{s}.json                                  written when the trial is done
+    evaluate every run on the pool's test split ─> results/ (per run)
+    ─> summary.md / summary.json / accuracy_vs_shots.png: mean test accuracy with a 95% interval
+       per (method, shots), and paired differences against baseline and standard
+
+Every stage skips a complete output, so a trial reuses what an earlier trial made, and a re-run of
+the sweep skips finished trials (their trial record holds the config fingerprint they ran with).
+Two trials that need the same shared output at once do not collide: the second waits for the
+first's lease, then finds the output complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import storage
+from .config import (
+    SweepConfig,
+    callable_stage_module,
+)
+from .configlib import config_fingerprint
+from .errors import StageError
+from .logs import setup_logging
+from .modes import AUGMENT_MODES, SWEEP_VARIANTS, TRAIN_METHODS
+
+__all__ = ["SweepResult", "sweep", "trial_plan", "summarize", "Trial"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_MD = "summary.md"
+SUMMARY_JSON = "summary.json"
+SUMMARY_PLOT = "accuracy_vs_shots.png"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One (method, shots, seed) cell of the experiment and where its outputs go."""
+
+    method: str
+    shots: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-k{self.shots}-s{self.seed}"
+
+
+@dataclass
+class SweepResult:
+    """What `sweep` produced."""
+
+    workdir: str
+    trials: int
+    ran: int
+    """Trials run by this call (the others were finished before)."""
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    """One row per (method, shots): n, mean, 95% interval, paired differences."""
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def trial_plan(cfg: SweepConfig) -> list[Trial]:
+    """Every trial, shots first, then seeds, then methods (so shared outputs are made once, early)."""
+    return [Trial(m, k, s) for k in cfg.shots for s in cfg.seeds for m in cfg.methods]
+
+
+# --------------------------------------------------------------------------------------
+# One trial (runs in a Ray Tune trial actor)
+# --------------------------------------------------------------------------------------
+
+
+def _paths(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
+    w, cell = cfg.workdir, f"k{trial.shots}-s{trial.seed}"
+    variant = SWEEP_VARIANTS[trial.method]
+    mode = TRAIN_METHODS[variant.method].synthetic_mode
+    levels = "" if variant.strengths is None else "-t0_" + "_".join(f"{t:g}" for t in variant.strengths)
+    return {
+        "pool": storage.join(w, "real", "pool"),
+        "real": storage.join(w, "real", cell),
+        "tokens": storage.join(w, "tokens", cell),
+        "synthetic": storage.join(w, "synthetic", f"{mode}{levels}", cell) if mode else "",
+        "train": storage.join(w, "train"),
+        "record": storage.join(w, "trials", f"{trial.name}.json"),
+    }
+
+
+def _waiting(fn: Callable[[Any], Any], cfg: Any, patience: float = 3600.0) -> Any:
+    """Run a stage; while another trial holds its output, wait for it (it then finds it complete)."""
+    deadline = time.time() + patience
+    while True:
+        try:
+            return fn(cfg)
+        except storage.LeaseError:
+            if time.time() > deadline:
+                raise
+            time.sleep(2.0)
+
+
+def _stage_configs(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
+    """The configs of a trial's stages: the sweep's sections with the trial's shots, seed and method."""
+    p = _paths(cfg, trial)
+    variant = SWEEP_VARIANTS[trial.method]
+    method = TRAIN_METHODS[variant.method]
+    shared = {"endpoint_url": cfg.endpoint_url} if cfg.endpoint_url else {}
+    out: dict[str, Any] = {
+        "real": dataclasses.replace(cfg.ingest, source=p["pool"], format="real", output=p["real"],
+                                    examples_per_class=trial.shots, seed=trial.seed, **shared),
+    }
+    if method.synthetic_mode:
+        mode = AUGMENT_MODES[method.synthetic_mode]
+        if mode.needs_tokens:
+            out["invert"] = dataclasses.replace(cfg.invert, real=p["real"], output=p["tokens"], seed=trial.seed, **shared)
+        out["augment"] = dataclasses.replace(
+            cfg.augment, real=p["real"], output=p["synthetic"], mode=method.synthetic_mode, seed=trial.seed,
+            strengths=list(variant.strengths) if variant.strengths is not None else None,
+            embeddings=p["tokens"] if mode.needs_tokens else None, **shared)
+    # every method but the baseline trains with the standard augmentation, as the paper compares them
+    randaugment = cfg.train.randaugment if cfg.train.randaugment is not None else variant.name != "baseline"
+    out["train"] = dataclasses.replace(
+        cfg.train, real=p["real"], synthetic=p["synthetic"] or None, output=p["train"], name=trial.name,
+        method=variant.method, seed=trial.seed, randaugment=randaugment, **shared)
+    return out
+
+
+def run_trial(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
+    """Make (or find) every output the trial needs, train its run, write its record."""
+    from .augment import augment
+    from .ingest import ingest
+    from .inversion import invert
+    from .train import train
+
+    setup_logging()
+    configs = _stage_configs(cfg, trial)
+    started = time.time()
+    _waiting(ingest, configs["real"])
+    if "invert" in configs:
+        _waiting(invert, configs["invert"])
+    if "augment" in configs:
+        _waiting(augment, configs["augment"])
+    result = _waiting(train, configs["train"])
+    record = {"trial": dataclasses.asdict(trial), "name": trial.name, "run": result.output,
+              "best_val_mean_class_acc": result.best_val_mean_class_acc, "optimizer_steps": result.optimizer_steps,
+              "seconds": round(time.time() - started, 1), "fingerprint": _trial_fingerprint(cfg, trial)}
+    storage.write_json(_paths(cfg, trial)["record"], record, cfg.endpoint_url)
+    return record
+
+
+def _trial_fingerprint(cfg: SweepConfig, trial: Trial) -> str:
+    return storage.fingerprint({k: config_fingerprint(v) for k, v in _stage_configs(cfg, trial).items()})
+
+
+def _tune_trainable(config: dict[str, Any]) -> None:
+    """The Ray Tune function trainable: one trial, its validation accuracy reported."""
+    import ray.tune
+
+    cfg = SweepConfig.from_dict(config["sweep"])
+    record = run_trial(cfg, Trial(**config["trial"]))
+    ray.tune.report({"best_val_mean_class_acc": record["best_val_mean_class_acc"] or 0.0,
+                     "optimizer_steps": record["optimizer_steps"]})
+
+
+def _finished(cfg: SweepConfig, trials: list[Trial]) -> set[str]:
+    """Trials whose record says they finished with the current config."""
+    done = set()
+    for trial in trials:
+        try:
+            record = storage.read_json(_paths(cfg, trial)["record"], cfg.endpoint_url)
+        except FileNotFoundError:
+            continue
+        if record.get("fingerprint") == _trial_fingerprint(cfg, trial):
+            done.add(trial.name)
+    return done
+
+
+def _run_trials(cfg: SweepConfig, todo: list[Trial]) -> None:
+    """The trials on Ray Tune, at most max_concurrent_trials at once; a failed trial is an error."""
+    import ray.tune
+    from ray.tune import RunConfig, TuneConfig, Tuner
+
+    # the trial actor itself only waits on its stages, which reserve their own resources
+    trainable = ray.tune.with_resources(_tune_trainable, {"cpu": 0.01})
+    fs, path = storage.resolve(storage.join(cfg.workdir, "tune"), cfg.endpoint_url)
+    tuner = Tuner(
+        trainable,
+        param_space={"sweep": cfg.to_dict(), "trial": ray.tune.grid_search([dataclasses.asdict(t) for t in todo])},
+        tune_config=TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),
+        run_config=RunConfig(name=f"trials-{int(time.time())}", storage_path=path,
+                             storage_filesystem=fs if storage.is_s3(cfg.workdir) else None, verbose=0),
+    )
+    results = tuner.fit()
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        first = failed[0]
+        raise StageError(f"{len(failed)} of {len(todo)} trials failed, e.g. {first.config['trial']}: "
+                         f"{str(first.error).strip().splitlines()[-1] if str(first.error).strip() else first.error}. "
+                         "Finished trials are kept; re-run the same command to retry the others.")
+
+
+# --------------------------------------------------------------------------------------
+# Summary: means, 95% intervals, paired differences
+# --------------------------------------------------------------------------------------
+
+
+def _interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval); half-width nan for fewer than 2 values."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()) if len(x) else float("nan"), float("nan")
+    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows per (method, shots) from evaluated runs (each with method, shots, seed, mean_class_acc):
+    mean accuracy with its 95% interval, and paired differences (same shots and seed) against
+    baseline and standard, with theirs."""
+    acc: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
+    for r in runs:
+        acc[(r["method"], r["shots"])][r["seed"]] = r["mean_class_acc"]
+    rows = []
+    for (method, shots), by_seed in sorted(acc.items(), key=lambda kv: (kv[0][1], list(SWEEP_VARIANTS).index(kv[0][0]))):
+        mean, half = _interval(list(by_seed.values()))
+        row = {"method": method, "shots": shots, "n": len(by_seed), "mean": mean, "ci95": half}
+        for ref in ("baseline", "standard"):
+            other = acc.get((ref, shots))
+            if other is None or ref == method:
+                continue
+            seeds = sorted(set(by_seed) & set(other))
+            diffs = [by_seed[s] - other[s] for s in seeds]
+            d_mean, d_half = _interval(diffs)
+            row[f"vs_{ref}"] = {"n": len(diffs), "mean": d_mean, "ci95": d_half,
+                                "wins": int(sum(d > 0 for d in diffs))}
+        rows.append(row)
+    return rows
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | shots | seeds | test mean per-class accuracy (%) | vs baseline (points) | vs standard (points) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for ref in ("baseline", "standard"):
+            d = r.get(f"vs_{ref}")
+            cells.append("-" if d is None else
+                         f"{'+' if d['mean'] >= 0 else ''}{_pct(d['mean'])} ± {_pct(d['ci95'])} ({d['wins']}/{d['n']} better)")
+        lines.append(f"| {r['method']} | {r['shots']} | {r['n']} | {_pct(r['mean'])} ± {_pct(r['ci95'])} | "
+                     f"{cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n\n± is the half-width of a 95% t-interval over seeds; differences are paired by seed.\n"
+
+
+def _plot(rows: list[dict[str, Any]], uri: str, endpoint_url: Optional[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["shots"])
+        ax.errorbar([r["shots"] for r in mine], [100 * r["mean"] for r in mine],
+                    yerr=[100 * (0 if math.isnan(r["ci95"]) else r["ci95"]) for r in mine],
+                    marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["shots"] for r in rows}), [str(s) for s in sorted({r["shots"] for r in rows})])
+    ax.set_xlabel("examples per class")
+    ax.set_ylabel("test mean per-class accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes(uri, buf.getvalue(), endpoint_url)
+
+
+# --------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------
+
+
+def sweep(cfg: SweepConfig) -> SweepResult:
+    """Run every trial not finished yet, evaluate every run, write the summary."""
+    from .evaluate import evaluate
+    from .ingest import ingest
+
+    cfg.require("source")
+    started = time.time()
+    ep = cfg.endpoint_url
+    trials = trial_plan(cfg)
+
+    # 1. the pool: one ingest of the source, val and test fixed, the whole train pool kept
+    pool_cfg = dataclasses.replace(cfg.ingest, source=cfg.source, output=storage.join(cfg.workdir, "real", "pool"),
+                                   examples_per_class=None, **({"endpoint_url": ep} if ep else {}))
+    ingest(pool_cfg)
+
+    # 2. the trials not finished with this config, on Ray Tune
+    done = _finished(cfg, trials)
+    todo = [t for t in trials if t.name not in done]
+    log.info("%d trials (%d shots x %d seeds x %d methods): %d finished earlier, %d to run", len(trials),
+             len(cfg.shots), len(cfg.seeds), len(cfg.methods), len(done), len(todo))
+    if todo:
+        _run_trials(cfg, todo)
+
+    # 3. every run scored on the pool's test split (the same images for every shot count and seed)
+    records = [storage.read_json(_paths(cfg, t)["record"], ep) for t in trials]
+    # (the sweep owns results/: a sweep with more seeds or methods replaces it)
+    eval_cfg = dataclasses.replace(cfg.evaluate, real=pool_cfg.output, runs=[r["run"] for r in records],
+                                   output=storage.join(cfg.workdir, "results"), overwrite=True,
+                                   **({"endpoint_url": ep} if ep else {}))
+    scored = evaluate(eval_cfg)
+    by_run = {r["run"]: r for r in scored.runs}
+    runs = [{"method": t.method, "shots": t.shots, "seed": t.seed, "run": rec["run"],
+             "mean_class_acc": by_run[rec["run"]]["mean_class_acc"],
+             "best_val_mean_class_acc": rec["best_val_mean_class_acc"], "optimizer_steps": rec["optimizer_steps"],
+             "seconds": rec["seconds"]} for t, rec in zip(trials, records)]
+
+    # 4. the summary: table, json, plot
+    rows = summarize(runs)
+    files = [storage.join(cfg.workdir, name) for name in (SUMMARY_MD, SUMMARY_JSON, SUMMARY_PLOT)]
+    storage.write_bytes(files[0], _markdown(rows).encode(), ep)
+    seconds = round(time.time() - started, 1)
+    storage.write_json(files[1], {"rows": rows, "runs": runs, "config": cfg.to_dict(), "seconds": seconds,
+                                  "metric": "test mean per-class accuracy, checkpoint chosen on val"}, ep)
+    _plot(rows, files[2], ep)
+    log.info("%d trials (%d run now) in %.0fs; summary in %s", len(trials), len(todo), seconds, files[0])
+    for line in _markdown(rows).splitlines()[2:2 + len(rows)]:
+        log.info("%s", line)
+    return SweepResult(cfg.workdir, len(trials), len(todo), rows, files, seconds)
+
+
+callable_stage_module(__name__)  # `from ray_dafusion import sweep` may give this module: call it as the stage

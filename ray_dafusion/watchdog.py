@@ -1,0 +1,113 @@
+"""A stalled stage says why: no batch, task or epoch for a while -> one line on what waits on what.
+
+Stages call :meth:`Watchdog.progress` whenever a unit of work completes (a batch file committed,
+a class task finished, an epoch checkpointed; or a `probe` the watchdog polls). If none completes
+for ``stall_warning`` seconds, it logs once what the cluster has, what the stage holds and what
+waits, and what to change. With ``stall_timeout`` set, the stage fails with a StageError instead
+of waiting longer.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from .errors import StageError
+
+__all__ = ["Watchdog", "cluster_summary"]
+
+log = logging.getLogger(__name__)
+
+
+def cluster_summary() -> str:
+    """Total and free resources, and what is pending, as far as Ray tells the driver."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    parts = []
+    for key in sorted(k for k in total if k in ("CPU", "GPU") or not k.startswith(("node:", "memory",
+                                                                                        "object_store"))):
+        parts.append(f"{key} {free.get(key, 0):g} free of {total[key]:g}")
+    summary = "cluster: " + ", ".join(parts)
+    try:  # the state API needs the dashboard; without it, the resources above are what there is
+        from ray.util.state import list_actors, list_tasks
+
+        waiting = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], limit=100, raise_on_missing_output=False)
+        alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
+        pending = list_actors(filters=[("state", "=", "PENDING_CREATION")], limit=100, raise_on_missing_output=False)
+        names = sorted({t.name for t in waiting})[:4]
+        summary += (f"; {len(alive)} actors alive, {len(pending)} waiting to be placed; {len(waiting)} tasks waiting "
+                    f"for resources{' (' + ', '.join(names) + ')' if names else ''}")
+    except Exception:
+        pass
+    return summary
+
+
+class Watchdog:
+    """Context manager around a stage's long wait; see the module docstring."""
+
+    def __init__(self, stage: str, what: str, warning_after: Optional[float], fail_after: Optional[float] = None,
+                 hint: str = "", probe: Optional[Callable[[], Any]] = None, poll_seconds: float = 1.0) -> None:
+        self.stage, self.what, self.hint = stage, what, hint
+        self.warning_after, self.fail_after = warning_after, fail_after
+        self.probe, self.poll = probe, poll_seconds
+        self.last = time.monotonic()
+        self.warned = False
+        self.fired: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._seen: Any = None
+
+    def progress(self) -> None:
+        """A unit of work completed."""
+        self.last = time.monotonic()
+        self.warned = False
+
+    def __enter__(self) -> "Watchdog":
+        if self.fail_after and threading.current_thread() is not threading.main_thread():
+            log.info("%s: stall_timeout acts only in a driver's main thread; here a stall is reported, not failed",
+                     self.stage)
+            self.fail_after = None
+        if self.warning_after or self.fail_after:
+            self._thread = threading.Thread(target=self._watch, name=f"watchdog {self.stage}", daemon=True)
+            self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            if self.probe is not None:
+                try:
+                    seen = self.probe()
+                except Exception:
+                    seen = self._seen
+                if seen != self._seen:
+                    self._seen = seen
+                    self.progress()
+            idle = time.monotonic() - self.last
+            if self.warning_after and idle >= self.warning_after and not self.warned:
+                self.warned = True
+                log.warning("%s: no %s finished for %.0fs. %s.%s", self.stage, self.what, idle, _safe_summary(),
+                            f" If this does not move: {self.hint}" if self.hint else "")
+            if self.fail_after and idle >= self.fail_after:
+                self.fired = (f"{self.stage} stalled: no {self.what} finished for {idle:.0f}s (stall_timeout "
+                              f"{self.fail_after:g}s). {_safe_summary()}.{' ' + self.hint if self.hint else ''}")
+                _thread.interrupt_main()
+                return
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.fired and exc_type is KeyboardInterrupt:
+            raise StageError(self.fired) from None
+        return False
+
+
+def _safe_summary() -> str:
+    try:
+        return cluster_summary()
+    except Exception as exc:  # never let the diagnosis hide the stall
+        return f"(cluster state unavailable: {exc})"

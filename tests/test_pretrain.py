@@ -1,0 +1,106 @@
+"""Pretrain: a small text-conditional pipeline from unlabelled images, loadable like any checkpoint;
+the shipped `digits` model is what its recorded command makes from the recorded data."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ray_dafusion import storage
+from ray_dafusion.models import SHIPPED_MODELS, load_pipeline, model_fingerprint
+from ray_dafusion.pretrain import caption_words, cluster_captions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_caption_words_are_made_up_and_clusters_cover_mirrors():
+    words = caption_words(40)
+    assert len(set(words)) == 40 and all(w.isalpha() and w.startswith("q") for w in words)
+    from ray_dafusion.sample_data import DIGIT_NAMES
+
+    assert not set(words) & set(DIGIT_NAMES)
+    rng = np.random.default_rng(0)
+    left = np.zeros((8, 8)); left[:, :3] = 1.0  # a bar on the left; its mirror has it on the right
+    feats = np.stack([left + 0.05 * rng.random((8, 8)) for _ in range(10)])
+    clusters = cluster_captions(feats, 2, seed=0)
+    assert clusters.shape == (10, 2) and len(set(clusters[:, 0])) == 1 and set(clusters[:, 0]) != set(clusters[:, 1])
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("pretrain_job", os.path.join(ROOT, "jobs", "pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_recorded_command_trains_and_loads(ray_session, tmp_path, capsys):
+    """The shipped model's command, shortened: it trains, writes a manifest and loads as a pipeline."""
+    from ray_dafusion.sample_data import write_digits
+
+    source = str(tmp_path / "unlabelled")
+    write_digits(source, per_class=4, half="pretrain", labelled=False)
+    assert not any(os.path.isdir(os.path.join(source, d)) for d in os.listdir(source))  # no class folders
+    out = str(tmp_path / "model")
+    config = os.path.join(ROOT, "jobs", "configs", "pretrain_digits.yaml")
+    assert _job().main(["--config", config, "--source", source, "--output", out, "--vae_steps", "3",
+                        "--steps", "4", "--checkpoint_every", "2", "--num_clusters", "6", "--batch_size", "8",
+                        "--cpus_per_worker", "0.5"]) == 0
+    assert f"pretrain: pipeline {out} from 40 images" in capsys.readouterr().out
+    manifest = storage.read_manifest(out)
+    assert manifest["counts"] == {"images": 40, "left_out": 0, "vae_steps": 3, "steps": 4}
+    assert len(manifest["words"]) == 6 and manifest["data_fingerprint"] and manifest["losses"]["unet"]
+    pipe = load_pipeline(out, device="cpu", torch_dtype=torch.float32)
+    assert all(w in pipe.tokenizer.get_vocab() or w + "</w>" in pipe.tokenizer.get_vocab() for w in manifest["words"])
+    image = pipe(prompt=[f"a photo of a {manifest['words'][0]}"], image=[Image.new("RGB", (32, 32), "white")],
+                 strength=1.0, num_inference_steps=4, generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert image.size == (32, 32)
+    # the training state is not part of the model: its fingerprint covers the pipeline's files only
+    before = model_fingerprint(out)
+    storage.write_bytes(storage.join(out, "_checkpoints", "extra.bin"), b"x")
+    assert model_fingerprint(out) == before
+    # a complete output is left as it is
+    again = _job().main(["--config", config, "--source", source, "--output", out, "--vae_steps", "3", "--steps", "4",
+                         "--checkpoint_every", "2", "--num_clusters", "6", "--batch_size", "8",
+                         "--cpus_per_worker", "0.5"])
+    assert again == 0 and "nothing to do" in capsys.readouterr().err
+
+
+def test_the_shipped_digits_model_records_its_command_and_data():
+    """The weights in the package were made by jobs/configs/pretrain_digits.yaml from the pretraining
+    half of the digits: same config, same data fingerprint; they load and fit in 10 MB."""
+    import yaml
+
+    from ray_dafusion.config import PretrainConfig
+    from ray_dafusion.configlib import identity
+    from ray_dafusion.ingest import load_image_file
+    from ray_dafusion.sample_data import digit_halves
+
+    path = SHIPPED_MODELS["digits"]
+    manifest = storage.read_manifest(path)
+    recorded = PretrainConfig.from_dict({**yaml.safe_load(open(os.path.join(ROOT, "jobs", "configs",
+                                                                          "pretrain_digits.yaml")))})
+    assert identity(PretrainConfig.from_dict(manifest["config"])) == identity(recorded)
+    assert "ray-dafusion pretrain --config jobs/configs/pretrain_digits.yaml" in " ".join(manifest["commands"])
+    # the data fingerprint is the pretraining half as write_digits writes it (pixels hashed, sorted)
+    import io
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    hashes = []
+    for index in digit_halves()["pretrain"]:
+        gray = (255 - digits.images[index] / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(gray).resize((32, 32), Image.BICUBIC).save(buf, format="PNG")
+        hashes.append(load_image_file(buf.getvalue())[3])
+    assert manifest["data_fingerprint"] == storage.fingerprint(sorted(hashes))
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    assert size < 10 * 2**20
+    pipe = load_pipeline("digits", device="cpu", torch_dtype=torch.float32)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 64

@@ -1,0 +1,79 @@
+"""Sweep: trials on Ray Tune reuse stage outputs, a re-run skips finished trials, and the summary's
+intervals and paired differences are computed right."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from ray_dafusion import storage
+from ray_dafusion.config import SweepConfig
+from ray_dafusion.sweep import summarize, sweep, trial_plan
+
+
+def test_summary_means_intervals_and_paired_differences():
+    runs = []
+    for seed, (base, std, daf) in enumerate([(0.50, 0.52, 0.60), (0.40, 0.45, 0.47), (0.60, 0.58, 0.66)]):
+        runs += [{"method": "baseline", "shots": 1, "seed": seed, "mean_class_acc": base},
+                 {"method": "standard", "shots": 1, "seed": seed, "mean_class_acc": std},
+                 {"method": "da_fusion", "shots": 1, "seed": seed, "mean_class_acc": daf}]
+    rows = {r["method"]: r for r in summarize(runs)}
+    assert [r["method"] for r in summarize(runs)] == ["baseline", "standard", "da_fusion"]
+    base = rows["baseline"]
+    assert base["n"] == 3 and base["mean"] == pytest.approx(0.5)
+    # t(0.975, 2) = 4.3027; sd of (0.5, 0.4, 0.6) = 0.1
+    assert base["ci95"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    d = rows["da_fusion"]["vs_standard"]  # paired: 0.08, 0.02, 0.08
+    diffs = np.array([0.08, 0.02, 0.08])
+    assert d["mean"] == pytest.approx(diffs.mean()) and d["wins"] == 3 and d["n"] == 3
+    assert d["ci95"] == pytest.approx(4.302653 * diffs.std(ddof=1) / math.sqrt(3), rel=1e-5)
+    assert "vs_standard" not in rows["standard"] and rows["standard"]["vs_baseline"]["wins"] == 2
+
+
+def test_trials_cover_shots_seeds_methods_once():
+    cfg = SweepConfig(source="x", shots=[1, 2], seeds=[0, 1, 2], methods=["baseline", "da_fusion", "da_fusion_k1"])
+    names = [t.name for t in trial_plan(cfg)]
+    assert len(names) == len(set(names)) == 18 and names[0] == "baseline-k1-s0"
+    with pytest.raises(ValueError, match="methods"):
+        SweepConfig(methods=["magic"])
+
+
+@pytest.mark.slow
+def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_path):
+    from ray_dafusion.sample_data import write_digits
+
+    source = str(tmp_path / "digits")
+    write_digits(source, size=16, per_class=8, half="experiment")
+    cfg = SweepConfig.from_dict({
+        "source": source, "workdir": str(tmp_path / "sweep"), "shots": [1], "seeds": [0, 1],
+        "methods": ["baseline", "da_fusion"],
+        "ingest": {"classes": ["zero", "one", "two"], "val_per_class": 2, "test_per_class": 2},
+        "invert": {"model": tiny_model, "steps": 2, "resolution": 32, "num_cpus": 0.5},
+        "augment": {"model": tiny_model, "num_augmentations": 2, "num_inference_steps": 4, "resolution": 32},
+        "train": {"arch": "small_cnn", "backbone": "finetune", "image_size": 16, "epochs": 1,
+                  "iterations_per_epoch": 3, "batch_size": 4, "hflip": False},
+    })
+    result = sweep(cfg)
+    assert (result.trials, result.ran) == (4, 4)
+    rows = {r["method"]: r for r in result.summary}
+    assert set(rows) == {"baseline", "da_fusion"} and rows["da_fusion"]["vs_baseline"]["n"] == 2
+    for r in rows.values():
+        assert r["n"] == 2 and 0.0 <= r["mean"] <= 1.0
+    table = storage.read_bytes(result.files[0]).decode()
+    assert "| da_fusion | 1 | 2 |" in table and "paired by seed" in table
+    assert storage.read_bytes(result.files[2])[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(storage.read_bytes(result.files[1]))
+    assert {r["seed"] for r in summary["runs"]} == {0, 1} and all(r["optimizer_steps"] == 3 for r in summary["runs"])
+    # one subset and one token set per (shots, seed), shared by the methods; every run scored on the pool's test
+    work = cfg.workdir
+    assert sorted(os.listdir(os.path.join(work, "real"))) == ["k1-s0", "k1-s1", "pool"]
+    assert sorted(os.listdir(os.path.join(work, "synthetic", "da_fusion"))) == ["k1-s0", "k1-s1"]
+    # a re-run skips every finished trial, and a new seed runs only its own trials
+    again = sweep(cfg)
+    assert again.ran == 0 and again.summary == result.summary
+    more = sweep(cfg.replace(seeds=[0, 1, 2]))
+    assert (more.trials, more.ran) == (6, 2)
