@@ -17,6 +17,7 @@ drawn from (run seed, s, k) alone, so an image does not depend on batch size, ac
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -37,13 +38,14 @@ from .config import AugmentConfig, ConfigError, callable_stage_module
 from .configlib import config_fingerprint
 from .errors import StageError
 from .modes import AUGMENT_MODES
-from .runinfo import versions
+from .runinfo import CostMeter, max_rss_bytes, versions
 from .watchdog import Watchdog
 
 __all__ = [
     "AugmentResult",
     "DiffusionAugmenter",
     "augment",
+    "augment_batch",
     "draw_augmentation",
     "denoising_steps",
     "even_chunks",
@@ -181,18 +183,28 @@ class DiffusionAugmenter:
         self.batches_done = 0
         self.torch = torch
 
-        self.pipe = models.load_pipeline(cfg.model, cache_dir=cfg.cache_dir, endpoint_url=cfg.endpoint_url)
         self.model_fingerprint = models.model_fingerprint(
             models.resolve_model(cfg.model, cfg.cache_dir, cfg.endpoint_url), cfg.cache_dir
         )
         self.embeddings_fingerprint = ""
         self.tokens: set[str] = set()
+        tensors: dict[str, Any] = {}
         if self.mode.needs_tokens:
             if not cfg.embeddings:
                 raise weights.EmbeddingsError(f"mode {cfg.mode} needs `embeddings` (the invert stage's tokens.safetensors)")
             tensors, self.embeddings_fingerprint = weights.load_embeddings(cfg.embeddings, cfg.endpoint_url)
-            weights.add_tokens(self.pipe, tensors)
             self.tokens = set(tensors)
+        # tasks keep the loaded pipeline in their process for the next batch and the next job (an erasing
+        # run edits the UNet in place, so it loads its own); actors load theirs once anyway
+        reuse = cfg.compute == "tasks" and not cfg.erasure
+        key = (self.model_fingerprint, self.embeddings_fingerprint)
+        self.pipe = _PIPELINES.get(key) if reuse else None
+        if self.pipe is None:
+            self.pipe = models.load_pipeline(cfg.model, cache_dir=cfg.cache_dir, endpoint_url=cfg.endpoint_url)
+            if tensors:
+                weights.add_tokens(self.pipe, tensors)
+            if reuse:
+                _PIPELINES.put(key, self.pipe)
         self.erasure = None
         self.erasure_fingerprints: dict[str, str] = {}
         if cfg.erasure:
@@ -257,6 +269,8 @@ class DiffusionAugmenter:
             )
 
         # 3. one pipeline call per (class if erasing, t0) group, chunked
+        if self.faults.get("sleep_seconds"):  # test hook: a batch that takes long (the watchdog's case)
+            time.sleep(float(self.faults["sleep_seconds"]))
         out_rows = self._generate(jobs)
 
         # 4. commit this batch's rows as one file
@@ -341,6 +355,34 @@ class DiffusionAugmenter:
             os._exit(1)
 
 
+class _PipelineCache:
+    """The few most recent pipelines this process loaded (tasks mode), by model and token fingerprints."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size, self.items = size, collections.OrderedDict()
+
+    def get(self, key: tuple) -> Any:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        return None
+
+    def put(self, key: tuple, pipe: Any) -> None:
+        self.items[key] = pipe
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+_PIPELINES = _PipelineCache()
+
+
+def augment_batch(batch: pa.Table, cfg: AugmentConfig, classes: Sequence[schema.ClassInfo],
+                  present: Optional[dict[str, list[int]]] = None, expected_fingerprints: Optional[dict[str, str]] = None,
+                  _faults: Optional[dict[str, Any]] = None) -> pa.Table:
+    """One batch as a Ray Data task (compute: tasks): the augmenter around this process's cached pipeline."""
+    return DiffusionAugmenter(cfg, classes, present, expected_fingerprints, _faults)(batch)
+
+
 def _dict_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     names = list(batch)
     n = len(batch[names[0]]) if names else 0
@@ -375,6 +417,7 @@ def _summary(file: str, rows: int, errors: int, skipped: int, seconds: float) ->
         "errors": pa.array([errors], pa.int64()),
         "skipped": pa.array([skipped], pa.int64()),
         "seconds": pa.array([seconds], pa.float64()),
+        "max_rss_bytes": pa.array([max_rss_bytes()], pa.int64()),
     })
 
 
@@ -422,23 +465,30 @@ def _map_augmenter(ds: Any, cfg: AugmentConfig, classes: list[schema.ClassInfo],
     """The actor pool stage: resources, pool size and fault tolerance from the config."""
     import ray.data
 
+    kwargs = {
+        "cfg": cfg,
+        "classes": classes,
+        "present": partial,
+        "expected_fingerprints": {"model": fingerprints["model"], "embeddings": fingerprints["embeddings"]},
+        "_faults": faults,
+    }
+    if cfg.compute == "tasks":
+        udf: Any = augment_batch
+        options: dict[str, Any] = {"fn_kwargs": kwargs, "compute": ray.data.TaskPoolStrategy(size=actors),
+                                   "max_retries": cfg.max_restarts}
+    else:
+        udf = DiffusionAugmenter
+        options = {"fn_constructor_kwargs": kwargs,
+                   "compute": ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, actors), max_size=actors),
+                   # Ray Data's defaults are unlimited restarts; bound them so a broken node fails the job.
+                   "max_restarts": cfg.max_restarts, "max_task_retries": cfg.max_restarts}
     return ds.map_batches(
-        DiffusionAugmenter,
-        fn_constructor_kwargs={
-            "cfg": cfg,
-            "classes": classes,
-            "present": partial,
-            "expected_fingerprints": {"model": fingerprints["model"], "embeddings": fingerprints["embeddings"]},
-            "_faults": faults,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, actors), max_size=actors),
+        udf,
+        **options,
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
-        # Ray Data's defaults are unlimited restarts; bound them so a broken node fails the job.
-        max_restarts=cfg.max_restarts,
-        max_task_retries=cfg.max_restarts,
         **({"resources": pin} if pin else {}),
     )
 
@@ -451,6 +501,7 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
     killed job); {"crash_actor": {"marker": path, "point": "after_write"}} kills one actor once.
     """
     started = time.time()
+    meter = CostMeter(cfg.cost)
     cfg = _check_inputs(cfg)
     ep = cfg.endpoint_url
 
@@ -480,8 +531,10 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
 
     # 5. verify exactly N x M unique pairs (minus quarantined rows), then the manifest, last
     pairs, quarantined = _verify(cfg, real_ids)
+    for s in summaries:
+        meter.add_actor_seconds(s["seconds"], cfg.num_cpus, cfg.num_gpus, s.get("max_rss_bytes", 0))
     return _write_manifest(cfg, classes, real_ids, pairs, quarantined, summaries, progress, fingerprints, config_fp,
-                           started)
+                           started, meter)
 
 
 def _check_inputs(cfg: AugmentConfig) -> AugmentConfig:
@@ -649,7 +702,8 @@ def _verify(cfg: AugmentConfig, real_ids: list[str]) -> tuple[list[tuple[str, in
 
 def _write_manifest(cfg: AugmentConfig, classes: list[schema.ClassInfo], real_ids: list[str],
                     pairs: list[tuple[str, int]], quarantined: set[str], summaries: list[dict[str, Any]],
-                    progress: _Progress, fingerprints: dict[str, Any], config_fp: str, started: float) -> AugmentResult:
+                    progress: _Progress, fingerprints: dict[str, Any], config_fp: str, started: float,
+                    meter: CostMeter) -> AugmentResult:
     ep = cfg.endpoint_url
     wall = time.time() - started
     generated = sum(s["rows"] for s in summaries)
@@ -676,6 +730,7 @@ def _write_manifest(cfg: AugmentConfig, classes: list[schema.ClassInfo], real_id
         "counts": counts,
         "timings": {"wall_seconds": wall, "images_per_second": generated / wall if wall > 0 else 0.0,
                     "actor_seconds": sum(s["seconds"] for s in summaries)},
+        "cost": meter.report(images=generated),
         "versions": versions(),
     }
     storage.write_manifest(cfg.output, manifest, ep)

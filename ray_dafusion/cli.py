@@ -33,6 +33,9 @@ __all__ = ["main", "run_job", "connect_ray", "build_parser", "parse_args", "stag
 log = logging.getLogger(__name__)
 
 TRACEBACK_ENV = "RAY_DAFUSION_TRACEBACK"
+_NO_RAY = ("gallery", "report")  # stages that read and write files only
+# `ray-dafusion gallery SYNTHETIC`, `ray-dafusion report WORKDIR`: the one field that may be positional
+_POSITIONAL = {"gallery": ("synthetic", "augment output to show"), "report": ("workdir", "workdir to report on")}
 
 
 def stage_function(stage: str) -> Callable[..., Any]:
@@ -73,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, entry in STAGES.items():
         text = entry.summary or entry.config.__doc__
         p = sub.add_parser(stage, help=text, description=text)
-        if stage == "gallery":
-            p.add_argument("synthetic_uri", nargs="?", help="augment output to show")
+        if stage in _POSITIONAL:
+            field_name, text = _POSITIONAL[stage]
+            p.add_argument("_positional", nargs="?", metavar=field_name.upper(), help=text)
         p.add_argument("--config", dest="_config", default=None, metavar="FILE.yaml",
                        help="YAML file of field: value (local path or s3://); options below override it")
         p.add_argument("--traceback", dest="_traceback", action="store_true",
@@ -102,9 +106,9 @@ def _parse(argv: Optional[Sequence[str]]) -> tuple[str, StageConfig, bool]:
     stage = args.pop("stage")
     config_path = args.pop("_config")
     show_traceback = args.pop("_traceback") or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
-    positional = args.pop("synthetic_uri", None)
+    positional = args.pop("_positional", None)
     if positional:
-        args["synthetic"] = positional
+        args[_POSITIONAL[stage][0]] = positional
     try:
         cfg = STAGES[stage].config.from_args(config_path, args, base=_demo_config() if stage == "demo" else None)
     except ConfigError as exc:
@@ -130,6 +134,9 @@ def connect_ray() -> None:
 
 
 def _print_result(result: Any) -> None:
+    if getattr(result, "table", ""):  # a report: the table is the answer
+        print(result.table, end="")
+        return
     if dataclasses.is_dataclass(result):
         result = dataclasses.asdict(result)
     if isinstance(result, dict) and "outputs" in result:  # a pipeline: where things went, not every number
@@ -142,7 +149,7 @@ def _run(stage: str, argv: Sequence[str], report: Callable[[Any], None]) -> int:
     setup_logging()
     stage, cfg, show_traceback = _parse([stage, *argv])
     try:
-        if stage != "gallery":
+        if stage not in _NO_RAY:
             connect_ray()
         result = stage_function(stage)(cfg)
     except KeyboardInterrupt:

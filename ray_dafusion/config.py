@@ -33,7 +33,7 @@ from .configlib import (
     read_yaml,
     resource,
 )
-from .modes import AUGMENT_MODES, SWEEP_VARIANTS, TRAIN_METHODS
+from .modes import AUGMENT_MODES, SCORERS, SWEEP_VARIANTS, TRAIN_METHODS
 
 ARCHS = ("resnet50", "resnet18", "resnet34", "small_cnn")
 """Classifier architectures: torchvision ResNets, or classifier.small_cnn for small images on a CPU."""
@@ -48,6 +48,8 @@ __all__ = [
     "TrainConfig",
     "EvaluateConfig",
     "GalleryConfig",
+    "ScoreConfig",
+    "ReportConfig",
     "PretrainConfig",
     "PipelineConfig",
     "SweepConfig",
@@ -134,6 +136,8 @@ class InvertConfig(StageConfig):
     """Embedding vectors per token."""
     initializer_token: str = "the"
     """Word whose embedding initialises each new token (must be one token)."""
+    hflip: bool = True
+    """Random horizontal flips of the class's images (p 0.5, as the reference); off where a mirror image is another class (digits, text)."""
     seed: int = 0
     """Seed for noise, timesteps, templates and flips."""
     classes: Optional[list[str]] = extent(None)
@@ -254,6 +258,8 @@ class AugmentConfig(StageConfig):
     """Custom resource of the node type this stage's actors should run on (cluster.yaml: gen_gpu, train_gpu); used only when the cluster defines it."""
     max_restarts: int = resource(3)
     """Times Ray restarts a crashed actor (its batch is retried)."""
+    compute: str = resource("actors")
+    """actors: a pool of actors, each loading the model once (GPU clusters); tasks: Ray tasks that keep the loaded model in their worker process for the next batch and the next job (small runs, many jobs in one session: a sweep)."""
     cache_dir: Optional[str] = resource(None)
     """Local model cache (default: ~/.cache/ray_dafusion)."""
 
@@ -266,6 +272,7 @@ class AugmentConfig(StageConfig):
     def validate(self) -> None:
         one_of(self, "mode", AUGMENT_MODES)
         one_of(self, "resize", RESIZE_MODES)
+        one_of(self, "compute", ("actors", "tasks"))
         positive(self, "num_augmentations", "num_inference_steps", "resolution", "batch_size",
                   "max_images_per_call", "min_actors", "max_actors")
         positive(self, "guidance_scale", "num_gpus", "num_cpus", "max_restarts", allow_zero=True)
@@ -313,7 +320,7 @@ class TrainConfig(StageConfig):
     rotation: float = 15.0
     """Random rotation range in degrees."""
     num_workers: int = resource(1)
-    """Ray Train workers (DDP)."""
+    """Ray Train workers (DDP); 0 trains in the calling process (no worker group to start: for small runs, e.g. a sweep's)."""
     use_gpu: bool = resource(False)
     """Train on GPUs (AMP)."""
     cpus_per_worker: float = resource(0.5)
@@ -338,6 +345,8 @@ class TrainConfig(StageConfig):
     """Random horizontal flips in the train transform."""
     randaugment: Optional[bool] = None
     """Standard augmentation (RandAugment) on top of flips and rotation; default: the method's (on for standard only)."""
+    synthetic_filter: Optional[str] = None
+    """Keep only synthetic images whose stored scores pass, e.g. "classifier.p_label >= 0.5 and source_distance.value >= 0.05" (see `ray-dafusion score`)."""
     num_to_keep: int = resource(2)
     """Checkpoints kept besides the latest (the best on val_mean_class_acc are kept)."""
     prefetch_batches: int = resource(2)
@@ -355,7 +364,8 @@ class TrainConfig(StageConfig):
         one_of(self, "method", TRAIN_METHODS)
         one_of(self, "arch", ARCHS)
         one_of(self, "backbone", BACKBONES)
-        positive(self, "image_size", "num_workers", "epochs", "batch_size", "learning_rate", "cpus_per_worker")
+        positive(self, "image_size", "epochs", "batch_size", "learning_rate", "cpus_per_worker")
+        positive(self, "num_workers", allow_zero=True)
         positive(self, "rotation", "max_failures", allow_zero=True)
         if not 0.0 <= self.alpha <= 1.0:
             raise bad("alpha", self.alpha, "must lie in [0, 1]")
@@ -402,9 +412,64 @@ class GalleryConfig(StageConfig):
     """Real images shown (one row each)."""
     thumb_size: int = 96
     """Thumbnail side in pixels."""
+    score: Optional[str] = None
+    """A stored score (scorer.column, e.g. classifier.p_label) to caption each image with and sort each row by."""
+    threshold: Optional[float] = None
+    """With `score`: images scoring below it are framed in red (what a filter `score >= threshold` would drop)."""
 
     def validate(self) -> None:
         positive(self, "max_sources", "thumb_size")
+        if self.score is not None and self.score.count(".") != 1:
+            raise bad("score", self.score, "must be scorer.column, e.g. classifier.p_label")
+        if self.threshold is not None and self.score is None:
+            raise bad("threshold", self.threshold, "needs `score` to compare with")
+
+
+@dataclass
+class ScoreConfig(StageConfig):
+    """Quality scores per synthetic image, stored beside the augment output, for filters at train time."""
+
+    synthetic: str = ""
+    """URI of an augment output."""
+    run: Optional[str] = None
+    """A train run (e.g. the baseline's) whose best checkpoint the classifier scorer uses."""
+    scorers: list[str] = field(default_factory=lambda: ["classifier", "source_distance"])
+    """classifier | source_distance | text (text needs clip_model)."""
+    clip_model: Optional[str] = None
+    """CLIP model (transformers CLIPModel: local dir, s3:// prefix or hub id) for the text scorer."""
+    output: Optional[str] = location(None)
+    """Where the scores go (default: <synthetic>/scores/<scorer>/)."""
+    batch_size: int = resource(64)
+    """Synthetic images per actor call (and per output file)."""
+    min_actors: int = resource(1)
+    """Smallest size of the scoring actor pool."""
+    max_actors: int = resource(1)
+    """Largest size of the scoring actor pool."""
+    num_cpus: float = resource(0.5)
+    """CPUs per scoring actor."""
+    num_gpus: float = resource(0.0)
+    """GPUs per scoring actor."""
+    node_resource: Optional[str] = resource("gen_gpu")
+    """Custom resource of the node type this stage's actors should run on (cluster.yaml: gen_gpu, train_gpu); used only when the cluster defines it."""
+    cache_dir: Optional[str] = resource(None)
+    """Local model cache (default: ~/.cache/ray_dafusion)."""
+
+    def validate(self) -> None:
+        for s in self.scorers:
+            if s not in SCORERS:
+                raise bad("scorers", self.scorers, f"each must be one of {', '.join(SCORERS)}")
+        positive(self, "batch_size", "min_actors", "max_actors")
+        positive(self, "num_cpus", "num_gpus", allow_zero=True)
+
+
+@dataclass
+class ReportConfig(StageConfig):
+    """One table of every stage under a workdir: time, work, device-seconds, cost, links."""
+
+    workdir: str = ""
+    """URI whose stage outputs (every manifest.json under it) are reported."""
+    output: Optional[str] = location(None)
+    """Where report.md goes (default: <workdir>/report.md)."""
 
 
 @dataclass
@@ -423,6 +488,8 @@ class PretrainConfig(StageConfig):
     """Caption words: the images (and mirrors) are clustered into this many groups, one made-up word each."""
     empty_caption_fraction: float = 0.15
     """Share of captions left empty, so classifier-free guidance has an unconditional model."""
+    mirror: bool = True
+    """Also train on mirror images (textual inversion flips its images by default); off where a mirror is another class (digits)."""
     vae_steps: int = 1500
     """Autoencoder steps (0 with `init`: keep the init's VAE)."""
     vae_batch_size: int = 32
@@ -506,7 +573,7 @@ class SweepConfig(StageConfig):
     """The paper's experiment as a Ray Tune sweep: shots x seeds x methods, stage outputs reused."""
 
     source: str = ""
-    """Labelled images (an image folder, VOC or COCO as ingest takes them); ingested once, subsets per (shots, seed)."""
+    """Labelled images (an image folder, VOC or COCO as ingest takes them), ingested once, subsets per (shots, seed); `digits`: the experiment half of scikit-learn's digits, written under the workdir."""
     workdir: str = location("./runs/sweep")
     """URI under which the pool, every subset, token set, synthetic set, run, the trials and the results live."""
     shots: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -558,6 +625,8 @@ STAGES: dict[str, Stage] = {
     "train": Stage("ray_dafusion.train", "train", TrainConfig),
     "evaluate": Stage("ray_dafusion.evaluate", "evaluate", EvaluateConfig),
     "gallery": Stage("ray_dafusion.gallery", "gallery", GalleryConfig),
+    "score": Stage("ray_dafusion.score", "score", ScoreConfig),
+    "report": Stage("ray_dafusion.report", "report", ReportConfig),
     "pretrain": Stage("ray_dafusion.pretrain", "pretrain", PretrainConfig),
     "pipeline": Stage("ray_dafusion.pipeline", "pipeline", PipelineConfig),
     "sweep": Stage("ray_dafusion.sweep", "sweep", SweepConfig),

@@ -95,13 +95,25 @@ class StageConfig:
     """Seconds without a finished batch, task or epoch before the stage logs what it is waiting on (null: never)."""
     stall_timeout: Optional[float] = resource(None)
     """Seconds without progress after which the stage fails instead of waiting (default: wait)."""
+    cost: dict = resource(default_factory=lambda: {"prices": {"cpu_hour": 0.0, "gpu_hour": 0.0}})
+    """Prices for the estimated cost in each manifest, e.g. {prices: {cpu_hour: 0.05, gpu_hour: 1.2}} (currency per hour)."""
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
+        self._check_cost()
         self.validate()
 
     def validate(self) -> None:
         """Check values; subclasses extend. Raise ConfigError naming the field."""
+
+    def _check_cost(self) -> None:
+        prices = (self.cost or {}).get("prices", {})
+        if not isinstance(prices, dict) or set(self.cost) - {"prices"}:
+            raise bad("cost", self.cost, "must be {prices: {cpu_hour: number, gpu_hour: number}}")
+        for key, value in prices.items():
+            if key not in ("cpu_hour", "gpu_hour") or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or value < 0:
+                raise bad("cost", self.cost, f"price {key!r} must be cpu_hour or gpu_hour, a number >= 0")
 
     def require(self, *names: str) -> None:
         """Raise ConfigError unless every named field is set (stages call this before work)."""

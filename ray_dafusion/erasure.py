@@ -40,7 +40,7 @@ from .config import EraseConfig
 from .logs import setup_logging
 from .modes import class_word
 from .models import file_fingerprint
-from .runinfo import versions
+from .runinfo import CostMeter, max_rss_bytes, versions
 from .schema import ClassInfo
 
 __all__ = ["EraseResult", "ErasedConcept", "erase", "erase_concept", "erase_prompt", "xattn_parameter_names",
@@ -111,6 +111,7 @@ def erase(cfg: EraseConfig) -> EraseResult:
     """Erase every class name of `cfg.real` from the UNet (one Ray task per class)."""
     cfg.require("real", "output")
     start = time.time()
+    meter = CostMeter(cfg.cost)
 
     # 1. classes to erase; refuse another config's output, skip classes already erased
     classes = perclass.select_classes(schema.read_class_table(cfg.real, cfg.endpoint_url), cfg.classes,
@@ -124,10 +125,10 @@ def erase(cfg: EraseConfig) -> EraseResult:
         )
 
     # 2. one task per class name
-    records = perclass.run_class_tasks("erase", cfg, plan.todo, _erase_class, _describe)
+    records = perclass.run_class_tasks("erase", cfg, plan.todo, _erase_class, _describe, meter)
 
     # 3. manifest (last): every class file of this config, with its fingerprint and loss curve
-    result = _write_manifest(cfg, plan, start)
+    result = _write_manifest(cfg, plan, start, meter)
     result.seconds_per_class = {name: r["seconds"] for name, r in records.items()}
     log.info("%s: %d classes erased (%s; %d now, %d earlier) in %.1fs", cfg.output, result.num_classes,
              cfg.method, len(result.trained), len(result.skipped), result.seconds)
@@ -148,7 +149,7 @@ def _describe(record: dict[str, Any]) -> str:
     return f"done in {record['seconds']:.1f}s, ESD loss {sum(losses[:k]) / k:.5f} -> {sum(losses[-k:]) / k:.5f}"
 
 
-def _write_manifest(cfg: EraseConfig, plan: perclass.ClassPlan, start: float) -> EraseResult:
+def _write_manifest(cfg: EraseConfig, plan: perclass.ClassPlan, start: float, meter: CostMeter) -> EraseResult:
     records = [storage.read_json(uri, cfg.endpoint_url)
                for uri in storage.list_files(storage.join(cfg.output, CLASSES_DIR), ".json", cfg.endpoint_url)]
     records.sort(key=lambda r: r["label"])
@@ -165,6 +166,7 @@ def _write_manifest(cfg: EraseConfig, plan: perclass.ClassPlan, start: float) ->
         "counts": {"classes": len(records), "trained": len(plan.todo), "skipped": len(plan.done)},
         "timings": {"total_seconds": round(time.time() - start, 3),
                     "seconds_per_class": {r["name"]: r["seconds"] for r in records}},
+        "cost": meter.report(),
         "versions": versions(),
     }, cfg.endpoint_url)
     return EraseResult(
@@ -192,6 +194,7 @@ def _erase_class(cfg: EraseConfig, info: ClassInfo) -> dict[str, Any]:
         "file": f"{CLASSES_DIR}/{class_file_name(info.name)}", "prompt": erase_prompt(info.name),
         "iterations": cfg.iterations, "seconds": round(erased.seconds, 3), "device": erased.device,
         "model_fingerprint": model_fingerprint(local, cfg.cache_dir), "losses": erased.losses,
+        "max_rss_bytes": max_rss_bytes(),
     }
     data = save_safetensors({k: v.contiguous() for k, v in erased.tensors.items()},
                             metadata={"method": cfg.method, "class_name": info.name})

@@ -26,7 +26,7 @@ from .classifier import decode_uint8, eval_transform, load_classifier
 from .config import EvaluateConfig, callable_stage_module
 from .configlib import config_fingerprint
 from .errors import StageError
-from .runinfo import versions
+from .runinfo import CostMeter, versions
 from .watchdog import Watchdog
 
 __all__ = ["EvaluateResult", "evaluate", "class_metrics", "Scorer"]
@@ -217,6 +217,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score every run in `cfg.runs` on `cfg.split`; write results.json, results.md and plots."""
     cfg.require("real", "runs", "output")
     started = time.time()
+    meter = CostMeter(cfg.cost)
     ep = cfg.endpoint_url
 
     # 1. the split to score and the class table every run must share
@@ -239,10 +240,12 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         return EvaluateResult(cfg.output, cfg.split, previous["runs"], previous["files"], 0.0)
 
     # 4. score: the split streams once per group of runs (a scoring actor holds a group's models)
+    scoring = time.time()
     runs = _score_runs(cfg, records, files, len(classes))
+    meter.add_actor_seconds(time.time() - scoring, cfg.num_cpus, cfg.num_gpus)  # one scoring actor at a time
 
     # 5. tables and plots; the manifest last
-    result = _write_outputs(cfg, runs, [c.name for c in classes], config_fp, started)
+    result = _write_outputs(cfg, runs, [c.name for c in classes], config_fp, started, meter)
     scores = ", ".join(f"{r['name']} {r['mean_class_acc']:.3f}" for r in runs if r.get("mean_class_acc") is not None)
     log.info("%d runs scored on %s (%s); %s, %s and %d plots in %s", len(runs), cfg.split, scores, RESULTS_MD,
              RESULTS_JSON, len(result.files) - 2, cfg.output)
@@ -321,7 +324,7 @@ def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], 
 
 
 def _write_outputs(cfg: EvaluateConfig, runs: list[dict[str, Any]], class_names: list[str], config_fp: str,
-                   started: float) -> EvaluateResult:
+                   started: float, meter: CostMeter) -> EvaluateResult:
     ep = cfg.endpoint_url
     written = []
     for r in runs:
@@ -340,7 +343,8 @@ def _write_outputs(cfg: EvaluateConfig, runs: list[dict[str, Any]], class_names:
                                     "metric": "mean per-class accuracy"}, ep)
     storage.write_manifest(cfg.output, {
         "stage": "evaluate", "config": cfg.to_dict(), "config_fingerprint": config_fp,
-        "counts": {"runs": len(runs)}, "timings": {"seconds": result.seconds}, "versions": versions(),
+        "counts": {"runs": len(runs)}, "timings": {"seconds": result.seconds},
+        "cost": meter.report(images=len(runs) * (runs[0]["num_examples"] if runs else 0)), "versions": versions(),
     }, ep)
     return result
 

@@ -1,8 +1,10 @@
 """Gallery: a PNG contact sheet of an augment output, for a person to look at.
 
 Each row is one real image followed by its augmentations in aug_index order, each thumbnail
-captioned (the real one with its class, the synthetic ones with their t0). Reads only the rows
-of the sources shown, not the whole synthetic set.
+captioned (the real one with its class, the synthetic ones with their t0). With `score`, each
+augmentation is captioned with a stored quality score too, the row is sorted best first, and
+images below `threshold` are framed in red: what a train-time filter would drop. Reads only the
+rows of the sources shown, not the whole synthetic set.
 """
 
 from __future__ import annotations
@@ -68,6 +70,23 @@ def _fit(options: tuple[str, ...], width: int) -> str:
     return next((o for o in options if len(o) <= width), options[-1][:width])
 
 
+def _scores(cfg: GalleryConfig, ids: list[str]) -> dict[str, float]:
+    """id -> the value of `cfg.score` for the shown images."""
+    from .score import read_scores, scores_dir
+
+    scorer, column = cfg.score.split(".")
+    manifest = storage.read_manifest(scores_dir(cfg.synthetic, scorer), cfg.endpoint_url)
+    if manifest is None:
+        raise FileNotFoundError(f"gallery score {cfg.score}: no complete {scorer} scores for {cfg.synthetic}; "
+                                "run `ray-dafusion score` first")
+    if column not in manifest.get("columns", {}):
+        raise ValueError(f"gallery score {cfg.score}: {scorer} scores have {', '.join(manifest.get('columns', {}))}, "
+                         f"not {column!r}")
+    table = read_scores(cfg.synthetic, scorer, [column], cfg.endpoint_url)
+    wanted = set(ids)
+    return {i: float(v) for i, v in zip(table.column("id").to_pylist(), table.column(column).to_pylist()) if i in wanted}
+
+
 def gallery(cfg: GalleryConfig) -> GalleryResult:
     """Write the contact sheet of `cfg.synthetic` to `cfg.output` (default <synthetic>/gallery.png)."""
     cfg.require("synthetic")
@@ -85,7 +104,8 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
     # 2. the first max_sources sources (by id) and their augmentations
     ids = storage.read_parquet(data_dir, ep, columns=["source_id"]).column("source_id")
     chosen = sorted(set(ids.to_pylist()))[: cfg.max_sources]
-    synthetic = _read_rows(data_dir, ["source_id", "aug_index", "strength", "image"], "source_id", chosen, ep)
+    synthetic = _read_rows(data_dir, ["id", "source_id", "aug_index", "strength", "image"], "source_id", chosen, ep)
+    scores = _scores(cfg, [r["id"] for r in synthetic]) if cfg.score else {}
     originals = {
         r["id"]: r
         for r in _read_rows(storage.join(real, "train"), ["id", "class_name", "image"], "id", chosen, ep)
@@ -105,13 +125,23 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
     for r, sid in enumerate(chosen):
         y = PAD + r * (t + CAPTION_HEIGHT + PAD)
         source = originals.get(sid)
-        cells = [(source["image"]["bytes"], source["class_name"]) if source else (None, "real: missing")]
-        cells += [(a["image"]["bytes"], _fit((f"t0={a['strength']:g}", f"{a['strength']:g}"), fits))
-                  for a in sorted(by_source[sid], key=lambda a: a["aug_index"])]
-        for c, (data, caption) in enumerate(cells):
+        cells = [(source["image"]["bytes"], source["class_name"], None) if source else (None, "real: missing", None)]
+        row = by_source[sid]
+        if scores:  # best first, so what a threshold drops sits at the end of the row
+            row = sorted(row, key=lambda a: -scores.get(a["id"], float("-inf")))
+        else:
+            row = sorted(row, key=lambda a: a["aug_index"])
+        for a in row:
+            value = scores.get(a["id"])
+            caption = (f"t0={a['strength']:g}", f"{a['strength']:g}") if value is None else \
+                (f"{a['strength']:g} {value:.2f}", f"{value:.2f}")
+            cells.append((a["image"]["bytes"], _fit(caption, fits), value))
+        for c, (data, caption, value) in enumerate(cells):
             x = PAD + c * (t + PAD)
             if data is not None:
                 sheet.paste(_thumb(data, t), (x, y))
+            if value is not None and cfg.threshold is not None and value < cfg.threshold:
+                draw.rectangle([x - 1, y - 1, x + t, y + t], outline=(220, 0, 0), width=2)
             draw.text((x + 1, y + t + 1), caption[:fits], fill=(0, 0, 0), font=font)
 
     # 4. write the PNG

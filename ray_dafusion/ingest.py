@@ -26,7 +26,7 @@ from . import schema, storage
 from .config import ConfigError, IngestConfig, callable_stage_module
 from .configlib import config_fingerprint
 from .errors import StageError
-from .runinfo import versions
+from .runinfo import CostMeter, versions
 from .tokens import class_token
 
 __all__ = ["ingest", "IngestResult", "load_image_file", "split_class", "split_fingerprint", "SPLITS"]
@@ -35,6 +35,8 @@ SPLITS = ("train", "val", "test")
 _KEEP_FORMATS = {"PNG", "JPEG"}
 
 log = logging.getLogger(__name__)
+
+_TASK_CPUS = 0.5  # per decode and write task: leaves room for Ray Data's readers on small machines
 
 
 @dataclass
@@ -296,6 +298,7 @@ def _list_coco(cfg: IngestConfig) -> _Listing:
 def _decode(batch: dict[str, np.ndarray], endpoint_url: Optional[str], max_size: Optional[int]) -> dict[str, list]:
     """Read, validate and normalise a batch of listed files (runs in Ray tasks)."""
     out: dict[str, list] = defaultdict(list)
+    started = time.perf_counter()
     for key, uri, cls in zip(batch["key"], batch["uri"], batch["class_name"]):
         data, width, height, digest, error = None, 0, 0, None, None
         try:
@@ -314,6 +317,8 @@ def _decode(batch: dict[str, np.ndarray], endpoint_url: Optional[str], max_size:
         out["height"].append(height)
         out["sha256"].append(digest)
         out["error"].append(error)
+    share = (time.perf_counter() - started) / max(len(out["key"]), 1)  # this task's seconds, spread over its rows
+    out["seconds"] = [share] * len(out["key"])
     return dict(out)
 
 
@@ -339,8 +344,9 @@ def _write_shard(batch: pa.Table, output: str, split: str, class_names: list[str
     )
     name = hashlib.sha256("\n".join(r["id"] for r in rows).encode()).hexdigest()[:16]
     uri = storage.join(output, split, f"part-{name}.parquet")
+    started = time.perf_counter()
     storage.write_parquet(pa.Table.from_pylist(rows, schema=schema.real_schema(class_names)), uri, endpoint_url)
-    return {"file": [uri], "rows": [len(rows)]}
+    return {"file": [uri], "rows": [len(rows)], "seconds": [time.perf_counter() - started]}
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -421,6 +427,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     """Read labelled images, validate them, split them per class and write parquet shards."""
     cfg.require("source", "output")
     started = time.time()
+    meter = CostMeter(cfg.cost)
     # a subset's identity includes the pool it is drawn from (its manifest's fingerprint)
     parent = (storage.read_manifest(cfg.source, cfg.endpoint_url) or {}) if cfg.format == "real" else {}
     config_fp = config_fingerprint(cfg, **({"pool": parent.get("config_fingerprint")} if parent else {}))
@@ -432,7 +439,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     for split in (*SPLITS, "errors"):  # leftovers of an interrupted run of the same config
         storage.delete(storage.join(cfg.output, split), cfg.endpoint_url)
     if cfg.format == "real":
-        return _subset(cfg, config_fp, started)
+        return _subset(cfg, config_fp, started, meter)
 
     # 1. list the source (paths and class names only)
     listing = _list_source(cfg)
@@ -441,6 +448,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
 
     # 2. decode and validate in parallel; only small metadata comes back to the driver
     decoded, meta = _decode_all(cfg, listing.items)
+    meter.add_task_seconds(sum(m["seconds"] for m in meta), _TASK_CPUS)
 
     # 3. quarantine bad files and duplicates; decide splits per class
     by_class, digest_of = _quarantine(meta, listing.errors)
@@ -452,7 +460,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
                  "val/test sizes); counted as skipped 'unused'", plan.unused, cfg.examples_per_class)
 
     # 4. write each split as bounded shards, in parallel; quarantined files to errors/
-    files = _write_splits(cfg, decoded, plan, classes)
+    files = _write_splits(cfg, decoded, plan, classes, meter)
     if listing.errors:
         storage.write_parquet(schema.error_table(listing.errors),
                               storage.join(cfg.output, "errors", "part-00000.parquet"), cfg.endpoint_url)
@@ -471,6 +479,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         "classes": [{"name": c, "label": i, "token": class_token(c)} for i, c in enumerate(classes)],
         "counts": counts,
         "seconds": round(seconds, 3),
+        "cost": meter.report(images=sum(counts["splits"].values())),
         "versions": versions(),
     }, cfg.endpoint_url)
     for cls in empty:
@@ -480,7 +489,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     return IngestResult(cfg.output, classes, counts["splits"], len(listing.errors), listing.skipped, seconds)
 
 
-def _subset(cfg: IngestConfig, config_fp: str, started: float) -> IngestResult:
+def _subset(cfg: IngestConfig, config_fp: str, started: float, meter: CostMeter) -> IngestResult:
     """format real: the k-shot train set of an earlier ingest's whole pool, by the same rule a direct
     ingest applies (first k of the `seed`-permuted pool keys per class); val, test and errors are
     copied as they are, so every subset of one pool is scored on the same images."""
@@ -532,6 +541,7 @@ def _subset(cfg: IngestConfig, config_fp: str, started: float) -> IngestResult:
                                "train": split_fingerprint(train.column("id").to_pylist())},
         "counts": counts,
         "seconds": round(seconds, 3),
+        "cost": meter.report(images=train.num_rows),
         "versions": versions(),
     }, ep)
     log.info("%d-shot subset (seed %d) of %s: %d train images, val and test as the pool's, in %s (%.1fs)",
@@ -547,9 +557,9 @@ def _decode_all(cfg: IngestConfig, items: list[dict[str, Any]]) -> tuple[Any, li
                              override_num_blocks=max(1, min(len(items) // 64, 64)))
     decoded = ds.map_batches(
         _decode, fn_kwargs={"endpoint_url": cfg.endpoint_url, "max_size": cfg.max_image_size},
-        batch_size=32, num_cpus=0.5,
+        batch_size=32, num_cpus=_TASK_CPUS,
     ).materialize()
-    return decoded, decoded.select_columns(["key", "class_name", "sha256", "error"]).take_all()
+    return decoded, decoded.select_columns(["key", "class_name", "sha256", "error", "seconds"]).take_all()
 
 
 def _quarantine(meta: list[dict[str, Any]], errors: list[dict[str, Any]]) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -622,7 +632,8 @@ def _plan_splits(cfg: IngestConfig, classes: list[str], by_class: dict[str, list
     return _SplitPlan(assign, per_class, ids, unused)
 
 
-def _write_splits(cfg: IngestConfig, decoded: Any, plan: _SplitPlan, classes: list[str]) -> dict[str, list[str]]:
+def _write_splits(cfg: IngestConfig, decoded: Any, plan: _SplitPlan, classes: list[str],
+                  meter: CostMeter) -> dict[str, list[str]]:
     """Each split as bounded parquet shards; the decoded rows stream from the one materialised copy."""
     from ray.data.expressions import col
 
@@ -630,13 +641,14 @@ def _write_splits(cfg: IngestConfig, decoded: Any, plan: _SplitPlan, classes: li
     for split in SPLITS:
         expected = sum(plan.per_class[split].values())
         written = [] if not expected else decoded.map_batches(
-            _assign_split, fn_kwargs={"assign": plan.assign}, batch_format="pyarrow", num_cpus=0.5,
+            _assign_split, fn_kwargs={"assign": plan.assign}, batch_format="pyarrow", num_cpus=_TASK_CPUS,
         ).filter(expr=col("split") == split).map_batches(
-            _write_shard, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=0.5,
+            _write_shard, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=_TASK_CPUS,
             fn_kwargs={"output": cfg.output, "split": split, "class_names": classes,
                        "endpoint_url": cfg.endpoint_url},
         ).take_all()
         files[split] = sorted(w["file"] for w in written)
+        meter.add_task_seconds(sum(w["seconds"] for w in written), _TASK_CPUS)
         if sum(w["rows"] for w in written) != expected:
             raise StageError(f"ingest wrote {sum(w['rows'] for w in written)} {split} rows, expected {expected}; "
                              "re-run the same command")

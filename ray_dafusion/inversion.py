@@ -31,7 +31,7 @@ from . import perclass, schema, storage
 from .config import InvertConfig
 from .logs import setup_logging
 from .models import file_fingerprint
-from .runinfo import versions
+from .runinfo import CostMeter, max_rss_bytes, versions
 from .schema import ClassInfo
 from .tokens import INVERSION_TEMPLATES, make_prompt
 from .weights import EMBEDDINGS_FILE
@@ -91,6 +91,7 @@ def invert(cfg: InvertConfig) -> InvertResult:
     """Learn a token for every class of `cfg.real` (one Ray task per class) and write `cfg.output`."""
     cfg.require("real", "output")
     start = time.time()
+    meter = CostMeter(cfg.cost)
 
     # 1. classes to learn; refuse another config's output, skip classes already learned
     classes = perclass.select_classes(schema.read_class_table(cfg.real, cfg.endpoint_url), cfg.classes,
@@ -105,10 +106,10 @@ def invert(cfg: InvertConfig) -> InvertResult:
         )
 
     # 2. one task per class; each reads its own rows and writes its own file
-    records = perclass.run_class_tasks("invert", cfg, plan.todo, _invert_class, _describe)
+    records = perclass.run_class_tasks("invert", cfg, plan.todo, _invert_class, _describe, meter)
 
     # 3. every class file under this config -> the combined file, then the manifest (last)
-    result = _write_combined(cfg, plan, start)
+    result = _write_combined(cfg, plan, start, meter)
     result.seconds_per_class = {name: r["seconds"] for name, r in records.items()}
     log.info("%s: %d tokens in %s (%d learned now, %d earlier) in %.1fs", cfg.output, result.num_classes,
              EMBEDDINGS_FILE, len(result.trained), len(result.skipped), result.seconds)
@@ -124,7 +125,7 @@ def _describe(record: dict[str, Any]) -> str:
             f"-> {_mean_tail(record['losses']):.4f}")
 
 
-def _write_combined(cfg: InvertConfig, plan: perclass.ClassPlan, start: float) -> InvertResult:
+def _write_combined(cfg: InvertConfig, plan: perclass.ClassPlan, start: float, meter: CostMeter) -> InvertResult:
     from safetensors.torch import save as save_safetensors
 
     records, combined = _collect(cfg.output, cfg.endpoint_url)
@@ -143,6 +144,7 @@ def _write_combined(cfg: InvertConfig, plan: perclass.ClassPlan, start: float) -
         "counts": {"classes": len(records), "trained": len(plan.todo), "skipped": len(plan.done)},
         "timings": {"total_seconds": round(time.time() - start, 3),
                     "seconds_per_class": {r["name"]: r["seconds"] for r in records}},
+        "cost": meter.report(),
         "versions": versions(),
     }, cfg.endpoint_url)
     return InvertResult(
@@ -174,6 +176,7 @@ def _invert_class(cfg: InvertConfig, info: ClassInfo) -> dict[str, Any]:
         "name": info.name, "label": info.label, "token": info.token, "file": f"{CLASSES_DIR}/{class_file_name(info.token)}",
         "num_images": len(images), "steps": cfg.steps, "seconds": round(learned.seconds, 3),
         "device": learned.device, "model_fingerprint": model_fingerprint(local, cfg.cache_dir), "losses": learned.losses,
+        "max_rss_bytes": max_rss_bytes(),
     }
     data = save_safetensors({info.token: learned.embedding.contiguous()}, metadata={"record": json.dumps(record)})
     storage.write_bytes(_class_uri(cfg.output, info), data, cfg.endpoint_url)
@@ -267,7 +270,7 @@ def learn_token(pipe: Any, token: str, images: Sequence[Any], cfg: InvertConfig,
                     order = list(rng.permutation(len(images)))
                 batch.append(order.pop())
             idx = torch.tensor(batch)
-            flip = torch.from_numpy(rng.random(cfg.batch_size) < 0.5).long()
+            flip = torch.from_numpy((rng.random(cfg.batch_size) < 0.5) & cfg.hflip).long()
             prompts = [make_prompt(str(rng.choice(INVERSION_TEMPLATES)), placeholder) for _ in batch]
             eps = torch.randn(means[idx, flip].shape, generator=gen).to(device)
             latents = (means[idx, flip] + stds[idx, flip] * eps) * vae.config.scaling_factor  # (B, 4, R/8, R/8)

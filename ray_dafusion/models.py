@@ -66,12 +66,18 @@ def _lock(path: str):
     return FileLock(path + ".lock")
 
 
-def resolve_model(uri: str, cache_dir: Optional[str] = None, endpoint_url: Optional[str] = None) -> str:
-    """Turn a model URI into something `from_pretrained` takes: a local dir or a hub id."""
+def resolve_model(uri: str, cache_dir: Optional[str] = None, endpoint_url: Optional[str] = None,
+                  marker: str = "model_index.json") -> str:
+    """Turn a model URI into something `from_pretrained` takes: a local dir or a hub id.
+
+    `marker` is the file a directory must hold: a diffusers pipeline's model_index.json by
+    default, config.json for a transformers model (the score stage's CLIP).
+    """
     from . import storage
 
+    what = "a diffusers pipeline" if marker == "model_index.json" else f"a model directory (no {marker})"
     if not uri:
-        raise ValueError("model URI is empty; use a local directory, s3:// prefix, hub id or 'tiny'")
+        raise ValueError("model URI is empty; use a local directory, s3:// prefix, hub id, 'digits' or 'tiny'")
     if uri in SHIPPED_MODELS:
         path = SHIPPED_MODELS[uri]
         if not os.path.exists(os.path.join(path, "model_index.json")):
@@ -91,18 +97,18 @@ def resolve_model(uri: str, cache_dir: Optional[str] = None, endpoint_url: Optio
         with _lock(target):  # one copy per node even when several actors start at once
             if not os.path.exists(done):
                 storage.download_dir(uri, target, endpoint_url)
-                if not os.path.exists(os.path.join(target, "model_index.json")):
-                    raise ValueError(f"{uri} is not a diffusers pipeline: it has no model_index.json")
+                if not os.path.exists(os.path.join(target, marker)):
+                    raise ValueError(f"{uri} is not {what}: it has no {marker}")
                 open(done, "w").close()
         return target
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if os.path.isdir(uri):
-        if not os.path.exists(os.path.join(uri, "model_index.json")):
-            raise ValueError(f"{uri} is not a diffusers pipeline directory: it has no model_index.json")
+        if not os.path.exists(os.path.join(uri, marker)):
+            raise ValueError(f"{uri} is not {what} directory: it has no {marker}")
         return os.path.abspath(uri)
     if "://" in uri:
-        raise ValueError(f"unsupported model URI {uri!r}; use a local directory, s3://, a hub id or 'tiny'")
+        raise ValueError(f"unsupported model URI {uri!r}; use a local directory, s3://, a hub id, 'digits' or 'tiny'")
     if os.path.sep in uri and (uri.startswith((".", "/", "~"))):
         raise FileNotFoundError(f"model directory not found: {uri}")
     return uri  # a hub id such as "CompVis/stable-diffusion-v1-4"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["AugmentMode", "TrainMethod", "SweepVariant", "AUGMENT_MODES", "TRAIN_METHODS", "SWEEP_VARIANTS",
+__all__ = ["AugmentMode", "TrainMethod", "SweepVariant", "AUGMENT_MODES", "TRAIN_METHODS", "SWEEP_VARIANTS", "SCORERS",
            "augment_mode", "train_method"]
 
 
@@ -82,15 +82,22 @@ class SweepVariant:
     strengths: Optional[tuple[float, ...]] = None
     """t0 levels of the synthetic set (None: the augment mode's default)."""
     summary: str = ""
+    augmented: bool = True
+    """Whether it trains with the standard augmentation (the train section's rotation, flips and
+    RandAugment); every compared method does, as in the paper, except the baseline."""
 
 
 SWEEP_VARIANTS: dict[str, SweepVariant] = {
-    "baseline": SweepVariant("baseline", "baseline", summary="real images only"),
+    "baseline": SweepVariant("baseline", "baseline", summary="real images only, no augmentation", augmented=False),
     "standard": SweepVariant("standard", "standard", summary="real images, standard augmentation"),
     "real_guidance": SweepVariant("real_guidance", "real_guidance", summary="Real Guidance images, t0 0.5"),
     "da_fusion": SweepVariant("da_fusion", "da_fusion", summary="DA-Fusion, t0 from k=4 levels"),
     "da_fusion_k1": SweepVariant("da_fusion_k1", "da_fusion", (0.5,), "DA-Fusion, one t0 level (0.5): the paper's k=1 ablation"),
 }
+
+
+SCORERS = ("classifier", "source_distance", "text")
+"""Quality scorers of the score stage (see score.py for their columns)."""
 
 
 def augment_mode(name: str) -> AugmentMode:

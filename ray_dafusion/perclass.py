@@ -80,7 +80,7 @@ def plan_classes(stage: str, cfg: StageConfig, classes: Sequence[ClassInfo],
 
 
 def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Callable[..., dict[str, Any]],
-                    describe: Callable[[dict[str, Any]], str]) -> dict[str, dict[str, Any]]:
+                    describe: Callable[[dict[str, Any]], str], meter: Optional[Any] = None) -> dict[str, dict[str, Any]]:
     """Run ``task(cfg, info)`` as one Ray task per class with cfg's num_cpus / num_gpus.
 
     Returns each class's record. Every class runs even when one fails; failures are then raised
@@ -112,6 +112,9 @@ def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Calla
                 failures[info.name] = one_line(exc)
                 log.warning("%s: FAILED %s", info.name, failures[info.name])
                 continue
+            if meter is not None:
+                meter.add_task_seconds(records[info.name]["seconds"], cfg.num_cpus, cfg.num_gpus,
+                                       records[info.name].get("max_rss_bytes", 0))
             log.info("%s: %s", info.name, describe(records[info.name]))
     if failures:
         raise StageError(

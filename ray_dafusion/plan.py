@@ -121,16 +121,18 @@ def check(stage: str, demand: Demand, cap: Optional[ClusterCapacity] = None) -> 
 def _fix(demand: Demand, resource: str, room: float) -> str:
     """What to change: the fields that size the demand, with values that fit."""
     per = demand.per_unit.get(resource, 0.0)
+    units = max(demand.min_count if demand.count_field else demand.count, 1)  # the units that must fit at once
     hints = []
     for name, value in demand.size_fields.items():
         if resource == "CPU" and "cpu" in name:
-            fit = max(room / max(demand.min_count, 1), 0.0)
+            fit = max(room / units, 0.0)
             hints.append(f"set {name} to at most {fit:.2g} (now {value:g})")
         elif resource == "GPU" and "gpu" in name:
-            hints.append(f"set {name} to at most {room:g} (now {value:g}) or add GPU nodes")
+            hints.append(f"set {name} to at most {room / units:g} (now {value:g}) or add GPU nodes")
     if demand.count_field and per > 0:
         hints.append(f"or lower {demand.count_field} (now {demand.count}) to {max(int(room / per), 0)}")
-    return "; ".join(hints) or "add nodes or lower the stage's resource fields"
+    text = "; ".join(hints) or "add nodes or lower the stage's resource fields"
+    return text[:1].upper() + text[1:]
 
 
 def node_pinning(node_resource: Optional[str], num_gpus: float, cap: Optional[ClusterCapacity] = None,

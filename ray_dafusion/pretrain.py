@@ -5,15 +5,16 @@ images; the demo's handwritten digits). Shape of a run::
 
     source/**.{png,jpg,...}  (labels, if any, are ignored)
       ─> Ray Data: decode, squash to the shape's resolution, 8x8 grey features
-      ─> captions, label-free: PCA + k-means over the images and their mirrors, one made-up word
+      ─> captions, label-free: PCA + k-means over the images (and mirrors), one made-up word
          per cluster ("qbage"), captions "<random template> <word>", a share of them empty
       ─> Ray Train (DDP): 1. AutoencoderKL (MSE + small KL)   2. UNet + CLIP text encoder
          (epsilon MSE on VAE latents, cosine schedule, EMA), checkpoints to resume from
       ─> output/: a diffusers StableDiffusionImg2ImgPipeline (EMA weights, DDIM sampler,
          the tokenizer with the caption words) + manifest.json (config, data fingerprint, loss curves)
 
-Mirrors are in the data because textual inversion flips its images (p = 0.5): the model must
-know a mirrored image too. The text space carries meaning (the cluster words), so textual
+With `mirror`, mirror images are in the data, because textual inversion flips its images (p 0.5,
+its default): the model must know a mirrored image too. Where a mirror image is another class
+(digits), leave both off. The text space carries meaning (the cluster words), so textual
 inversion has somewhere to go: a learned class token lands near the words of its images.
 """
 
@@ -34,7 +35,7 @@ from . import plan, storage
 from .config import ConfigError, PretrainConfig, callable_stage_module
 from .configlib import config_fingerprint
 from .logs import setup_logging
-from .runinfo import versions
+from .runinfo import CostMeter, versions
 from .tokens import INVERSION_TEMPLATES, make_prompt
 from .watchdog import Watchdog
 
@@ -85,17 +86,20 @@ def caption_words(k: int) -> list[str]:
     return out
 
 
-def cluster_captions(features: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Cluster of every image and of its mirror: features (N, S, S) grey thumbnails -> (N, 2)."""
+def cluster_captions(features: np.ndarray, k: int, seed: int, mirror: bool = True) -> np.ndarray:
+    """Cluster of every image and of its mirror: features (N, S, S) grey thumbnails -> (N, 2);
+    without `mirror`, the images alone are clustered and column 1 repeats column 0."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
     n = len(features)
-    both = np.concatenate([features, features[:, :, ::-1]]).reshape(2 * n, -1)  # originals, then mirrors
+    views = [features, features[:, :, ::-1]] if mirror else [features]
+    both = np.concatenate(views).reshape(len(views) * n, -1)  # originals, then mirrors
     dims = min(PCA_DIMS, both.shape[0], both.shape[1])
     reduced = PCA(dims, random_state=seed).fit_transform(both)
-    labels = KMeans(min(k, 2 * n), n_init=10, random_state=seed).fit(reduced).labels_
-    return labels.reshape(2, n).T  # (N, 2): [:, 0] the image, [:, 1] its mirror
+    labels = KMeans(min(k, len(both)), n_init=10, random_state=seed).fit(reduced).labels_
+    labels = labels.reshape(len(views), n).T  # (N, views): [:, 0] the image, [:, 1] its mirror
+    return labels if mirror else np.repeat(labels, 2, axis=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -292,7 +296,7 @@ def _train_vae(cfg: PretrainConfig, vae: Any, x: Any, rank: int, world: int, dev
         rng = np.random.default_rng([cfg.seed, rank, 0, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = torch.from_numpy(rng.integers(0, len(x), local))
-        flip = torch.from_numpy(rng.random(local) < 0.5)
+        flip = torch.from_numpy((rng.random(local) < 0.5) & cfg.mirror)
         batch = torch.where(flip[:, None, None, None], x[idx].flip(-1), x[idx]).to(device)  # (B, 3, R, R)
         posterior = vae.encode(batch).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
@@ -371,7 +375,7 @@ def _train_denoiser(cfg: PretrainConfig, loop: dict[str, Any], vae: Any, unet: A
         rng = np.random.default_rng([cfg.seed, rank, 1, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = torch.from_numpy(rng.integers(0, n, local))
-        flip = torch.from_numpy((rng.random(local) < 0.5).astype(np.int64))
+        flip = torch.from_numpy(((rng.random(local) < 0.5) & cfg.mirror).astype(np.int64))
         latents = (means[idx, flip] + stds[idx, flip] * torch.randn(means[idx, flip].shape, generator=gen).to(device)) * scale
         templates = torch.from_numpy(rng.integers(0, len(INVERSION_TEMPLATES), local))
         input_ids = caption_ids[clusters[idx, flip].to(device), templates.to(device)]
@@ -429,6 +433,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     cfg.require("source", "output")
     started = time.time()
+    meter = CostMeter(cfg.cost)
     if cfg.shape not in PRETRAIN_SHAPES:
         raise ConfigError(f"config field 'shape': must be one of {', '.join(PRETRAIN_SHAPES)} (got {cfg.shape!r})")
     resolution = PRETRAIN_SHAPES[cfg.shape]["resolution"]
@@ -453,7 +458,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     # 3. label-free captions: clusters of the images and their mirrors
     thumbs = np.stack([np.frombuffer(m["thumb"], np.float32).reshape(FEATURE_SIZE, FEATURE_SIZE) for m in good])
-    clusters = cluster_captions(thumbs, cfg.num_clusters, cfg.seed)
+    clusters = cluster_captions(thumbs, cfg.num_clusters, cfg.seed, cfg.mirror)
     words = caption_words(int(clusters.max()) + 1)
     cluster_of = {m["uri"]: clusters[i].tolist() for i, m in enumerate(good)}
     log.info("%d images (%d left out), %d caption clusters", len(good), len(bad), len(words))
@@ -461,10 +466,12 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     # 4. Ray Train: autoencoder, then UNet and text encoder
     images = decoded.filter(lambda row: row["error"] is None).map_batches(
         _attach_clusters, fn_kwargs={"cluster_of": cluster_of}, batch_format="pyarrow")
+    fitting = time.time()
     result = _fit(cfg, images, words, config_fp)
+    meter.add_actor_seconds((time.time() - fitting) * cfg.num_workers, cfg.cpus_per_worker, 1.0 if cfg.use_gpu else 0.0)
 
     # 5. the pipeline from the last checkpoint into output/, then the manifest, last
-    return _write_output(cfg, result, words, good, bad, data_fp, config_fp, started)
+    return _write_output(cfg, result, words, good, bad, data_fp, config_fp, started, meter)
 
 
 def _attach_clusters(batch: Any, cluster_of: dict[str, list[int]]) -> Any:
@@ -504,7 +511,8 @@ def _fit(cfg: PretrainConfig, images: Any, words: list[str], config_fp: str) -> 
 
 
 def _write_output(cfg: PretrainConfig, result: Any, words: list[str], good: list[dict[str, Any]],
-                  bad: list[dict[str, Any]], data_fp: str, config_fp: str, started: float) -> PretrainResult:
+                  bad: list[dict[str, Any]], data_fp: str, config_fp: str, started: float,
+                  meter: CostMeter) -> PretrainResult:
     import torch
 
     ep = cfg.endpoint_url
@@ -529,6 +537,7 @@ def _write_output(cfg: PretrainConfig, result: Any, words: list[str], good: list
         "losses": losses,
         "final_loss": final,
         "seconds": seconds,
+        "cost": meter.report(images=len(good)),
         "versions": versions(),
     }, ep)
     log.info("%s: pipeline trained on %d images (%d caption words), final loss %s, in %.0fs", cfg.output, len(good),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+from typing import Any, Optional
 
-__all__ = ["versions"]
+__all__ = ["versions", "CostMeter", "max_rss_bytes"]
 
 _PACKAGES = ("ray-dafusion", "ray", "torch", "torchvision", "diffusers", "transformers", "pyarrow")
 
@@ -20,3 +21,66 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+# ---- cost telemetry ---------------------------------------------------------------------------------
+
+
+def max_rss_bytes() -> int:
+    """This process's peak resident memory."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class CostMeter:
+    """What a stage used: wall seconds, device-seconds by kind, peak memory, and an estimated cost.
+
+    Device-seconds follow Ray's resource accounting: what a task, actor or worker reserved
+    (num_cpus, num_gpus) times how long it held it, plus the driver's own CPU time. Stages add
+    their workers' seconds (measured in each task or actor) and peak memory as they learn them.
+    """
+
+    def __init__(self, cost: Optional[dict[str, Any]] = None) -> None:
+        import resource
+        import time
+
+        self.prices = {"cpu_hour": 0.0, "gpu_hour": 0.0, **((cost or {}).get("prices") or {})}
+        self.started = time.time()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self._driver_cpu0 = usage.ru_utime + usage.ru_stime
+        self.cpu_seconds = 0.0
+        self.gpu_seconds = 0.0
+        self.peak_memory = 0
+
+    def add_actor_seconds(self, seconds: float, cpus: float, gpus: float = 0.0, peak_memory: int = 0) -> None:
+        """`seconds` of work by tasks or actors that each reserved `cpus` and `gpus`."""
+        self.cpu_seconds += seconds * cpus
+        self.gpu_seconds += seconds * gpus
+        self.peak_memory = max(self.peak_memory, int(peak_memory))
+
+    add_task_seconds = add_actor_seconds
+
+    def report(self, images: Optional[int] = None, samples: Optional[int] = None) -> dict[str, Any]:
+        import resource
+        import time
+
+        wall = time.time() - self.started
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = self.cpu_seconds + (usage.ru_utime + usage.ru_stime - self._driver_cpu0)
+        out: dict[str, Any] = {
+            "wall_seconds": round(wall, 3),
+            "cpu_core_seconds": round(cpu, 3),
+            "gpu_seconds": round(self.gpu_seconds, 3),
+            "peak_memory_bytes": max(self.peak_memory, max_rss_bytes()),
+            "estimated_cost": round(cpu / 3600 * float(self.prices["cpu_hour"])
+                                    + self.gpu_seconds / 3600 * float(self.prices["gpu_hour"]), 6),
+            "prices": dict(self.prices),
+        }
+        if images is not None:
+            out["images_per_second"] = round(images / wall, 4) if wall > 0 else 0.0
+        if samples is not None:
+            out["samples_per_second"] = round(samples / wall, 4) if wall > 0 else 0.0
+        return out

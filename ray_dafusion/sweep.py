@@ -133,11 +133,14 @@ def _stage_configs(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
             cfg.augment, real=p["real"], output=p["synthetic"], mode=method.synthetic_mode, seed=trial.seed,
             strengths=list(variant.strengths) if variant.strengths is not None else None,
             embeddings=p["tokens"] if mode.needs_tokens else None, **shared)
-    # every method but the baseline trains with the standard augmentation, as the paper compares them
-    randaugment = cfg.train.randaugment if cfg.train.randaugment is not None else variant.name != "baseline"
+    # every method but the baseline trains with the same standard augmentation, as the paper compares them
+    if variant.augmented:
+        augmentation = {"randaugment": True if cfg.train.randaugment is None else cfg.train.randaugment}
+    else:
+        augmentation = {"randaugment": False, "rotation": 0.0, "hflip": False}
     out["train"] = dataclasses.replace(
         cfg.train, real=p["real"], synthetic=p["synthetic"] or None, output=p["train"], name=trial.name,
-        method=variant.method, seed=trial.seed, randaugment=randaugment, **shared)
+        method=variant.method, seed=trial.seed, **augmentation, **shared)
     return out
 
 
@@ -151,15 +154,17 @@ def run_trial(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
     setup_logging()
     configs = _stage_configs(cfg, trial)
     started = time.time()
-    _waiting(ingest, configs["real"])
-    if "invert" in configs:
-        _waiting(invert, configs["invert"])
-    if "augment" in configs:
-        _waiting(augment, configs["augment"])
-    result = _waiting(train, configs["train"])
+    seconds: dict[str, float] = {}
+    stages = {"real": ingest, "invert": invert, "augment": augment, "train": train}
+    for key, fn in stages.items():
+        if key in configs:
+            begun = time.time()
+            result = _waiting(fn, configs[key])
+            seconds[key] = round(time.time() - begun, 2)
     record = {"trial": dataclasses.asdict(trial), "name": trial.name, "run": result.output,
               "best_val_mean_class_acc": result.best_val_mean_class_acc, "optimizer_steps": result.optimizer_steps,
-              "seconds": round(time.time() - started, 1), "fingerprint": _trial_fingerprint(cfg, trial)}
+              "seconds": round(time.time() - started, 1), "stage_seconds": seconds,
+              "fingerprint": _trial_fingerprint(cfg, trial)}
     storage.write_json(_paths(cfg, trial)["record"], record, cfg.endpoint_url)
     return record
 
@@ -202,7 +207,8 @@ def _run_trials(cfg: SweepConfig, todo: list[Trial]) -> None:
     tuner = Tuner(
         trainable,
         param_space={"sweep": cfg.to_dict(), "trial": ray.tune.grid_search([dataclasses.asdict(t) for t in todo])},
-        tune_config=TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),
+        # reused trial processes keep torch, the models and the stage code loaded from trial to trial
+        tune_config=TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
         run_config=RunConfig(name=f"trials-{int(time.time())}", storage_path=path,
                              storage_filesystem=fs if storage.is_s3(cfg.workdir) else None, verbose=0),
     )
@@ -310,6 +316,8 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     started = time.time()
     ep = cfg.endpoint_url
     trials = trial_plan(cfg)
+    if cfg.source == "digits":  # the experiment half of scikit-learn's digits (the `digits` model never saw it)
+        cfg = cfg.replace(source=_write_digits(cfg))
 
     # 1. the pool: one ingest of the source, val and test fixed, the whole train pool kept
     pool_cfg = dataclasses.replace(cfg.ingest, source=cfg.source, output=storage.join(cfg.workdir, "real", "pool"),
@@ -335,7 +343,8 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     runs = [{"method": t.method, "shots": t.shots, "seed": t.seed, "run": rec["run"],
              "mean_class_acc": by_run[rec["run"]]["mean_class_acc"],
              "best_val_mean_class_acc": rec["best_val_mean_class_acc"], "optimizer_steps": rec["optimizer_steps"],
-             "seconds": rec["seconds"]} for t, rec in zip(trials, records)]
+             "seconds": rec["seconds"], "stage_seconds": rec.get("stage_seconds", {})}
+            for t, rec in zip(trials, records)]
 
     # 4. the summary: table, json, plot
     rows = summarize(runs)
@@ -349,6 +358,17 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     for line in _markdown(rows).splitlines()[2:2 + len(rows)]:
         log.info("%s", line)
     return SweepResult(cfg.workdir, len(trials), len(todo), rows, files, seconds)
+
+
+def _write_digits(cfg: SweepConfig) -> str:
+    from .sample_data import write_digits
+
+    if "://" in cfg.workdir and not cfg.workdir.startswith("file://"):
+        raise ValueError("source 'digits' writes the sample under a local workdir; give a local workdir or a source URI")
+    root = storage.join(cfg.workdir, "sample", "digits-experiment")
+    counts = write_digits(root.removeprefix("file://"), half="experiment")
+    log.info("source digits: the experiment half of scikit-learn's digits (%d images) in %s", sum(counts.values()), root)
+    return root
 
 
 callable_stage_module(__name__)  # `from ray_dafusion import sweep` may give this module: call it as the stage

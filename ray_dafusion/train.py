@@ -29,8 +29,10 @@ import hashlib
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -52,7 +54,7 @@ from .configlib import config_fingerprint
 from .errors import ConfigError
 from .logs import setup_logging
 from .modes import TRAIN_METHODS
-from .runinfo import versions
+from .runinfo import CostMeter, versions
 from .watchdog import Watchdog
 
 __all__ = [
@@ -265,89 +267,197 @@ def _debug_write(debug_dir: Optional[str], name: str, obj: Any) -> None:
         storage.write_json(storage.join(debug_dir, name), obj)
 
 
-def _train_loop(loop: dict[str, Any]) -> None:
-    """Ray Train worker: resume, then per epoch train on the exact mixture, validate, checkpoint."""
-    import ray.train
-    import ray.train.torch
+class _RaySession:
+    """The loop's runner inside a Ray Train worker group."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def shard(self, name: str) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def prepare(self, model: Any) -> Any:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Optional[str]]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict[str, Any], directory: Optional[str]) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
+class _LocalSession:
+    """The loop's runner in the calling process (num_workers 0): no worker group to start, which is
+    most of the cost of a small run. Checkpoints go to <run>/checkpoint_<epoch>, the best
+    num_to_keep by val_mean_class_acc and the latest are kept, and a re-run resumes from the latest."""
+
+    RECORD = "_local_checkpoints.json"
+
+    def __init__(self, cfg: TrainConfig, run_uri: str, datasets: dict[str, Any]) -> None:
+        import torch
+
+        self.cfg, self.run_uri, self.datasets = cfg, run_uri, datasets
+        self.rank, self.world = 0, 1
+        self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        try:
+            self.records: list[dict[str, Any]] = storage.read_json(storage.join(run_uri, self.RECORD), cfg.endpoint_url)
+        except FileNotFoundError:
+            self.records = []
+
+    def shard(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def prepare(self, model: Any) -> Any:
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Optional[str]]:
+        if not self.records:
+            yield None
+            return
+        uri = self.records[-1]["path"]
+        if not storage.is_s3(uri):
+            yield uri
+            return
+        with tempfile.TemporaryDirectory() as d:
+            storage.download_dir(uri, d, self.cfg.endpoint_url)
+            yield d
+
+    def report(self, metrics: dict[str, Any], directory: Optional[str]) -> None:
+        ep = self.cfg.endpoint_url
+        uri = storage.join(self.run_uri, f"checkpoint_{metrics['epoch']:06d}")
+        storage.upload_dir(directory, uri, ep)
+        self.records = [r for r in self.records if r["path"] != uri] + [{"path": uri, "metrics": metrics}]
+        latest = self.records[-1]
+        best = sorted(self.records[:-1], key=lambda r: (r["metrics"]["val_mean_class_acc"], r["metrics"]["epoch"]),
+                      reverse=True)[: self.cfg.num_to_keep]
+        for r in self.records:
+            if r is not latest and r not in best:
+                storage.delete(r["path"], ep)
+        self.records = sorted(best, key=lambda r: r["metrics"]["epoch"]) + [latest]
+        storage.write_json(storage.join(self.run_uri, self.RECORD), self.records, ep)
+
+
+def _train_loop(loop: dict[str, Any], session: Optional[Any] = None) -> None:
+    """A training worker: resume, then per epoch train on the exact mixture, validate, checkpoint."""
     import torch
 
     setup_logging()
+    session = session or _RaySession()
     cfg = TrainConfig.from_dict(loop["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.seed * 1000 + rank)
     _debug_write(cfg.debug_dir, f"pid-rank{rank}-{os.getpid()}.json", {"rank": rank, "pid": os.getpid()})
 
     # 1. model, optimiser, AMP scaler; resume from the latest checkpoint if there is one
-    model, bare, optimizer, scaler = _prepare_model(cfg, loop["num_classes"], device)
-    start_epoch, history = _resume(bare, optimizer, scaler, device, rank)
+    model, bare, optimizer, scaler = _prepare_model(cfg, loop["num_classes"], session)
+    start_epoch, history = _resume(bare, optimizer, scaler, session)
 
-    # 2. this worker's share of the union, held in memory when the whole union is small enough
-    shards = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    cache = _RowCache(shards[0]) if loop["cache"] and start_epoch < cfg.epochs else None
+    # 2. this worker's share of the union: read once into memory when the whole union is small enough
+    # (straight from the files, split by id hash), else streamed from Ray Data on every pass
+    if loop["cache"]:
+        ep = cfg.endpoint_url
+        cache = _RowCache.read(loop["files"]["train"], loop["files"]["synthetic"], rank, world, ep)
+        val = _RowCache.read(loop["files"]["val"], [], rank, world, ep)
+        train_shard = None
+    else:
+        cache, val, train_shard = None, session.shard("val"), session.shard("train")
 
     # 3. per epoch: whole passes over the exact mixture, validate, checkpoint
     for epoch in range(start_epoch, cfg.epochs):
-        stats = _train_epoch(cfg, loop, model, optimizer, scaler, shards[0], cache, epoch, rank, world, device)
-        confusion = _validate(cfg, bare, shards[1], loop["num_classes"], world, device)
+        stats = _train_epoch(cfg, loop, model, optimizer, scaler, train_shard, cache, epoch, rank, world, device)
+        confusion = _validate(cfg, bare, val, loop["num_classes"], world, device)
         metrics = _epoch_metrics(epoch, stats, confusion)
         history.append(metrics)
-        _checkpoint(cfg, loop, bare, optimizer, scaler, epoch, history, rank)
+        _checkpoint(cfg, loop, bare, optimizer, scaler, epoch, history, session)
 
 
-def _prepare_model(cfg: TrainConfig, num_classes: int, device: Any) -> tuple[Any, Any, Any, Any]:
+def _prepare_model(cfg: TrainConfig, num_classes: int, session: Any) -> tuple[Any, Any, Any, Any]:
     """(DDP-wrapped model, bare model, Adam over the trainable parameters, AMP scaler)."""
-    import ray.train.torch
     import torch
 
-    model = build_model(cfg.arch, num_classes, cfg.weights, cfg.backbone, cfg.endpoint_url)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare(build_model(cfg.arch, num_classes, cfg.weights, cfg.backbone, cfg.endpoint_url))
     bare = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=session.device.type == "cuda")
     return model, bare, optimizer, scaler
 
 
-def _resume(bare: Any, optimizer: Any, scaler: Any, device: Any, rank: int) -> tuple[int, list[dict[str, Any]]]:
+def _resume(bare: Any, optimizer: Any, scaler: Any, session: Any) -> tuple[int, list[dict[str, Any]]]:
     """Load the latest checkpoint (after a worker failure or a re-submitted run): (next epoch, history)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, []
-    with checkpoint.as_directory() as d:
-        model_state, train_state, meta = load_train_state(d, device)
+    with session.latest_checkpoint() as d:
+        if d is None:
+            return 0, []
+        model_state, train_state, meta = load_train_state(d, session.device)
     bare.load_state_dict(model_state)
     optimizer.load_state_dict(train_state["optimizer"])
     scaler.load_state_dict(train_state["scaler"])
-    if rank == 0:
-        log.info("resuming after epoch %d from %s", meta["epoch"], checkpoint.path)
+    if session.rank == 0:
+        log.info("resuming after epoch %d", meta["epoch"])
     return meta["epoch"] + 1, meta["history"]
 
 
 class _RowCache:
-    """This worker's share of the real+synthetic union, encoded, sorted by id.
+    """This worker's share of the real+synthetic union (or of val), encoded, sorted by id.
 
-    Filled by one read of the worker's shard; every later pass of the run draws from memory, so
-    a few-shot run does not re-read storage hundreds of times per epoch. Sorting makes the row
-    order independent of which read task finished first: the same seed gives the same run.
+    Read once, straight from the parquet files, each worker keeping the rows whose id hashes to
+    its rank (a disjoint cover: every real id and its synthetic versions on exactly one worker's
+    list of candidates). Every later pass draws from memory, so a few-shot run does not re-read
+    storage hundreds of times per epoch, and sorting makes the run independent of read order.
     """
 
     COLUMNS = ("id", "source_id", "aug_index", "label", "image_bytes")
 
-    def __init__(self, shard: Any) -> None:
-        parts: dict[str, list[np.ndarray]] = {c: [] for c in self.COLUMNS}
-        for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-            for c in self.COLUMNS:
-                parts[c].append(batch[c])
-        cols = {c: np.concatenate(v) if v else np.array([], dtype=object) for c, v in parts.items()}
+    def __init__(self, cols: dict[str, np.ndarray]) -> None:
         order = np.argsort(cols["id"].astype(str), kind="stable")
         for c in self.COLUMNS:
             setattr(self, c, cols[c][order])
 
+    @classmethod
+    def read(cls, real_files: list[str], synthetic_files: list[str], rank: int, world: int,
+             endpoint_url: Optional[str]) -> "_RowCache":
+        parts: dict[str, list] = {c: [] for c in cls.COLUMNS}
+        for files, synthetic in ((real_files, False), (synthetic_files, True)):
+            columns = ["id", "source_id", "aug_index", "label", "image"] if synthetic else ["id", "label", "image"]
+            for uri in files:
+                table = _union_rows(storage.read_parquet(uri, endpoint_url, columns=columns), synthetic)
+                ids = table.column("id").to_pylist()
+                mine = [i for i, rid in enumerate(ids) if _owner(rid, world) == rank]
+                for c in cls.COLUMNS:
+                    parts[c] += [table.column(c)[i].as_py() for i in mine]
+        cols = {c: np.array(v, dtype=object) if c in ("id", "source_id", "image_bytes") else np.array(v, dtype=np.int64)
+                for c, v in parts.items()}
+        return cls(cols)
+
     def __len__(self) -> int:
         return len(self.id)
+
+
+def _owner(row_id: str, world: int) -> int:
+    """The worker that holds a row: a stable hash of its id. (Which worker holds a synthetic
+    version does not matter: the mixing choice picks one row per source, wherever it is.)"""
+    if world == 1:
+        return 0
+    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little") % world
 
 
 def _cache_passes(cache: _RowCache, cfg: TrainConfig, loop: dict[str, Any], transform: Any, epoch: int, rank: int,
@@ -441,16 +551,24 @@ def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: 
     return {"loss_sum": loss_sum, "seen": seen, "synthetic": synthetic, "seconds": seconds, "steps": steps}
 
 
-def _validate(cfg: TrainConfig, bare: Any, shard: Any, num_classes: int, world: int, device: Any) -> np.ndarray:
-    """Confusion matrix on val, per-class counts summed over workers."""
+def _validate(cfg: TrainConfig, bare: Any, val: Any, num_classes: int, world: int, device: Any) -> np.ndarray:
+    """Confusion matrix on val (this worker's rows: a _RowCache, or a Ray Data shard), summed over workers."""
     import torch
 
     confusion = np.zeros((num_classes, num_classes))
     eval_model = bare.eval()
-    collate = MixedCollate(make_transform(cfg.image_size, False), cfg.image_size, keep_all=True)
+    transform = make_transform(cfg.image_size, False)
+    batch = max(1, cfg.batch_size // world)
+    if isinstance(val, _RowCache):
+        batches: Iterator[tuple] = (
+            _transform_rows(transform, cfg.image_size, val.image_bytes[i:i + batch], val.label[i:i + batch],
+                            val.aug_index[i:i + batch], val.id[i:i + batch], None, 0)
+            for i in range(0, len(val), batch))
+    else:
+        batches = val.iter_torch_batches(batch_size=batch, device="cpu", prefetch_batches=cfg.prefetch_batches,
+                                         collate_fn=MixedCollate(transform, cfg.image_size, keep_all=True))
     with torch.no_grad():
-        for x, y, *_ in shard.iter_torch_batches(batch_size=max(1, cfg.batch_size // world), device="cpu",
-                                                   prefetch_batches=cfg.prefetch_batches, collate_fn=collate):
+        for x, y, *_ in batches:
             if len(y) == 0:
                 continue
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
@@ -476,25 +594,21 @@ def _epoch_metrics(epoch: int, stats: dict[str, float], confusion: np.ndarray) -
 
 
 def _checkpoint(cfg: TrainConfig, loop: dict[str, Any], bare: Any, optimizer: Any, scaler: Any, epoch: int,
-                history: list[dict[str, Any]], rank: int) -> None:
+                history: list[dict[str, Any]], session: Any) -> None:
     """Rank 0 writes the checkpoint; every rank reports (Ray Train wants the same number of reports)."""
-    import tempfile
-
-    import ray.train
-
     metrics = history[-1]
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0:
+        directory = None
+        if session.rank == 0:
             save_checkpoint(tmp, bare.state_dict(), {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
                             {"epoch": epoch, "history": history, "arch": cfg.arch, "num_classes": loop["num_classes"],
                              "image_size": cfg.image_size, "classes": loop["classes"], "method": cfg.method,
                              "alpha": loop["alpha"]})
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            directory = tmp
             log.info("epoch %d/%d loss %.4f val_mean_class_acc %.4f synthetic %.3f %.1f samples/s", epoch + 1,
                      cfg.epochs, metrics["train_loss"], metrics["val_mean_class_acc"], metrics["synthetic_fraction"],
                      metrics["samples_per_s"])
-        ray.train.report(metrics, checkpoint=ckpt)
+        session.report(metrics, directory)
 
 
 # --------------------------------------------------------------------------------------
@@ -523,8 +637,10 @@ def _union_rows(batch: pa.Table, synthetic: bool) -> pa.Table:
     })
 
 
-def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int]) -> tuple[list[str], dict]:
-    """Synthetic parquet files and source_id -> aug indices, checked against the real train set."""
+def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int],
+                          class_names: list[str]) -> tuple[list[str], dict, dict[str, Any]]:
+    """Synthetic parquet files, source_id -> aug indices kept (checked against the real train set
+    and, with `synthetic_filter`, passing it), and what the filter dropped."""
     manifest = storage.read_manifest(cfg.synthetic, cfg.endpoint_url)
     if manifest is None:
         raise FileNotFoundError(
@@ -538,13 +654,12 @@ def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int]) -> tupl
             f"config field 'synthetic': method {cfg.method} trains on a {wanted} synthetic set, but {cfg.synthetic} "
             f"was made in mode {made_by!r}; point `synthetic` at the augment output of mode {wanted}"
         )
-    files = storage.list_files(cfg.synthetic, ".parquet", cfg.endpoint_url, recursive=True)
-    # errors/ holds augment's quarantined rows (another schema), not images
-    files = [f for f in files if not f[len(cfg.synthetic):].lstrip("/").startswith("errors/")]
+    # data/ holds the images; errors/ (quarantined rows) and scores/ have other schemas
+    files = storage.list_files(storage.join(cfg.synthetic, "data"), ".parquet", cfg.endpoint_url, recursive=True)
     if not files:
-        raise FileNotFoundError(f"synthetic set {cfg.synthetic} has a manifest but no parquet files")
-    # Only three small columns reach the driver: the candidate table, not the images.
-    columns = ["source_id", "aug_index", "label"]
+        raise FileNotFoundError(f"synthetic set {cfg.synthetic} has a manifest but no parquet files under data/")
+    # Only small columns reach the driver: the candidate table, not the images.
+    columns = ["id", "source_id", "aug_index", "label"]
     meta = pa.concat_tables([storage.read_parquet(f, cfg.endpoint_url, columns=columns) for f in files]).to_pydict()
     foreign = sorted({s for s in meta["source_id"] if s not in real_labels})
     if foreign:
@@ -555,7 +670,52 @@ def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int]) -> tupl
     wrong = [(s, lbl) for s, lbl in zip(meta["source_id"], meta["label"]) if real_labels[s] != lbl]
     if wrong:
         raise ValueError(f"synthetic images carry a label different from their source's, e.g. {wrong[:3]}")
-    return files, mixing.candidate_table(meta["source_id"], meta["aug_index"])
+    keep = np.ones(len(meta["id"]), dtype=bool)
+    report: dict[str, Any] = {}
+    if cfg.synthetic_filter:
+        keep, report = _apply_filter(cfg, meta, class_names)
+    sids = [s for s, k in zip(meta["source_id"], keep) if k]
+    augs = [a for a, k in zip(meta["aug_index"], keep) if k]
+    candidates = mixing.candidate_table(sids, augs)
+    if cfg.synthetic_filter:
+        report["sources_without_synthetic"] = sum(1 for s in real_labels if s not in candidates)
+        log.info("synthetic_filter %r keeps %d of %d synthetic images; %d real images keep no synthetic version "
+                 "and stay real", cfg.synthetic_filter, report["kept"], len(keep), report["sources_without_synthetic"])
+    return files, candidates, report
+
+
+def _apply_filter(cfg: TrainConfig, meta: dict[str, list], class_names: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The rows of `meta` that pass `synthetic_filter`, and counts of what it dropped per class."""
+    from .filters import parse_filter
+    from .score import read_scores
+
+    scores_root = storage.join(cfg.synthetic, "scores")
+    available: dict[str, set[str]] = {}
+    for scorer in storage.list_dirs(scores_root, cfg.endpoint_url):
+        manifest = storage.read_manifest(storage.join(scores_root, scorer), cfg.endpoint_url)
+        if manifest is not None:
+            available[scorer] = set(manifest.get("columns", {}))
+    flt = parse_filter(cfg.synthetic_filter, available)
+    index = {rid: i for i, rid in enumerate(meta["id"])}
+    values: dict[str, np.ndarray] = {}
+    for scorer, cols in flt.columns.items():
+        table = read_scores(cfg.synthetic, scorer, sorted(cols), cfg.endpoint_url).to_pydict()
+        missing = len(index) - len(set(table["id"]) & set(index))
+        if missing:
+            raise ValueError(f"{scorer} scores of {cfg.synthetic} lack {missing} of its images; re-run "
+                             "`ray-dafusion score` (it resumes)")
+        order = np.array([index[i] for i in table["id"] if i in index])
+        for c in cols:
+            column = np.empty(len(index), dtype=float)
+            column[order] = np.asarray([v for i, v in zip(table["id"], table[c]) if i in index], dtype=float)
+            values[f"{scorer}.{c}"] = column
+    keep = flt.mask(values)
+    dropped: dict[str, int] = defaultdict(int)
+    for label, kept in zip(meta["label"], keep):
+        if not kept:
+            dropped[class_names[label]] += 1
+    return keep, {"expression": cfg.synthetic_filter, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
+                  "dropped_per_class": dict(sorted(dropped.items()))}
 
 
 def exact_split_config():
@@ -597,6 +757,10 @@ class StreamingData:
     """Union rows per real row: how many rows to read for one batch of chosen rows."""
     union_bytes: int = 0
     """Size of the parquet files of the union (encoded images), to decide whether workers cache it."""
+    filtered: dict[str, Any] = field(default_factory=dict)
+    """What synthetic_filter kept and dropped (per class), when one is set."""
+    files: dict[str, list[str]] = field(default_factory=dict)
+    """The parquet files of the real train split, the synthetic set and val (for reading them directly)."""
 
 
 def streaming_data(cfg: TrainConfig, alpha: float) -> StreamingData:
@@ -615,11 +779,12 @@ def streaming_data(cfg: TrainConfig, alpha: float) -> StreamingData:
     # 2. synthetic data, needed exactly when alpha > 0
     synthetic_files: list[str] = []
     candidates: dict[str, tuple[int, ...]] = {}
+    filtered: dict[str, Any] = {}
     if alpha > 0:
         if not cfg.synthetic:
             raise ConfigError(f"config field 'synthetic': method {cfg.method} with alpha {alpha} needs a synthetic "
                               "set (the output of `ray-dafusion augment`); or set alpha: 0")
-        synthetic_files, candidates = _synthetic_candidates(cfg, real_labels)
+        synthetic_files, candidates, filtered = _synthetic_candidates(cfg, real_labels, [c.name for c in classes])
 
     # 3. the union for training (block order shuffled; rows are shuffled again in each worker), val as is
     train_ds = _read(splits["train"], ["id", "label", "image"], ep).map_batches(
@@ -634,7 +799,8 @@ def streaming_data(cfg: TrainConfig, alpha: float) -> StreamingData:
     n_synth = sum(len(c) for c in candidates.values())
     return StreamingData(classes, real_labels, candidates, train_ds, val_ds, n_synth,
                          max(1, math.ceil((len(real_labels) + n_synth) / max(len(real_labels), 1))),
-                         storage.total_size(splits["train"] + synthetic_files, ep))
+                         storage.total_size(splits["train"] + synthetic_files, ep), filtered,
+                         {"train": splits["train"], "synthetic": synthetic_files, "val": splits["val"]})
 
 
 def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
@@ -646,6 +812,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.method` with Ray Train; re-running the same name and output resumes."""
     cfg.require("real", "output")
     started = time.time()
+    meter = CostMeter(cfg.cost)
     alpha, randaugment = method_settings(cfg)
     name = cfg.name or cfg.method
     run_uri = storage.join(cfg.output, name)
@@ -665,10 +832,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     storage.ensure_fresh_output(run_uri, "train", config_fp, cfg.overwrite, ep)
 
     # 4. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
+    fitting = time.time()
     result = _fit(cfg, name, data, alpha, randaugment)
+    meter.add_actor_seconds((time.time() - fitting) * cfg.num_workers, cfg.cpus_per_worker,
+                            1.0 if cfg.use_gpu else 0.0)  # the worker group held its reservation throughout
 
     # 5. results: best on val and the per-epoch history; the manifest last
-    out = _write_results(cfg, name, run_uri, data, result, alpha, randaugment, config_fp, started)
+    out = _write_results(cfg, name, run_uri, data, result, alpha, randaugment, config_fp, started, meter)
     acc = f"{out.best_val_mean_class_acc:.3f}" if out.best_val_mean_class_acc is not None else "n/a"
     log.info("%s: %d epochs (%d optimiser steps) on %d real + %d synthetic images, best val mean per-class "
              "accuracy %s; run, checkpoints and %s in %s (%.1fs)", name, out.epochs_completed, out.optimizer_steps,
@@ -687,7 +857,42 @@ def _finished_run(run_uri: str, config_fp: str, epochs: int, ep: Optional[str]) 
     return TrainResult(**{f.name: record[f.name] for f in dataclasses.fields(TrainResult) if f.name in record})
 
 
-def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaugment: bool) -> Any:
+@dataclass
+class _FitOutcome:
+    """Where a fit left its checkpoints: the latest, and the best kept ones with their metrics."""
+
+    latest: Optional[str]
+    best: list[tuple[str, dict[str, Any]]]
+
+
+def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaugment: bool) -> _FitOutcome:
+    """Run the loop on a Ray Train worker group, or in this process when num_workers is 0."""
+    run_uri = storage.join(cfg.output, name)
+    cache = data.union_bytes <= cfg.cache_mb * 2**20
+    loop = {
+        "config": cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
+        "candidates": data.candidates, "classes": [dataclasses.asdict(c) for c in data.classes],
+        "rows_per_real": data.rows_per_real, "cache": cache, "files": data.files,
+        "passes_per_epoch": passes_per_epoch(len(data.real_labels), cfg.batch_size, cfg.iterations_per_epoch),
+    }
+    hint = (f"{cfg.num_workers} workers reserve cpus_per_worker {cfg.cpus_per_worker:g}"
+            + (" and a GPU each" if cfg.use_gpu else "") + "; lower them, or add nodes")
+    with Watchdog("train", "epoch", cfg.stall_warning, cfg.stall_timeout, hint=hint,
+                  probe=lambda: len(storage.list_dirs(run_uri, cfg.endpoint_url)), poll_seconds=5.0):
+        if cfg.num_workers == 0:
+            session = _LocalSession(cfg, run_uri, {"train": data.train, "val": data.val})
+            _train_loop(loop, session)
+            if not session.records:
+                return _FitOutcome(None, [])
+            return _FitOutcome(session.records[-1]["path"], [(r["path"], r["metrics"]) for r in session.records])
+        result = _ray_train(cfg, name, data, loop, cache).fit()
+    best = [(_checkpoint_uri(cfg, c), m) for c, m in (result.best_checkpoints or [])]
+    return _FitOutcome(_checkpoint_uri(cfg, result.checkpoint) if result.checkpoint is not None else None, best)
+
+
+def _ray_train(cfg: TrainConfig, name: str, data: StreamingData, loop: dict[str, Any], cache: bool) -> Any:
+    """The TorchTrainer: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading; Ray Data
+    datasets only when the union streams (a cached union is read by the workers themselves)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -696,7 +901,7 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
     plan.check("train", plan.Demand(
         "training workers", cfg.num_workers, {"CPU": cfg.cpus_per_worker, "GPU": 1.0 if cfg.use_gpu else 0.0, **pin},
         size_fields={"cpus_per_worker": cfg.cpus_per_worker, "num_gpus (use_gpu)": 1.0 if cfg.use_gpu else 0.0},
-        count_field=None), cap)
+        count_field=None, needs_data_tasks=not cache), cap)
     fs, path = storage.resolve(cfg.output, cfg.endpoint_url)
     run_config = RunConfig(
         name=name,
@@ -706,42 +911,28 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep, checkpoint_score_attribute="val_mean_class_acc",
                                            checkpoint_score_order="max"),
     )
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _train_loop,
-        train_loop_config={
-            "config": cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
-            "candidates": data.candidates, "classes": [dataclasses.asdict(c) for c in data.classes],
-            "rows_per_real": data.rows_per_real,
-            "passes_per_epoch": passes_per_epoch(len(data.real_labels), cfg.batch_size, cfg.iterations_per_epoch),
-            "cache": data.union_bytes <= cfg.cache_mb * 2**20,
-        },
+        train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **pin}),
         run_config=run_config,
-        datasets={"train": data.train, "val": data.val},
-        dataset_config=exact_split_config(),
+        **({} if cache else {"datasets": {"train": data.train, "val": data.val},
+                             "dataset_config": exact_split_config()}),
     )
-    run_uri = storage.join(cfg.output, name)
-    hint = (f"{cfg.num_workers} workers reserve cpus_per_worker {cfg.cpus_per_worker:g}"
-            + (" and a GPU each" if cfg.use_gpu else "") + "; lower them, or add nodes")
-    with Watchdog("train", "epoch", cfg.stall_warning, cfg.stall_timeout, hint=hint,
-                  probe=lambda: len(storage.list_dirs(run_uri, cfg.endpoint_url)), poll_seconds=5.0):
-        return trainer.fit()
 
 
-def _write_results(cfg: TrainConfig, name: str, run_uri: str, data: StreamingData, result: Any, alpha: float,
-                   randaugment: bool, config_fp: str, started: float) -> TrainResult:
+def _write_results(cfg: TrainConfig, name: str, run_uri: str, data: StreamingData, result: _FitOutcome, alpha: float,
+                   randaugment: bool, config_fp: str, started: float, meter: CostMeter) -> TrainResult:
     """train_result.json (best checkpoint on val, history) and the manifest, last."""
     ep = cfg.endpoint_url
     history: list[dict[str, Any]] = []
-    if result.checkpoint is not None:  # the history rides in every checkpoint, so it survives resumes
-        latest = _checkpoint_uri(cfg, result.checkpoint)
-        history = storage.read_json(storage.join(latest, CHECKPOINT_META), ep)["history"]
+    if result.latest is not None:  # the history rides in every checkpoint, so it survives resumes
+        history = storage.read_json(storage.join(result.latest, CHECKPOINT_META), ep)["history"]
     best_uri, best_acc = None, None
-    scored = [(m.get("val_mean_class_acc", -1.0), m.get("epoch", -1), c) for c, m in (result.best_checkpoints or [])]
+    scored = [(m.get("val_mean_class_acc", -1.0), m.get("epoch", -1), c) for c, m in result.best]
     if scored:
-        best_acc, _, best = max(scored, key=lambda t: (t[0], t[1]))
-        best_uri = _checkpoint_uri(cfg, best)
+        best_acc, _, best_uri = max(scored, key=lambda t: (t[0], t[1]))
     out = TrainResult(
         output=run_uri, name=name, method=cfg.method, alpha=alpha, best_checkpoint=best_uri,
         best_val_mean_class_acc=best_acc, epochs_completed=len(history), metrics=history,
@@ -751,13 +942,14 @@ def _write_results(cfg: TrainConfig, name: str, run_uri: str, data: StreamingDat
     storage.write_json(storage.join(run_uri, RESULT_FILE), {
         **dataclasses.asdict(out), "config": cfg.to_dict(), "randaugment": randaugment,
         "classes": [dataclasses.asdict(c) for c in data.classes], "real": cfg.real, "synthetic": cfg.synthetic,
-        "num_real_train": n_real, "num_synthetic": data.num_synthetic,
+        "num_real_train": n_real, "num_synthetic": data.num_synthetic, "synthetic_filter": data.filtered,
     }, ep)
     storage.write_manifest(run_uri, {
         "stage": "train", "config": cfg.to_dict(), "config_fingerprint": config_fp,
         "counts": {"epochs": len(history), "optimizer_steps": out.optimizer_steps, "real_train": n_real,
                    "synthetic": data.num_synthetic},
-        "timings": {"seconds": out.seconds}, "versions": versions(),
+        "timings": {"seconds": out.seconds},
+        "cost": meter.report(samples=sum(int(m.get("train_samples", 0)) for m in history)), "versions": versions(),
     }, ep)
     return out
 

@@ -60,6 +60,8 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._seen: Any = None
+        self._lock = threading.Lock()
+        self._active = True
 
     def progress(self) -> None:
         """A unit of work completed."""
@@ -92,15 +94,25 @@ class Watchdog:
                 log.warning("%s: no %s finished for %.0fs. %s.%s", self.stage, self.what, idle, _safe_summary(),
                             f" If this does not move: {self.hint}" if self.hint else "")
             if self.fail_after and idle >= self.fail_after:
-                self.fired = (f"{self.stage} stalled: no {self.what} finished for {idle:.0f}s (stall_timeout "
-                              f"{self.fail_after:g}s). {_safe_summary()}.{' ' + self.hint if self.hint else ''}")
-                _thread.interrupt_main()
+                message = (f"{self.stage} stalled: no {self.what} finished for {idle:.0f}s (stall_timeout "
+                           f"{self.fail_after:g}s). {_safe_summary()}.{' ' + self.hint if self.hint else ''}")
+                with self._lock:  # only while the stage is still inside the block
+                    if self._active:
+                        self.fired = message
+                        _thread.interrupt_main()
                 return
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        with self._lock:
+            self._active = False
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.fired and exc_type is None:  # fired as the block ended: take the interrupt here
+            try:
+                time.sleep(1.0)
+            except KeyboardInterrupt:
+                raise StageError(self.fired) from None
         if self.fired and exc_type is KeyboardInterrupt:
             raise StageError(self.fired) from None
         return False

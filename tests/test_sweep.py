@@ -42,6 +42,21 @@ def test_trials_cover_shots_seeds_methods_once():
         SweepConfig(methods=["magic"])
 
 
+def test_every_method_but_the_baseline_trains_with_the_same_standard_augmentation():
+    from ray_dafusion.sweep import Trial, _stage_configs
+
+    cfg = SweepConfig.from_dict({"source": "x", "workdir": "/tmp/w", "train": {"rotation": 10, "hflip": False,
+                                                                               "randaugment": False}})
+    train = {m: _stage_configs(cfg, Trial(m, 1, 0))["train"] for m in ("baseline", "standard", "da_fusion")}
+    assert (train["baseline"].rotation, train["baseline"].hflip, train["baseline"].randaugment) == (0.0, False, False)
+    for m in ("standard", "da_fusion"):
+        assert (train[m].rotation, train[m].hflip, train[m].randaugment) == (10, False, False)
+    # without a choice in the config, the standard augmentation includes RandAugment
+    default = SweepConfig.from_dict({"source": "x", "workdir": "/tmp/w"})
+    assert _stage_configs(default, Trial("standard", 1, 0))["train"].randaugment is True
+    assert _stage_configs(default, Trial("baseline", 1, 0))["train"].randaugment is False
+
+
 @pytest.mark.slow
 def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_path):
     from ray_dafusion.sample_data import write_digits

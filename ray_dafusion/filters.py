@@ -1,0 +1,106 @@
+"""Training-time filters over stored quality scores: a tiny, safe expression language.
+
+``classifier.p_label >= 0.5 and source_distance.value >= 0.05`` is parsed with Python's own
+parser into a syntax tree, and only these nodes are accepted: ``and``, ``or``, ``not``,
+parentheses, comparisons (``< <= > >= == !=``, chained too), numbers, and column names written
+``scorer.column``. Nothing is evaluated by Python: the tree is walked over numpy columns.
+A bad filter is a ConfigError that names what is wrong (an unknown column: the columns there are).
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ["parse_filter", "Filter"]
+
+_COMPARE: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+    ast.Eq: operator.eq, ast.NotEq: operator.ne,
+}
+
+
+class Filter:
+    """A parsed filter: `columns` it reads (scorer -> column names) and `mask(tables)`."""
+
+    def __init__(self, text: str, tree: ast.AST, columns: dict[str, set[str]]) -> None:
+        self.text, self._tree, self.columns = text, tree, columns
+
+    def mask(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Boolean mask from `values`: "scorer.column" -> array (all the same length)."""
+        return np.asarray(self._eval(self._tree, values), dtype=bool)
+
+    def _eval(self, node: ast.AST, values: Mapping[str, np.ndarray]) -> Any:
+        if isinstance(node, ast.Expression):
+            return self._eval(node.body, values)
+        if isinstance(node, ast.BoolOp):
+            parts = [np.asarray(self._eval(v, values), dtype=bool) for v in node.values]
+            combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
+            out = parts[0]
+            for p in parts[1:]:
+                out = combine(out, p)
+            return out
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return np.logical_not(np.asarray(self._eval(node.operand, values), dtype=bool))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -self._eval(node.operand, values)
+        if isinstance(node, ast.Compare):
+            left = self._eval(node.left, values)
+            out = None
+            for op, right_node in zip(node.ops, node.comparators):
+                right = self._eval(right_node, values)
+                part = np.asarray(_COMPARE[type(op)](left, right), dtype=bool)
+                out = part if out is None else np.logical_and(out, part)
+                left = right
+            return out
+        if isinstance(node, ast.Attribute):
+            return values[f"{node.value.id}.{node.attr}"]  # type: ignore[attr-defined]
+        if isinstance(node, ast.Constant):
+            return node.value
+        raise AssertionError(f"unchecked node {type(node).__name__}")  # parse_filter admits none other
+
+
+def parse_filter(text: str, available: Mapping[str, set[str]]) -> Filter:
+    """Parse `text` against the score columns `available` (scorer -> its columns)."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise ConfigError(f"config field 'synthetic_filter': {text!r} is not a filter ({exc.msg}); write e.g. "
+                          "\"classifier.p_label >= 0.5 and source_distance.value >= 0.05\"") from None
+    columns: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.Not, ast.USub, ast.Load)) or \
+                type(node) in _COMPARE:
+            continue
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+            continue
+        if isinstance(node, ast.Compare):
+            continue
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            continue
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            scorer, column = node.value.id, node.attr
+            if scorer not in available:
+                raise ConfigError(f"config field 'synthetic_filter': no scores {scorer!r} for this synthetic set "
+                                  f"(scored: {', '.join(sorted(available)) or 'none'}; run `ray-dafusion score`)")
+            if column not in available[scorer]:
+                raise ConfigError(f"config field 'synthetic_filter': unknown column {scorer}.{column}; "
+                                  f"{scorer} has {', '.join(sorted(available[scorer]))}")
+            columns.setdefault(scorer, set()).add(column)
+            continue
+        if isinstance(node, ast.Name):  # the scorer part of scorer.column, checked above
+            continue
+        raise ConfigError(f"config field 'synthetic_filter': {ast.unparse(node) if hasattr(ast, 'unparse') else node!r} "
+                          f"is not allowed in a filter (only scorer.column, numbers, comparisons, and/or/not)")
+    if not columns:
+        raise ConfigError(f"config field 'synthetic_filter': {text!r} names no score column")
+    for node in ast.walk(tree):  # a bare name not part of scorer.column
+        if isinstance(node, ast.Name) and not any(isinstance(p, ast.Attribute) and p.value is node
+                                                  for p in ast.walk(tree)):
+            raise ConfigError(f"config field 'synthetic_filter': {node.id!r} is not a column; write scorer.column")
+    return Filter(text, tree, columns)

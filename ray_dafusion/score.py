@@ -1,0 +1,354 @@
+"""Score: quality scores per synthetic image, stored beside the augment output, filterable at train time.
+
+Shape of a run::
+
+    <synthetic>/data/*.parquet ─> read (skip ids every requested scorer has) ─> batch-sized blocks
+        ─> map_batches(QualityScorer, ActorPoolStrategy): one file per scorer per batch, named from its ids
+        ─> <synthetic>/scores/<scorer>/data/*.parquet + manifest.json (per scorer, written last)
+
+Scorers (columns besides id, source_id, label, class_name):
+
+- ``classifier``: ``p_label`` (probability of the image's own label under a trained run's best
+  checkpoint), ``top1``, ``p_top1``, ``top1_is_label`` (ALIA keeps images the baseline gets right).
+- ``source_distance``: ``value`` (1 - cosine similarity of the pixels, in [-1, 1], with its own real
+  source, at the source's size) and ``mse``: near copies (t0 too low) score ~0, drift scores high.
+- ``text``: ``value``, cosine similarity between the image and "a photo of a <class name>" under a
+  CLIP model given as ``clip_model`` (a diffusers-style local dir, s3:// prefix or hub id); skipped,
+  with a message, when none is given.
+
+Exactly once and resumable like augment: a batch's file is named from the ids it covers, a re-run
+scores only ids without a committed row, and a scorer's manifest is written after checking that
+every synthetic id has exactly one row. Changing a train-time filter never rescores or regenerates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from . import plan, schema, storage
+from .config import ScoreConfig, callable_stage_module
+from .configlib import config_fingerprint
+from .errors import StageError
+from .logs import setup_logging
+from .modes import SCORERS
+from .runinfo import CostMeter, versions
+from .watchdog import Watchdog
+
+__all__ = ["ScoreResult", "QualityScorer", "score", "SCORERS", "SCORE_COLUMNS", "scores_dir", "read_scores"]
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMNS: dict[str, dict[str, pa.DataType]] = {
+    "classifier": {"p_label": pa.float64(), "top1": pa.int64(), "p_top1": pa.float64(), "top1_is_label": pa.bool_()},
+    "source_distance": {"value": pa.float64(), "mse": pa.float64()},
+    "text": {"value": pa.float64()},
+}
+_KEYS = {"id": pa.string(), "source_id": pa.string(), "label": pa.int64(), "class_name": pa.string()}
+
+
+@dataclass
+class ScoreResult:
+    """What `score` produced, per scorer."""
+
+    synthetic: str
+    scores: dict[str, str] = field(default_factory=dict)
+    """scorer -> its output directory."""
+    scored: dict[str, int] = field(default_factory=dict)
+    """scorer -> rows scored by this run."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """scorer -> why it was not run (complete, or not configured)."""
+    seconds: float = 0.0
+
+
+def scores_dir(synthetic: str, scorer: str, root: Optional[str] = None) -> str:
+    return storage.join(root or storage.join(synthetic, "scores"), scorer)
+
+
+def _schema(scorer: str) -> pa.Schema:
+    return pa.schema({**_KEYS, **SCORE_COLUMNS[scorer]})
+
+
+def _batch_name(ids: list[str]) -> str:
+    return "part-" + hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:24] + ".parquet"
+
+
+# --------------------------------------------------------------------------------------
+# The actor
+# --------------------------------------------------------------------------------------
+
+
+class QualityScorer:
+    """Ray Data actor: a batch of synthetic rows -> one committed file per requested scorer.
+
+    Loads, once: the real source images (few-shot sets are small), the run's classifier, the CLIP
+    model. ``__call__`` returns one summary row per scorer (file, rows, seconds)."""
+
+    def __init__(self, cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str],
+                 done: dict[str, list[str]], checkpoint: Optional[str]) -> None:
+        import torch
+
+        setup_logging()
+        self.cfg, self.scorers, self.outputs = cfg, scorers, outputs
+        self.done = {s: set(ids) for s, ids in done.items()}
+        self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        ep = cfg.endpoint_url
+        self.sources: dict[str, np.ndarray] = {}
+        if "source_distance" in scorers:
+            table = storage.read_parquet(storage.join(real, "train"), ep, columns=["id", "image"])
+            for rid, cell in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+                self.sources[rid] = np.asarray(schema.decode_image(cell["bytes"]), dtype=np.float32) / 127.5 - 1.0
+        self.classifier = None
+        if "classifier" in scorers:
+            from .classifier import eval_transform, load_classifier
+
+            model, meta = load_classifier(checkpoint, ep)
+            self.classifier, self.transform = model.to(self.device), eval_transform(meta)
+        self.clip = None
+        if "text" in scorers:
+            from transformers import CLIPModel, CLIPTokenizer
+
+            from .models import resolve_model
+
+            local = resolve_model(cfg.clip_model, cfg.cache_dir, ep, marker="config.json")
+            self.clip = CLIPModel.from_pretrained(local).to(self.device).eval()
+            self.clip_tokenizer = CLIPTokenizer.from_pretrained(local)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        rows = batch.to_pylist()
+        files, counts = [], []
+        for scorer in self.scorers:
+            todo = [r for r in rows if r["id"] not in self.done.get(scorer, set())]
+            if not todo:
+                files.append("")
+                counts.append(0)
+                continue
+            name = _batch_name([r["id"] for r in todo])
+            uri = storage.join(self.outputs[scorer], "data", name)
+            if not storage.exists(uri, self.cfg.endpoint_url):  # a retried batch whose file got committed
+                columns = getattr(self, f"_{scorer}")(todo)
+                table = pa.table({**{k: [r[k] for r in todo] for k in _KEYS}, **columns}, schema=_schema(scorer))
+                storage.write_parquet(table, uri, self.cfg.endpoint_url)
+            files.append(name)
+            counts.append(len(todo))
+        seconds = time.perf_counter() - start
+        return pa.table({"scorer": self.scorers, "file": files, "rows": counts,
+                         "seconds": [seconds / len(self.scorers)] * len(self.scorers)})
+
+    def _images(self, rows: list[dict[str, Any]]) -> list[Any]:
+        return [schema.decode_image(r["image"]["bytes"]) for r in rows]
+
+    def _classifier(self, rows: list[dict[str, Any]]) -> dict[str, list]:
+        import torch
+
+        from .classifier import decode_uint8
+
+        x = torch.stack([self.transform(decode_uint8(r["image"]["bytes"])) for r in rows]).to(self.device)
+        with torch.no_grad():
+            probs = torch.softmax(self.classifier(x).float(), dim=1).cpu().numpy()  # (B, classes)
+        labels = np.array([r["label"] for r in rows])
+        top1 = probs.argmax(1)
+        return {"p_label": probs[np.arange(len(rows)), labels].tolist(), "top1": top1.tolist(),
+                "p_top1": probs.max(1).tolist(), "top1_is_label": (top1 == labels).tolist()}
+
+    def _source_distance(self, rows: list[dict[str, Any]]) -> dict[str, list]:
+        from PIL import Image
+
+        values, mses = [], []
+        for r, image in zip(rows, self._images(rows)):
+            source = self.sources.get(r["source_id"])
+            if source is None:
+                raise StageError(f"synthetic image {r['id']} comes from {r['source_id']}, which is not in the real "
+                                 "train set its augment manifest names")
+            h, w = source.shape[:2]
+            pixels = np.asarray(image.resize((w, h), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+            a, b = pixels.ravel(), source.ravel()
+            cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+            values.append(1.0 - cosine)
+            mses.append(float(np.mean(((a - b) / 2.0) ** 2)))  # in [0, 1] pixel units
+        return {"value": values, "mse": mses}
+
+    def _text(self, rows: list[dict[str, Any]]) -> dict[str, list]:
+        import torch
+
+        from .modes import class_word
+
+        size = self.clip.config.vision_config.image_size
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        pixels = torch.stack([torch.from_numpy(np.asarray(img.resize((size, size)), dtype=np.float32) / 255.0)
+                              .permute(2, 0, 1) for img in self._images(rows)])
+        pixels = ((pixels - mean) / std).to(self.device)
+        prompts = [f"a photo of a {class_word(r['class_name'])}" for r in rows]
+        ids = self.clip_tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            image_embeds = torch.nn.functional.normalize(_embeds(self.clip.get_image_features(pixel_values=pixels)), dim=-1)
+            text_embeds = torch.nn.functional.normalize(_embeds(self.clip.get_text_features(**ids)), dim=-1)
+        return {"value": (image_embeds * text_embeds).sum(-1).cpu().tolist()}
+
+
+def _embeds(output: Any) -> Any:
+    """Projected CLIP embeddings: a tensor in older transformers, the pooler output of a model output in 5.x."""
+    return output if hasattr(output, "norm") else output.pooler_output
+
+
+# --------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------
+
+
+def _committed_ids(output: str, endpoint_url: Optional[str]) -> list[str]:
+    data = storage.join(output, "data")
+    if not storage.list_files(data, ".parquet", endpoint_url):
+        return []
+    return storage.read_parquet(data, endpoint_url, columns=["id"]).column("id").to_pylist()
+
+
+def read_scores(synthetic: str, scorer: str, columns: list[str], endpoint_url: Optional[str] = None,
+                root: Optional[str] = None) -> pa.Table:
+    """The complete scores table of one scorer (id plus `columns`)."""
+    out = scores_dir(synthetic, scorer, root)
+    if storage.read_manifest(out, endpoint_url) is None:
+        raise FileNotFoundError(f"no complete {scorer} scores in {out}; run `ray-dafusion score --synthetic {synthetic}`")
+    return storage.read_parquet(storage.join(out, "data"), endpoint_url, columns=["id", *columns])
+
+
+@storage.leased("score", lambda cfg: cfg.output or (storage.join(cfg.synthetic, "scores") if cfg.synthetic else ""))
+def score(cfg: ScoreConfig) -> ScoreResult:
+    """Write the requested scores of every synthetic image of `cfg.synthetic`."""
+    cfg.require("synthetic")
+    started = time.time()
+    meter = CostMeter(cfg.cost)
+    ep = cfg.endpoint_url
+    result = ScoreResult(cfg.synthetic)
+
+    # 1. the augment output, what each scorer needs, and which scorers are complete already
+    manifest = storage.read_manifest(cfg.synthetic, ep)
+    if manifest is None or manifest.get("stage") != "augment":
+        raise FileNotFoundError(f"{cfg.synthetic} holds no complete augment output (no augment {storage.MANIFEST})")
+    real = manifest.get("real") or (manifest.get("config") or {}).get("real")
+    checkpoint, scorers = _check_scorers(cfg, result)
+    ids = storage.read_parquet(storage.join(cfg.synthetic, "data"), ep, columns=["id"]).column("id").to_pylist()
+    outputs, done, fps = {}, {}, {}
+    for scorer in list(scorers):
+        out = scores_dir(cfg.synthetic, scorer, cfg.output)
+        inputs = {"synthetic": manifest.get("config_fingerprint"), "scorer": scorer,
+                  "run": checkpoint if scorer == "classifier" else None,
+                  "clip": cfg.clip_model if scorer == "text" else None}
+        fps[scorer] = config_fingerprint(cfg, **inputs)
+        if storage.ensure_fresh_output(out, "score", fps[scorer], cfg.overwrite, ep) is not None:
+            result.skipped[scorer] = "complete (same config)"
+            result.scores[scorer] = out
+            scorers.remove(scorer)
+            log.info("%s scores in %s are complete (same config); nothing to do", scorer, out)
+            continue
+        outputs[scorer], done[scorer] = out, _committed_ids(out, ep)
+
+    # 2. the actor pool over the synthetic rows some scorer still lacks
+    summaries = _run(cfg, real, scorers, outputs, done, checkpoint, ids) if scorers else []
+    meter.add_actor_seconds(sum(s["seconds"] for s in summaries), cfg.num_cpus, cfg.num_gpus)
+
+    # 3. per scorer: exactly one row per synthetic id, then its manifest, last
+    for scorer in scorers:
+        _verify(outputs[scorer], ids, ep)
+        scored = sum(s["rows"] for s in summaries if s["scorer"] == scorer)
+        result.scores[scorer], result.scored[scorer] = outputs[scorer], scored
+        storage.write_manifest(outputs[scorer], {
+            "stage": "score", "scorer": scorer, "config": cfg.to_dict(), "config_fingerprint": fps[scorer],
+            "synthetic": cfg.synthetic, "run": checkpoint if scorer == "classifier" else None,
+            "columns": {k: str(v) for k, v in SCORE_COLUMNS[scorer].items()},
+            "counts": {"rows": len(ids), "scored_now": scored},
+            "cost": meter.report(images=scored), "versions": versions(),
+        }, ep)
+    result.seconds = round(time.time() - started, 2)
+    log.info("%s: %s", cfg.synthetic, "; ".join(
+        [f"{s} {result.scored[s]} scored now" for s in result.scored] + [f"{s} {why}" for s, why in result.skipped.items()]))
+    return result
+
+
+def _check_scorers(cfg: ScoreConfig, result: ScoreResult) -> tuple[Optional[str], list[str]]:
+    """(the run's best checkpoint, the scorers that can run); clear errors or skips for the rest."""
+    from .errors import ConfigError
+
+    scorers = list(dict.fromkeys(cfg.scorers))
+    checkpoint = None
+    if "classifier" in scorers:
+        if not cfg.run:
+            raise ConfigError("config field 'run': the classifier scorer needs a trained run (the output of "
+                              "`ray-dafusion train`, e.g. runs/demo/train/baseline); or drop it from scorers")
+        try:
+            record = storage.read_json(storage.join(cfg.run, "train_result.json"), cfg.endpoint_url)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{cfg.run} holds no train_result.json; is it a finished train run?") from None
+        checkpoint = record.get("best_checkpoint")
+        if not checkpoint:
+            raise ValueError(f"run {cfg.run} has no best checkpoint")
+    if "text" in scorers and not cfg.clip_model:
+        scorers.remove("text")
+        result.skipped["text"] = "no clip_model configured"
+        log.warning("text scorer skipped: it needs a CLIP model (clip_model: a local dir, s3:// prefix or hub id)")
+    elif "text" in scorers:  # fail here, not in every actor
+        from .models import resolve_model
+
+        resolve_model(cfg.clip_model, cfg.cache_dir, cfg.endpoint_url, marker="config.json")
+    return checkpoint, scorers
+
+
+def _run(cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str], done: dict[str, list[str]],
+         checkpoint: Optional[str], ids: list[str]) -> list[dict[str, Any]]:
+    import ray.data
+    from ray.data.expressions import col
+
+    ep = cfg.endpoint_url
+    finished = set.intersection(*(set(done[s]) for s in scorers)) if scorers else set()
+    if len(finished) == len(ids):
+        return []
+    cap = plan.capacity()
+    pin = plan.node_pinning(cfg.node_resource, cfg.num_gpus, cap, "score")
+    actors = plan.check("score", plan.Demand("scoring actors", cfg.max_actors, {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus,
+                                                                                 **pin},
+                                            count_field="max_actors", size_fields={"num_cpus": cfg.num_cpus,
+                                                                                   "num_gpus": cfg.num_gpus}), cap)
+    files = storage.parquet_files(storage.join(cfg.synthetic, "data"), ep)
+    fs, _ = storage.resolve(cfg.synthetic, ep)
+    ds = ray.data.read_parquet([storage.resolve(f, ep)[1] for f in files], filesystem=fs,
+                               columns=["id", "source_id", "label", "class_name", "image"])
+    if finished:
+        ds = ds.filter(expr=col("id").not_in(sorted(finished)))
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+        QualityScorer, batch_size=cfg.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+        fn_constructor_kwargs={"cfg": cfg, "real": real, "scorers": scorers, "outputs": outputs, "done": done,
+                               "checkpoint": checkpoint},
+        **({"resources": pin} if pin else {}),
+    )
+    summaries = []
+    with Watchdog("score", "batch", cfg.stall_warning, cfg.stall_timeout,
+                  hint=f"each of {actors} scoring actors reserves num_cpus {cfg.num_cpus:g}") as watchdog:
+        for row in ds.iter_rows():
+            watchdog.progress()
+            summaries.append(row)
+    return summaries
+
+
+def _verify(output: str, ids: list[str], endpoint_url: Optional[str]) -> None:
+    counts: dict[str, int] = defaultdict(int)
+    for i in _committed_ids(output, endpoint_url):
+        counts[i] += 1
+    duplicated = [i for i, n in counts.items() if n > 1]
+    missing = set(ids) - set(counts)
+    foreign = set(counts) - set(ids)
+    if duplicated or missing or foreign:
+        raise StageError(f"scores in {output} are inconsistent: {len(duplicated)} ids scored twice, {len(missing)} "
+                         f"missing, {len(foreign)} not in the synthetic set; re-run with overwrite: true to score again")
+
+
+callable_stage_module(__name__)  # `from ray_dafusion import score` may give this module: call it as the stage

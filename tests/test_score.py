@@ -1,0 +1,176 @@
+"""Score, filters and cost: scores stored once per synthetic image (exactly once, resumable), filters
+applied at train time without regenerating, a safe filter grammar, cost in manifests, the report."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ray_dafusion import storage
+from ray_dafusion.config import GalleryConfig, ReportConfig, ScoreConfig, TrainConfig
+from ray_dafusion.errors import ConfigError
+from ray_dafusion.filters import parse_filter
+
+CLASSES = ("cat", "dog", "fox")
+
+
+def test_the_filter_grammar_is_safe_and_names_the_column():
+    available = {"classifier": {"p_label", "top1"}, "source_distance": {"value", "mse"}}
+    f = parse_filter("classifier.p_label >= 0.5 and not (source_distance.value < 0.05 or source_distance.value > 1)",
+                     available)
+    values = {"classifier.p_label": np.array([0.9, 0.2, 0.9, 0.9]),
+              "source_distance.value": np.array([0.1, 0.1, 0.01, 2.0])}
+    assert f.mask(values).tolist() == [True, False, False, False]
+    assert f.columns == {"classifier": {"p_label"}, "source_distance": {"value"}}
+    assert parse_filter("0.2 <= classifier.p_label < 0.8", available).mask(values).tolist() == [False, True, False, False]
+    with pytest.raises(ConfigError, match="unknown column classifier.p_labl; classifier has p_label, top1"):
+        parse_filter("classifier.p_labl >= 0.5", available)
+    with pytest.raises(ConfigError, match="no scores 'text'"):
+        parse_filter("text.value > 0.2", available)
+    for bad in ("__import__('os').system('x')", "classifier.p_label.real > 0", "classifier.p_label >= 'a'",
+                "classifier.p_label + 1 > 2", "p_label > 0.5", "classifier.p_label >="):
+        with pytest.raises(ConfigError, match="synthetic_filter"):
+            parse_filter(bad, available)
+
+
+def _stored_run(root: str, real: str) -> str:
+    """A train run whose best checkpoint is a small CNN with a random head."""
+    from ray_dafusion.classifier import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", len(CLASSES))
+    run = os.path.join(root, "baseline")
+    ckpt = os.path.join(run, "checkpoint_000")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    storage.write_bytes(os.path.join(ckpt, "model.pt"), buf.getvalue())
+    storage.write_json(os.path.join(ckpt, "meta.json"), {"arch": "small_cnn", "num_classes": 3, "image_size": 32})
+    storage.write_json(os.path.join(run, "train_result.json"), {"best_checkpoint": ckpt, "real": real})
+    return run
+
+
+@pytest.fixture
+def scored(ray_session, make_real, tmp_path):
+    from test_train import write_synthetic
+
+    real = make_real(class_names=CLASSES, per_split={"train": 3, "val": 2, "test": 1}, size=32)
+    synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=3)
+    manifest = storage.read_manifest(synthetic)
+    storage.write_manifest(synthetic, {**manifest, "real": real, "config_fingerprint": "fixture"})
+    run = _stored_run(str(tmp_path / "runs"), real)
+    cfg = ScoreConfig(synthetic=synthetic, run=run, scorers=["classifier", "source_distance", "text"], batch_size=4,
+                      cost={"prices": {"cpu_hour": 0.5, "gpu_hour": 2.0}})
+    return real, synthetic, run, cfg
+
+
+def test_scores_are_written_once_per_image_and_resume(scored, caplog):
+    from ray_dafusion.score import score
+
+    real, synthetic, run, cfg = scored
+    ids = storage.read_parquet(storage.join(synthetic, "data"), columns=["id"]).column("id").to_pylist()
+    result = score(cfg)
+    assert result.scored == {"classifier": 27, "source_distance": 27}
+    assert result.skipped == {"text": "no clip_model configured"} and "text scorer skipped" in caplog.text
+    for scorer in ("classifier", "source_distance"):
+        table = storage.read_parquet(storage.join(synthetic, "scores", scorer, "data")).to_pylist()
+        assert sorted(r["id"] for r in table) == sorted(ids)
+        manifest = storage.read_manifest(storage.join(synthetic, "scores", scorer))
+        assert manifest["counts"]["rows"] == 27 and manifest["cost"]["wall_seconds"] > 0
+        assert manifest["cost"]["prices"] == {"cpu_hour": 0.5, "gpu_hour": 2.0}
+    classifier = storage.read_parquet(storage.join(synthetic, "scores", "classifier", "data")).to_pylist()
+    assert all(0.0 <= r["p_label"] <= r["p_top1"] <= 1.0 and r["top1_is_label"] == (r["top1"] == r["label"])
+               for r in classifier)
+    distance = storage.read_parquet(storage.join(synthetic, "scores", "source_distance", "data")).to_pylist()
+    assert all(0.0 <= r["mse"] <= 1.0 for r in distance) and len({round(r["value"], 6) for r in distance}) > 1
+    # complete: nothing is rescored; a lost file is rescored alone (resume), and the rows stay exactly once
+    assert score(cfg).scored == {}
+    data = storage.join(synthetic, "scores", "source_distance", "data")
+    lost = storage.parquet_files(data)[0]
+    rows_lost = storage.read_parquet(lost).num_rows
+    storage.delete(lost)
+    storage.delete(storage.join(synthetic, "scores", "source_distance", "manifest.json"))
+    again = score(cfg)
+    assert again.scored == {"source_distance": rows_lost} and "classifier" in again.skipped
+    assert sorted(storage.read_parquet(data, columns=["id"]).column("id").to_pylist()) == sorted(ids)
+
+
+def test_the_text_scorer_runs_with_a_clip_model(scored, tmp_path):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from ray_dafusion.models import _tiny_tokenizer
+    from ray_dafusion.score import score
+
+    real, synthetic, run, cfg = scored
+    tok = _tiny_tokenizer(CLASSES)
+    clip_dir = str(tmp_path / "clip")
+    config = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77,
+                                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                                     "pad_token_id": tok.pad_token_id},
+                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(clip_dir)
+    tok.save_pretrained(clip_dir)
+    assert isinstance(CLIPTokenizer.from_pretrained(clip_dir), object)
+    result = score(cfg.replace(scorers=["text"], clip_model=clip_dir))
+    assert result.scored == {"text": 27}
+    values = storage.read_parquet(storage.join(synthetic, "scores", "text", "data")).column("value").to_pylist()
+    assert all(-1.0 <= v <= 1.0 for v in values)
+
+
+def test_filters_apply_at_train_time_and_fall_back_to_real(scored, tmp_path):
+    from test_train import _epoch_rows
+
+    from ray_dafusion.score import score
+    from ray_dafusion.train import train
+
+    real, synthetic, run, cfg = scored
+    score(cfg.replace(scorers=["classifier", "source_distance"]))
+    base = dict(real=real, synthetic=synthetic, output=str(tmp_path / "runs"), method="da_fusion", alpha=1.0,
+                arch="small_cnn", backbone="finetune", image_size=32, epochs=1, batch_size=3, iterations_per_epoch=3)
+    p_label = storage.read_parquet(storage.join(synthetic, "scores", "classifier", "data")).to_pydict()
+    cut = float(np.median(p_label["p_label"]))
+    kept = {i for i, p in zip(p_label["id"], p_label["p_label"]) if p >= cut}
+    debug = str(tmp_path / "debug")
+    result = train(TrainConfig(**base, name="filtered", synthetic_filter=f"classifier.p_label >= {cut}",
+                               debug_dir=debug))
+    record = json.load(open(os.path.join(result.output, "train_result.json")))
+    assert record["synthetic_filter"]["kept"] == len(kept) and record["synthetic_filter"]["dropped"] == 27 - len(kept)
+    assert sum(record["synthetic_filter"]["dropped_per_class"].values()) == 27 - len(kept)
+    rows = _epoch_rows(debug)[0][0][1]
+    assert all(rid in kept for rid, aug, _, _ in rows if aug != -1)  # only kept versions are candidates
+    # a filter that drops everything: every source falls back to its real image (alpha 1 notwithstanding)
+    none = train(TrainConfig(**base, name="none", synthetic_filter="source_distance.value > 100"))
+    assert none.metrics[0]["synthetic_fraction"] == 0.0
+    assert json.load(open(os.path.join(none.output, "train_result.json")))["synthetic_filter"][
+        "sources_without_synthetic"] == 9
+    with pytest.raises(ConfigError, match="unknown column classifier.p"):
+        train(TrainConfig(**base, name="bad", synthetic_filter="classifier.p >= 0.5"))
+
+
+def test_gallery_captions_by_score_and_the_report_sums_costs(scored, tmp_path):
+    from PIL import Image
+
+    from ray_dafusion.gallery import gallery
+    from ray_dafusion.report import report
+    from ray_dafusion.score import score
+
+    real, synthetic, run, cfg = scored
+    score(cfg.replace(scorers=["classifier"]))
+    out = str(tmp_path / "sheet.png")
+    sheet = gallery(GalleryConfig(synthetic=synthetic, output=out, score="classifier.p_label", threshold=0.99))
+    assert sheet.sources > 0 and Image.open(out).size == (sheet.width, sheet.height)
+    pixels = np.asarray(Image.open(out).convert("RGB"))
+    assert np.all(pixels == [220, 0, 0], axis=-1).sum() > 100  # red frames: below the threshold
+    with pytest.raises(ValueError, match="not 'nope'"):
+        gallery(GalleryConfig(synthetic=synthetic, output=out, score="classifier.nope"))
+    result = report(ReportConfig(workdir=synthetic))
+    assert [r["stage"] for r in result.rows] == ["augment", "score"] and result.rows[1]["cpu_core_seconds"] > 0
+    assert "| score | scores/classifier |" in result.table and os.path.exists(result.output)
