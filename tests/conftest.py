@@ -175,7 +175,11 @@ def make_real(tmp_path) -> Callable[..., str]:
 sys.path.insert(0, os.path.dirname(__file__))  # lets tests import helpers from conftest
 
 
+LAST = ("test_multinode", "test_jobs")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Run the `ray job submit` tests last: they stop the session's local Ray first, so the head
-    they start is the only Ray on the machine (Ray's state API refuses to guess between two)."""
-    items.sort(key=lambda item: item.module.__name__.endswith("test_jobs"))
+    """Run the multi-node and `ray job submit` tests last, in that order: they stop the session's
+    local Ray first, so the cluster they start is the only Ray on the machine (Ray's state API
+    refuses to guess between two)."""
+    items.sort(key=lambda item: LAST.index(item.module.__name__) + 1 if item.module.__name__ in LAST else 0)
