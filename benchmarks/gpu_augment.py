@@ -139,7 +139,7 @@ def main() -> None:
         times[side].append(run_a(i) if side == "a" else run_b())
     seconds_a, seconds_b = (sum(times[k]) / len(times[k]) for k in "ab")
     pipe = actor.pipe
-    del actor
+    actor = None  # drop the actor; its pipeline lives on as `pipe`
     result.update(images=n_images, order=args.order, actor_seconds=[round(t, 2) for t in times["a"]],
                   loop_seconds=[round(t, 2) for t in times["b"]],
                   actor_images_per_s=round(n_images / seconds_a, 3), loop_images_per_s=round(n_images / seconds_b, 3),

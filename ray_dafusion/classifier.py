@@ -131,8 +131,9 @@ def _load_state_dict_file(model, uri: str, endpoint_url: Optional[str]) -> None:
 
 
 def make_transform(image_size: int, train: bool, rotation: float = 15.0, hflip: bool = True,
-                   randaugment: bool = False):
-    """torchvision v2 transform on a uint8 (3, H, W) tensor -> float (3, S, S) normalised to [-1, 1]."""
+                   randaugment: bool = False, fill: int = 0):
+    """torchvision v2 transform on a uint8 (3, H, W) tensor -> float (3, S, S) normalised to [-1, 1].
+    `fill` is the grey level of the corners that a rotation or shear uncovers."""
     import torch
     from torchvision.transforms import v2
 
@@ -141,9 +142,9 @@ def make_transform(image_size: int, train: bool, rotation: float = 15.0, hflip: 
         if hflip:
             steps.append(v2.RandomHorizontalFlip())
         if rotation > 0:
-            steps.append(v2.RandomRotation(rotation))
+            steps.append(v2.RandomRotation(rotation, fill=fill))
         if randaugment:
-            steps.append(v2.RandAugment())
+            steps.append(v2.RandAugment(fill=fill))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
     return v2.Compose(steps)
 

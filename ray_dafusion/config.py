@@ -319,6 +319,8 @@ class TrainConfig(StageConfig):
     """Side of the square training input."""
     rotation: float = 15.0
     """Random rotation range in degrees."""
+    fill: int = 0
+    """Grey level (0-255) of the corners a rotation or RandAugment shear uncovers: the images' background (255 for dark on white, e.g. the digits)."""
     num_workers: int = resource(1)
     """Ray Train workers (DDP); 0 trains in the calling process (no worker group to start: for small runs, e.g. a sweep's)."""
     use_gpu: bool = resource(False)
@@ -367,6 +369,8 @@ class TrainConfig(StageConfig):
         positive(self, "image_size", "epochs", "batch_size", "learning_rate", "cpus_per_worker")
         positive(self, "num_workers", allow_zero=True)
         positive(self, "rotation", "max_failures", allow_zero=True)
+        if not 0 <= self.fill <= 255:
+            raise bad("fill", self.fill, "must be a grey level in [0, 255]")
         if not 0.0 <= self.alpha <= 1.0:
             raise bad("alpha", self.alpha, "must lie in [0, 1]")
 

@@ -434,6 +434,8 @@ class _Lease:
         self.started = time.time()
         self.depth = 0
         self.lost: Optional[str] = None
+        self.made_dir: Optional[str] = None
+        """A local output directory the lease itself created: removed at release when still empty."""
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -477,6 +479,11 @@ class _Lease:
                 delete(self.path, self.endpoint_url)
         except FileNotFoundError:
             pass
+        if self.made_dir is not None:  # a stage refused before writing leaves no empty output behind
+            try:
+                os.rmdir(self.made_dir)
+            except OSError:
+                pass
 
 
 def _holder_alive(holder: dict[str, Any], ttl: float) -> bool:
@@ -520,6 +527,8 @@ def lease(uri: str, stage: str, endpoint_url: Optional[str] = None, ttl: float =
         delete(path, endpoint_url)
     fs, local_path = resolve(path, endpoint_url)
     if isinstance(fs, pafs.LocalFileSystem):  # an exclusive create: exactly one driver succeeds
+        if not os.path.isdir(os.path.dirname(local_path)):
+            mine.made_dir = os.path.dirname(local_path)
         os.makedirs(os.path.dirname(local_path), exist_ok=True)
         try:
             fd = os.open(local_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

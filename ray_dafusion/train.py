@@ -528,7 +528,7 @@ def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: 
     if cfg.backbone == "linear_probe":
         _freeze_batchnorm(model)
     local_batch = max(1, cfg.batch_size // world)
-    transform = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, loop["randaugment"])
+    transform = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, loop["randaugment"], cfg.fill)
     loss_sum = seen = synthetic = steps = 0
     seen_rows: list[list[Any]] = []
     start = time.perf_counter()

@@ -9,8 +9,8 @@ of waiting longer.
 
 from __future__ import annotations
 
-import _thread
 import logging
+import signal
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -35,9 +35,13 @@ def cluster_summary() -> str:
     try:  # the state API needs the dashboard; without it, the resources above are what there is
         from ray.util.state import list_actors, list_tasks
 
-        waiting = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], limit=100, raise_on_missing_output=False)
-        alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
-        pending = list_actors(filters=[("state", "=", "PENDING_CREATION")], limit=100, raise_on_missing_output=False)
+        address = ray.get_runtime_context().gcs_address  # this driver's cluster, whatever else runs here
+        waiting = list_tasks(address=address, filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], limit=100,
+                             raise_on_missing_output=False)
+        alive = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000,
+                            raise_on_missing_output=False)
+        pending = list_actors(address=address, filters=[("state", "=", "PENDING_CREATION")], limit=100,
+                              raise_on_missing_output=False)
         names = sorted({t.name for t in waiting})[:4]
         summary += (f"; {len(alive)} actors alive, {len(pending)} waiting to be placed; {len(waiting)} tasks waiting "
                     f"for resources{' (' + ', '.join(names) + ')' if names else ''}")
@@ -99,7 +103,8 @@ class Watchdog:
                 with self._lock:  # only while the stage is still inside the block
                     if self._active:
                         self.fired = message
-                        _thread.interrupt_main()
+                        # a real SIGINT, not interrupt_main(): it also wakes a main thread blocked in a wait
+                        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 return
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -108,12 +113,12 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.fired and exc_type is None:  # fired as the block ended: take the interrupt here
-            try:
-                time.sleep(1.0)
-            except KeyboardInterrupt:
-                raise StageError(self.fired) from None
-        if self.fired and exc_type is KeyboardInterrupt:
+        if self.fired and exc_type in (None, KeyboardInterrupt):
+            if exc_type is None:  # fired as the block ended, or a library swallowed the interrupt
+                try:
+                    time.sleep(0.5)  # a signal still on its way lands here, not in the caller
+                except KeyboardInterrupt:
+                    pass
             raise StageError(self.fired) from None
         return False
 

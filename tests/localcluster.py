@@ -21,9 +21,9 @@ from typing import Optional
 
 BIN = os.path.dirname(sys.executable)
 
-# Fast failure detection: a killed node is declared dead in about 3 s, not 30.
-HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-          "RAY_health_check_failure_threshold": "3"}
+# Ray's own health-check timing (a lost node is declared dead in well under a minute): shorter
+# timeouts had live nodes of a loaded 2-core machine declared dead. Only start-up gets more time.
+HEALTH = {"RAY_raylet_start_wait_time_s": "120"}
 
 
 def _ports(n: int) -> list[int]:
@@ -64,18 +64,21 @@ class LocalCluster:
         self.temp_dir = f"/tmp/rdfmn-{os.getpid()}"
         self.nodes: dict[str, subprocess.Popen] = {}
         self.names_by_ip: dict[str, str] = {}  # every node ever started, killed ones included
+        self.args: dict[str, list[str]] = {}
+        self.restarts: dict[str, int] = {}
         self._next_ip = 2
         gcs, dash, client = _ports(3)
         self.address = f"127.0.0.2:{gcs}"
         self._start("head", ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.2",
                              f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
                              f"--num-cpus={head_cpus}"])
+        self._wait_started("head", 0, 240)
 
     def _start(self, name: str, args: list[str]) -> None:
         ip = f"127.0.0.{self._next_ip}"  # a fresh address for every node, replacements included
         self._next_ip += 1
         agent, agent_grpc, rt_env, metrics, nm, om = _ports(6)
-        with open(os.path.join(self.root, f"{name}.log"), "w") as log:
+        with open(os.path.join(self.root, f"{name}.log"), "a") as log:
             self.nodes[name] = subprocess.Popen(
                 [f"{BIN}/ray", "start", "--block", f"--node-ip-address={ip}", *args,
                  f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
@@ -84,12 +87,51 @@ class LocalCluster:
                  "--disable-usage-stats"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.names_by_ip[ip] = name
+        self.args[name] = args
 
-    def add_node(self, name: str, cpus: float = 1, resources: Optional[dict] = None) -> None:
+    def add_node(self, name: str, cpus: float = 1, resources: Optional[dict] = None, timeout: float = 240) -> None:
+        """Start a worker node and wait until its `ray start` says it is up (one node at a time keeps
+        a loaded machine's GCS from timing out registrations)."""
+        before = self._starts_logged(name)
         self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}",
                            f"--resources={json.dumps({name: 1, **(resources or {})})}"])
+        self._wait_started(name, before, timeout)
 
-    def connect(self, timeout: float = 180, **init_kwargs):
+    def _starts_logged(self, name: str) -> int:
+        try:
+            with open(os.path.join(self.root, f"{name}.log"), errors="replace") as f:
+                return f.read().count("Ray runtime started")
+        except FileNotFoundError:
+            return 0
+
+    def _wait_started(self, name: str, before: int, timeout: float) -> None:
+        deadline = time.time() + timeout
+        log_path = os.path.join(self.root, f"{name}.log")
+        while time.time() < deadline:
+            if self._starts_logged(name) > before:
+                return
+            if self.nodes[name].poll() is not None:
+                self._restart_exited({name})
+                if self.nodes[name].poll() is not None:  # out of restarts
+                    break
+            time.sleep(0.5)
+        raise AssertionError(f"node {name} did not start within {timeout:.0f} s; see {log_path}")
+
+    def _restart_exited(self, names: set[str]) -> None:
+        """A node whose `ray start` gave up (on a loaded machine a raylet can time out at start-up)
+        is started again, at most twice, on a fresh address."""
+        for name in sorted(names):
+            proc = self.nodes.get(name)
+            if proc is not None and proc.poll() is not None and self.restarts.get(name, 0) < 2:
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                for pid in session_pids(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self._start(name, self.args[name])
+
+    def connect(self, timeout: float = 300, **init_kwargs):
         """ray.init in this process as a driver on the head's address, once every node is up."""
         import ray
 
@@ -112,6 +154,7 @@ class LocalCluster:
         deadline = time.time() + timeout
         while not names <= set(self.node_names().values()):
             assert time.time() < deadline, f"nodes {sorted(names)} not up after {timeout:.0f} s"
+            self._restart_exited(names)
             time.sleep(1)
 
     def node_names(self, include_dead: bool = False) -> dict[str, str]:

@@ -377,6 +377,6 @@ def test_a_subset_of_a_pool_equals_a_direct_ingest(tmp_path):
         a, b = storage.read_manifest(direct.output), storage.read_manifest(subset.output)
         assert a["split_fingerprints"] == b["split_fingerprints"] and a["classes"] == b["classes"]
         assert subset.counts == direct.counts
-    with pytest.raises(ValueError, match="examples_per_class null"):
+    with pytest.raises(ValueError, match="examples_per_class: null to take k-shot subsets"):
         ingest(IngestConfig(source=str(tmp_path / "direct-1-0"), format="real", output=str(tmp_path / "x"),
                             examples_per_class=1))

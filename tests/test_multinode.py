@@ -61,8 +61,8 @@ def _where(cluster, kind: str, name_part: str) -> dict[str, str]:
     from ray.util import state
 
     names = cluster.node_names(include_dead=True)
-    rows = (state.list_actors(detail=True, limit=10000) if kind == "actors"
-            else state.list_tasks(detail=True, limit=10000))
+    rows = (state.list_actors(address=cluster.address, detail=True, limit=10000) if kind == "actors"
+            else state.list_tasks(address=cluster.address, detail=True, limit=10000))
     key = "class_name" if kind == "actors" else "name"
     ident = "actor_id" if kind == "actors" else "task_id"
     return {r[ident]: names.get(r["node_id"], "?") for r in rows if name_part in (r.get(key) or "") and r.get("node_id")}
@@ -186,7 +186,7 @@ def test_invert_retries_the_class_of_a_lost_node(cluster, replace_killed, make_r
         from ray.util import state
 
         alive = cluster.node_names()
-        for task in state.list_tasks(filters=[("state", "=", "RUNNING")], detail=True):
+        for task in state.list_tasks(address=cluster.address, filters=[("state", "=", "RUNNING")], detail=True):
             if "_invert_class" in task["name"] and alive.get(task["node_id"], "").startswith("gen_"):
                 return alive[task["node_id"]]
         return None

@@ -68,9 +68,10 @@ def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_p
         "methods": ["baseline", "da_fusion"],
         "ingest": {"classes": ["zero", "one", "two"], "val_per_class": 2, "test_per_class": 2},
         "invert": {"model": tiny_model, "steps": 2, "resolution": 32, "num_cpus": 0.5},
-        "augment": {"model": tiny_model, "num_augmentations": 2, "num_inference_steps": 4, "resolution": 32},
+        "augment": {"model": tiny_model, "num_augmentations": 2, "num_inference_steps": 4, "resolution": 32,
+                    "compute": "tasks"},
         "train": {"arch": "small_cnn", "backbone": "finetune", "image_size": 16, "epochs": 1,
-                  "iterations_per_epoch": 3, "batch_size": 4, "hflip": False},
+                  "iterations_per_epoch": 3, "batch_size": 4, "hflip": False, "num_workers": 0},
     })
     result = sweep(cfg)
     assert (result.trials, result.ran) == (4, 4)
