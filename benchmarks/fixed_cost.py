@@ -1,6 +1,6 @@
 """Fixed cost per job: what a stage costs beyond its work, broken down, in one Ray session.
 
-A small augment job (tiny model, 32 px, 2 steps: the work is a fraction of a second) is run
+A small augment job (tiny model, 32 px, 4 steps: the work is a fraction of a second) is run
 several times in one local Ray session, with `compute: actors` (a fresh actor pool per job, each
 actor loading the model) and `compute: tasks` (Ray tasks whose worker processes keep the model
 loaded for the next job). Each job's wall time is split by timing the driver's phases:
@@ -79,7 +79,7 @@ def main() -> None:
         for i in range(args.repeats):
             phases.clear()
             cfg = AugmentConfig(real=real, output=os.path.join(work, f"syn-{compute}-{i}"), embeddings=emb, model="tiny",
-                                num_augmentations=2, num_inference_steps=2, resolution=32, batch_size=4,
+                                num_augmentations=2, num_inference_steps=4, resolution=32, batch_size=4,
                                 min_actors=1, max_actors=1, num_cpus=0.5, compute=compute)
             start = time.perf_counter()
             augment_module.augment(cfg)

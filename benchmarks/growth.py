@@ -180,11 +180,11 @@ def one_ingest(n: int, work: str, size: int = 16) -> dict:
 
 
 def one_train(n: int, work: str) -> dict:
-    """Augment n synthetic images with the tiny model (2 steps: only their count matters here), then train."""
+    """Augment n synthetic images with the tiny model (4 steps: only their count matters here), then train."""
     from ray_dafusion.config import TrainConfig
     from ray_dafusion.train import train
 
-    aug = one_augment(n, work, resolution=32, steps=2)
+    aug = one_augment(n, work, resolution=32, steps=4)
     import ray
 
     cfg = TrainConfig(real=os.path.join(work, "real"), synthetic=os.path.join(work, "synthetic"),
