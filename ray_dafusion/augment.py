@@ -478,6 +478,10 @@ def _map_augmenter(ds: Any, cfg: AugmentConfig, classes: list[schema.ClassInfo],
                                    "max_retries": cfg.max_restarts}
     else:
         udf = DiffusionAugmenter
+        # An actor that was starting on a node as the node was lost dies "during initialization", and Ray
+        # Data's default (0 such deaths) then fails the whole job: a lost node may cost max_restarts.
+        context = ray.data.DataContext.get_current()
+        context.max_consecutive_actor_init_deaths = max(context.max_consecutive_actor_init_deaths, cfg.max_restarts)
         options = {"fn_constructor_kwargs": kwargs,
                    "compute": ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, actors), max_size=actors),
                    # Ray Data's defaults are unlimited restarts; bound them so a broken node fails the job.
