@@ -26,7 +26,8 @@ BIN = os.path.dirname(sys.executable)
 HEALTH = {"RAY_raylet_start_wait_time_s": "120"}
 
 
-def _ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """`n` loopback ports free right now (for `ray start` on this machine)."""
     socks, ports = [], []
     for _ in range(n):
         s = socket.socket()
@@ -67,7 +68,7 @@ class LocalCluster:
         self.args: dict[str, list[str]] = {}
         self.restarts: dict[str, int] = {}
         self._next_ip = 2
-        gcs, dash, client = _ports(3)
+        gcs, dash, client = free_ports(3)
         self.address = f"127.0.0.2:{gcs}"
         self._start("head", ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.2",
                              f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
@@ -77,7 +78,7 @@ class LocalCluster:
     def _start(self, name: str, args: list[str]) -> None:
         ip = f"127.0.0.{self._next_ip}"  # a fresh address for every node, replacements included
         self._next_ip += 1
-        agent, agent_grpc, rt_env, metrics, nm, om = _ports(6)
+        agent, agent_grpc, rt_env, metrics, nm, om = free_ports(6)
         with open(os.path.join(self.root, f"{name}.log"), "a") as log:
             self.nodes[name] = subprocess.Popen(
                 [f"{BIN}/ray", "start", "--block", f"--node-ip-address={ip}", *args,

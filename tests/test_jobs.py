@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,22 +15,12 @@ import pytest
 
 from ray_dafusion import storage
 
+from localcluster import free_ports
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 pytestmark = pytest.mark.slow
-
-
-def _ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture
@@ -41,7 +30,7 @@ def ray_head(tmp_path):
     import ray
 
     ray.shutdown()  # the session's local Ray: these tests run last (see conftest)
-    gcs, dash, agent, agent_grpc, rt_env, metrics, nm, om, client = _ports(9)
+    gcs, dash, agent, agent_grpc, rt_env, metrics, nm, om, client = free_ports(9)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = f"/tmp/rdf-{os.getpid()}"

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from ray_dafusion import storage, weights
-from ray_dafusion.config import AugmentConfig, InvertConfig, TrainConfig
+from ray_dafusion.config import AugmentConfig, InvertConfig
 
 from localcluster import LocalCluster
 
@@ -136,15 +136,9 @@ def test_augment_survives_a_lost_generation_node(cluster, replace_killed, make_r
                          "test_two_workers_survive_a_killed_worker) covers recovery from a lost worker meanwhile")
 def test_train_survives_a_lost_training_node(cluster, replace_killed, make_real, tmp_path):
     from ray_dafusion.train import train
-    from test_train import CLASSES, _check_exact, _epoch_rows, _pids, _real_ids, write_synthetic
+    from test_train import _check_exact, _epoch_rows, _pids, _real_ids, ddp_kill_config
 
-    real = make_real(class_names=CLASSES, per_split={"train": 5, "val": 2, "test": 1}, size=32)
-    synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=2)
-    debug = str(tmp_path / "debug")
-    cfg = TrainConfig(real=real, synthetic=synthetic, output=str(tmp_path / "runs"), name="ddp", alpha=1.0,
-                      arch="resnet18", backbone="finetune", image_size=64, epochs=2, batch_size=4,
-                      iterations_per_epoch=4, cache_mb=0, num_workers=2, cpus_per_worker=0.5, max_failures=1,
-                      debug_dir=debug, shuffle_buffer=4)
+    cfg, real, debug = ddp_kill_config(make_real, tmp_path)
 
     def rank1_node():  # the node whose session holds the rank-1 worker process
         import glob

@@ -155,15 +155,21 @@ def test_the_same_config_gives_the_same_checkpoint_bytes(ray_session, make_real,
     assert weights[0] != weights[2]
 
 
-def test_two_workers_survive_a_killed_worker(ray_session, make_real, tmp_path):
+def ddp_kill_config(make_real, tmp_path) -> tuple[TrainConfig, str, str]:
+    """Two DDP workers streamed from storage on every pass (cache_mb 0): 15 real images, batch 4,
+    2 passes per epoch, each worker logging its rows to `debug`; (config, real URI, debug dir)."""
     real = make_real(class_names=CLASSES, per_split={"train": 5, "val": 2, "test": 1}, size=32)
     synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=2)
     debug = str(tmp_path / "debug")
-    # streamed from storage on every pass (cache_mb 0): 15 real images, batch 4, 2 passes per epoch
     cfg = TrainConfig(real=real, synthetic=synthetic, output=str(tmp_path / "runs"), name="ddp", alpha=1.0,
                       arch="resnet18", backbone="finetune", image_size=64, epochs=2, batch_size=4,
                       iterations_per_epoch=4, cache_mb=0, num_workers=2, cpus_per_worker=0.5, max_failures=1,
                       debug_dir=debug, shuffle_buffer=4)
+    return cfg, real, debug
+
+
+def test_two_workers_survive_a_killed_worker(ray_session, make_real, tmp_path):
+    cfg, real, debug = ddp_kill_config(make_real, tmp_path)
     killed = []
 
     def kill_rank0_after_first_epoch():
