@@ -69,6 +69,34 @@ def make_data(root: str, num_real: int, m: int, size: int, classes: int = 4) -> 
     return real, synth
 
 
+class _GpuSampler:
+    """Mean of the driver's GPU utilisation (NVML, percent of time a kernel ran), sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[float] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import torch
+
+        while not self.done.wait(0.05):
+            try:
+                self.samples.append(float(torch.cuda.utilization()))
+            except Exception:  # no NVML bindings: the step share alone
+                return
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
 def _bench_loop(loop: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -107,18 +135,25 @@ def _bench_loop(loop: dict) -> None:
         source = iter(batches)
     else:
         source = stream()
-    times = []
+    times, waits = [], []
+    sampler = _GpuSampler() if device.type == "cuda" else None
     for step in range(total):
+        if step == loop["warmup"] and sampler:
+            sampler.start()
         t0 = time.perf_counter()
         x, y, *_ = next(source)
+        waits.append(time.perf_counter() - t0)  # waiting for the next batch: the GPU idles
         loss = train_step(model, optimizer, scaler, x, y, device)
         float(loss)  # wait for the step to finish (CUDA is asynchronous)
         times.append(time.perf_counter() - t0)
     timed = sum(times[loop["warmup"]:])
+    busy = {"step_share": 1 - sum(waits[loop["warmup"]:]) / timed}  # share of the time spent inside steps
+    if sampler:
+        busy["nvml_utilization"] = sampler.stop()
     if ray.train.get_context().get_world_rank() == 0:  # V2 Result.metrics only carry checkpointed reports
         with open(loop["result_file"], "w") as f:
             json.dump({"samples_per_s": loop["steps"] * cfg.batch_size / timed, "seconds": timed,
-                       "torch_threads": torch.get_num_threads(),
+                       "torch_threads": torch.get_num_threads(), "gpu_busy": busy,
                        "step_s": times[loop["warmup"]:]}, f)
 
 
@@ -167,6 +202,7 @@ def main() -> int:
     p.add_argument("--m", type=int, default=4, help="synthetic images per real image")
     p.add_argument("--repeats", type=int, default=1, help="alternate the two modes this many times")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--out", default=None, help="write the summary as JSON here")
     args = p.parse_args()
     args.workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="train-bench-"))
 
@@ -178,19 +214,25 @@ def main() -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     results: dict[str, list[float]] = {"stream": [], "preloaded": []}
+    busy: dict[str, dict] = {}
     for _ in range(args.repeats):
         for mode in ("preloaded", "stream"):
             metrics = run(mode, args, real, synth)
             results[mode].append(metrics["samples_per_s"])
+            busy[mode] = metrics["gpu_busy"]
             print(f"{mode:>9}: {metrics['samples_per_s']:.3f} samples/s over {args.steps} steps "
                   f"({metrics['seconds']:.1f}s; step s median {np.median(metrics['step_s']):.3f}; "
+                  f"busy {metrics['gpu_busy']}; "
                   f"torch threads {metrics['torch_threads']})", flush=True)
     stream, preloaded = float(np.median(results["stream"])), float(np.median(results["preloaded"]))
     summary = {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
                "steps": args.steps, "warmup": args.warmup, "alpha": args.alpha, "m": args.m, "backbone": args.backbone,
                "stream_samples_per_s": stream, "preloaded_samples_per_s": preloaded, "ratio": stream / preloaded,
-               "runs": results}
+               "runs": results, "busy_last_run": busy, "use_gpu": args.use_gpu}
     print(json.dumps(summary, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
     print(f"ratio stream / preloaded = {stream / preloaded:.3f}")
     return 0
 

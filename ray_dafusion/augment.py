@@ -26,6 +26,7 @@ import os
 import time
 import warnings
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -203,8 +204,13 @@ class DiffusionAugmenter:
             self.pipe = models.load_pipeline(cfg.model, cache_dir=cfg.cache_dir, endpoint_url=cfg.endpoint_url)
             if tensors:
                 weights.add_tokens(self.pipe, tensors)
+            done = models.speed_up(self.pipe, compile=cfg.compile, channels_last=cfg.channels_last)
+            if done:
+                log.info("pipeline on %s: %s", self.pipe.device, ", ".join(done))
             if reuse:
                 _PIPELINES.put(key, self.pipe)
+        self.channels_last = cfg.channels_last and self.pipe.device.type == "cuda"
+        self._embeds: dict[str, tuple[Any, Any]] = {}  # prompt -> (embeddings, negative embeddings)
         self.erasure = None
         self.erasure_fingerprints: dict[str, str] = {}
         if cfg.erasure:
@@ -302,27 +308,88 @@ class DiffusionAugmenter:
         return info, source, None
 
     def _generate(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One pipeline call per (class if erasing, t0) group, chunked; each call's results are
+        resized back and PNG-encoded on `io_threads` threads while the next call runs."""
         cfg = self.cfg
         groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
         for job in jobs:
             groups[(job["info"].name if self.erasure is not None else "", job["strength"])].append(job)
-        out = []
-        for (class_name, strength), group in sorted(groups.items()):
-            if self.erasure is not None:  # a few in-place tensor copies; a no-op for the same class
-                self.erasure.apply(self.pipe.unet, class_name)
-            for chunk in even_chunks(group, cfg.max_images_per_call):
-                images = self.pipe(
-                    prompt=[j["prompt"] for j in chunk],
-                    image=[to_model_size(j["source"], cfg.resolution, cfg.resize) for j in chunk],
-                    strength=strength,
-                    guidance_scale=cfg.guidance_scale,
-                    num_inference_steps=cfg.num_inference_steps,
-                    generator=[self.torch.Generator("cpu").manual_seed(j["seed"]) for j in chunk],
-                    output_type="pil",
-                ).images
-                for job, image in zip(chunk, images):
-                    out.append(self._row(job, from_model_size(image, job["source"].size, cfg.resize)))
-        return out
+        pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="augment-io") if cfg.io_threads else None
+        pending = []
+        try:
+            for (class_name, strength), group in sorted(groups.items()):
+                if self.erasure is not None:  # a few in-place tensor copies; a no-op for the same class
+                    self.erasure.apply(self.pipe.unet, class_name)
+                for chunk in even_chunks(group, cfg.max_images_per_call):
+                    pixels = self._denoise(chunk, strength)
+                    pending.append(pool.submit(self._rows, chunk, pixels) if pool else _Done(self._rows(chunk, pixels)))
+            return [row for done in pending for row in done.result()]
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _denoise(self, chunk: Sequence[dict[str, Any]], strength: float) -> np.ndarray:
+        """One img2img call: uint8 (n, H, W, 3) results at the model's resolution.
+
+        The same images as ``pipe(prompt=..., image=[PIL...], generator=[one per image])``: the VAE
+        encodes the chunk in one batch (diffusers encodes one image at a time when given a list of
+        generators) and each image's latent sample and start noise come from its own generator, in
+        the order diffusers draws them. Prompt embeddings are cached per prompt; the results become
+        uint8 on the device, so only a quarter of the bytes cross to the host.
+        """
+        torch, cfg, n = self.torch, self.cfg, len(chunk)
+        sources = [to_model_size(j["source"], cfg.resolution, cfg.resize) for j in chunk]
+        generators = [torch.Generator("cpu").manual_seed(j["seed"]) for j in chunk]
+        prompts = [j["prompt"] for j in chunk]
+        pad = cfg.max_images_per_call - n if cfg.pad_calls else 0
+        if pad > 0:  # copies of the last image with their own generators; their results are dropped
+            sources += sources[-1:] * pad
+            prompts += prompts[-1:] * pad
+            generators += [torch.Generator("cpu").manual_seed(chunk[-1]["seed"]) for _ in range(pad)]
+        with torch.inference_mode():
+            image = self._encode(sources, generators)
+            embeds, negative = self._prompt_embeds(prompts)
+            result = self.pipe(
+                prompt_embeds=embeds, negative_prompt_embeds=negative, image=image, strength=strength,
+                guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
+                generator=generators, output_type="pt",
+            ).images[:n]
+            # exactly diffusers' PIL conversion: float32, x255, round half to even, uint8
+            pixels = (result.float() * 255).round().clamp(0, 255).to(torch.uint8)
+            return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+    def _encode(self, sources: list[Image.Image], generators: list[Any]) -> Any:
+        """Scaled VAE latents of the sources in one batch, sampled image by image with each image's
+        own generator; the PIL list itself for a VAE whose latents the pipeline would not recognise."""
+        pipe, torch = self.pipe, self.torch
+        if pipe.vae.config.latent_channels != 4:  # img2img takes 4-channel tensors as latents
+            return sources
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pixels = pipe.image_processor.preprocess(sources).to(device=pipe.device, dtype=pipe.vae.dtype)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        dist = pipe.vae.encode(pixels).latent_dist
+        latents = [dist.mean[i : i + 1] + dist.std[i : i + 1]
+                   * randn_tensor(dist.mean[i : i + 1].shape, generator=g, device=dist.mean.device, dtype=dist.mean.dtype)
+                   for i, g in enumerate(generators)]
+        return pipe.vae.config.scaling_factor * torch.cat(latents)
+
+    def _prompt_embeds(self, prompts: list[str]) -> tuple[Any, Any]:
+        """(prompt, negative) embeddings of a call, each prompt encoded once per actor."""
+        guided = self.cfg.guidance_scale > 1.0
+        new = sorted(set(prompts) - set(self._embeds))
+        if new:
+            embeds, negative = self.pipe.encode_prompt(new, self.pipe.device, 1, guided)
+            for i, p in enumerate(new):
+                self._embeds[p] = (embeds[i : i + 1], negative[i : i + 1] if guided else None)
+        embeds = self.torch.cat([self._embeds[p][0] for p in prompts])
+        negative = self.torch.cat([self._embeds[p][1] for p in prompts]) if guided else None
+        return embeds, negative
+
+    def _rows(self, chunk: Sequence[dict[str, Any]], pixels: np.ndarray) -> list[dict[str, Any]]:
+        return [self._row(job, from_model_size(Image.fromarray(p), job["source"].size, self.cfg.resize))
+                for job, p in zip(chunk, pixels)]
 
     def _row(self, job: dict[str, Any], image: Image.Image) -> dict[str, Any]:
         row, info, k = job["row"], job["info"], job["aug_index"]
@@ -353,6 +420,16 @@ class DiffusionAugmenter:
         if not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)
+
+
+class _Done:
+    """A finished result with a future's `result()`, for io_threads 0."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
 
 
 class _PipelineCache:
@@ -418,7 +495,16 @@ def _summary(file: str, rows: int, errors: int, skipped: int, seconds: float) ->
         "skipped": pa.array([skipped], pa.int64()),
         "seconds": pa.array([seconds], pa.float64()),
         "max_rss_bytes": pa.array([max_rss_bytes()], pa.int64()),
+        "max_gpu_bytes": pa.array([_max_gpu_bytes()], pa.int64()),
     })
+
+
+def _max_gpu_bytes() -> int:
+    """Peak CUDA memory this process allocated so far (0 without CUDA)."""
+    import sys
+
+    torch = sys.modules.get("torch")  # an actor has it loaded; never import it just for this
+    return int(torch.cuda.max_memory_allocated()) if torch is not None and torch.cuda.is_initialized() else 0
 
 
 # --------------------------------------------------------------------------------------
@@ -733,7 +819,11 @@ def _write_manifest(cfg: AugmentConfig, classes: list[schema.ClassInfo], real_id
         "num_augmentations": cfg.num_augmentations,
         "counts": counts,
         "timings": {"wall_seconds": wall, "images_per_second": generated / wall if wall > 0 else 0.0,
-                    "actor_seconds": sum(s["seconds"] for s in summaries)},
+                    "actor_seconds": sum(s["seconds"] for s in summaries),
+                    # in the order the driver received them: the first includes warm-up (and compiling)
+                    "batches": [{"file": s["file"], "rows": s["rows"], "seconds": round(s["seconds"], 3)}
+                                for s in summaries if s["rows"]],
+                    "max_gpu_bytes": max((s.get("max_gpu_bytes", 0) for s in summaries), default=0)},
         "cost": meter.report(images=generated),
         "versions": versions(),
     }

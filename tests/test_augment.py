@@ -131,13 +131,18 @@ def test_matches_a_direct_diffusers_img2img_call(setup, tiny_model):
     assert np.abs(_pixels(got["image"]) - expected).max() <= PIXEL_TOLERANCE
 
 
-def test_outputs_do_not_depend_on_batch_size_or_order(setup, tmp_path):
+@pytest.mark.parametrize("speed", [
+    dict(max_images_per_call=1),
+    dict(max_images_per_call=3, pad_calls=True, io_threads=0),  # padded calls, results built inline
+    dict(max_images_per_call=2, io_threads=2),
+], ids=["per_image", "padded_inline", "two_io_threads"])
+def test_outputs_do_not_depend_on_batch_size_order_or_speed_settings(setup, tmp_path, speed):
     real, _, cfg = setup
     classes = schema.read_class_table(real)
     table = _real_rows(real)
     one_call = DiffusionAugmenter(cfg(output=str(tmp_path / "a"), max_images_per_call=16), classes)
     one_call(table)
-    per_row = DiffusionAugmenter(cfg(output=str(tmp_path / "b"), max_images_per_call=1), classes)
+    per_row = DiffusionAugmenter(cfg(output=str(tmp_path / "b"), **speed), classes)
     for i in reversed(range(table.num_rows)):
         per_row(table.slice(i, 1))
     a = _rows(storage.read_parquet(str(tmp_path / "a" / "data")))

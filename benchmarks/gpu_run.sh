@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md, on a lent GPU machine with no Ray and no network.
+# Build the bundle here first (python benchmarks/gpu_bundle.py build), then there, carrying .gpu:
+#   bash benchmarks/gpu_run.sh generate   # generation through the Ray job, ~6 min
+#   bash benchmarks/gpu_run.sh train      # training stream vs preloaded, then train/evaluate/score lines, ~3 min
+# Figures and logs go to $OUT (the device tool's folder that comes back), else /tmp/gpu-out.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 RAY_DATA_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1
+WORK=/tmp/gpu-ray-job
+if ! python3 -c "import ray" 2>/dev/null; then
+  python3 benchmarks/gpu_bundle.py install --target /tmp/site || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+case "${1:-generate}" in
+  generate)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    python3 benchmarks/gpu_smoke.py 2>&1 | grep -v "^\s*$" | tail -4
+    python3 benchmarks/gpu_ray_job.py --workdir $WORK --out "$OUT/gpu_ray_job.json" "${@:2}" > "$OUT/gpu_ray_job.log" 2>&1
+    echo "gpu_ray_job rc $?"; grep -E "^(eager|fast|compiled): |TFLOP/s" "$OUT/gpu_ray_job.log"
+    ;;
+  train)
+    python3 benchmarks/train_overhead.py --use-gpu --arch resnet50 --image-size 224 --source-size 160 \
+      --batch-size 64 --steps 40 --warmup 5 --m 2 --cpus-per-worker 12 --out "$OUT/train_gpu.json" > "$OUT/train_gpu.log" 2>&1
+    echo "train_overhead rc $?"; grep -E "samples/s|ratio" "$OUT/train_gpu.log" | grep -v INFO | tail -4
+    configs=(--configs "")  # the stages train on the generate step's synthetic rows; on a fresh machine, make a few
+    [ -f $WORK/fast/manifest.json ] || configs=(--configs fast --num-real 8 --m 2 --steps 10)
+    python3 benchmarks/gpu_ray_job.py --workdir $WORK "${configs[@]}" --stages --train-steps 10 \
+      --out "$OUT/gpu_stages.json" > "$OUT/gpu_stages.log" 2>&1
+    echo "stages rc $?"; grep -E "on GPU: " "$OUT/gpu_stages.log"
+    ;;
+esac
