@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_DATA_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1
 WORK=/tmp/gpu-ray-job
-if ! python3 -c "import ray" 2>/dev/null; then
+if ! PYTHONPATH=/tmp/site python3 -c "import ray, diffusers" 2>/dev/null; then  # installed by an earlier call
   python3 benchmarks/gpu_bundle.py install --target /tmp/site || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
