@@ -179,7 +179,8 @@ def stages(real: str, synthetic: str, work: str, args: argparse.Namespace) -> di
     start = time.perf_counter()
     tcfg = TrainConfig(real=real, synthetic=synthetic, output=os.path.join(work, "train"), method="da_fusion",
                        arch="resnet50", image_size=224, batch_size=32, epochs=2, iterations_per_epoch=args.train_steps,
-                       num_workers=1, use_gpu=args.gpu, cpus_per_worker=4 if args.gpu else 0.5, backbone="finetune")
+                       num_workers=1, use_gpu=args.gpu, cpus_per_worker=4 if args.gpu else 0.5, backbone="finetune",
+                       decode_threads=4 if args.gpu else 1)
     tr = train(tcfg)
     out["train"] = {"seconds": round(time.perf_counter() - start, 1), "result": _plain(tr),
                     "samples_per_s_by_epoch": [m.get("samples_per_s") for m in tr.metrics]}

@@ -22,7 +22,7 @@ case "${1:-generate}" in
     ;;
   train)
     python3 benchmarks/train_overhead.py --use-gpu --arch resnet50 --image-size 224 --source-size 160 \
-      --batch-size 64 --steps 40 --warmup 5 --m 2 --cpus-per-worker 12 --out "$OUT/train_gpu.json" > "$OUT/train_gpu.log" 2>&1
+      --batch-size 64 --steps 40 --warmup 5 --m 2 --cpus-per-worker 12 --decode-threads 12 --out "$OUT/train_gpu.json" > "$OUT/train_gpu.log" 2>&1
     echo "train_overhead rc $?"; grep -E "samples/s|ratio" "$OUT/train_gpu.log" | grep -v INFO | tail -4
     configs=(--configs "")  # the stages train on the generate step's synthetic rows; on a fresh machine, make a few
     [ -f $WORK/fast/manifest.json ] || configs=(--configs fast --num-real 8 --m 2 --steps 10)

@@ -120,7 +120,8 @@ def _bench_loop(loop: dict) -> None:
 
     def stream():  # epoch after epoch of the train stage's exact mixed stream
         for epoch in itertools.count():
-            collate = MixedCollate(tf, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"])
+            collate = MixedCollate(tf, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"],
+                                   threads=cfg.decode_threads)
             chunks = shard.iter_torch_batches(
                 batch_size=local_batch * loop["rows_per_real"], collate_fn=collate, device="cpu",
                 prefetch_batches=cfg.prefetch_batches, local_shuffle_buffer_size=cfg.shuffle_buffer,
@@ -167,7 +168,7 @@ def run(mode: str, args, real: str, synth: str) -> dict:
     cfg = TrainConfig(real=real, synthetic=synth, output=args.workdir, arch=args.arch, image_size=args.image_size,
                       batch_size=args.batch_size, backbone=args.backbone, num_workers=args.workers,
                       use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, alpha=args.alpha,
-                      shuffle_buffer=max(64, args.batch_size * 4))
+                      shuffle_buffer=max(64, args.batch_size * 4), decode_threads=args.decode_threads)
     data = streaming_data(cfg, cfg.alpha)
     result_file = os.path.join(args.workdir, f"result-{mode}-{time.time_ns()}.json")
     trainer = TorchTrainer(
@@ -197,6 +198,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--decode-threads", type=int, default=1, help="train config decode_threads (rows decoded in parallel)")
     p.add_argument("--backbone", default="finetune")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--m", type=int, default=4, help="synthetic images per real image")
@@ -225,7 +227,7 @@ def main() -> int:
                   f"busy {metrics['gpu_busy']}; "
                   f"torch threads {metrics['torch_threads']})", flush=True)
     stream, preloaded = float(np.median(results["stream"])), float(np.median(results["preloaded"]))
-    summary = {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+    summary = {"decode_threads": args.decode_threads, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
                "steps": args.steps, "warmup": args.warmup, "alpha": args.alpha, "m": args.m, "backbone": args.backbone,
                "stream_samples_per_s": stream, "preloaded_samples_per_s": preloaded, "ratio": stream / preloaded,
                "runs": results, "busy_last_run": busy, "use_gpu": args.use_gpu}

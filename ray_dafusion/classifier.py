@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from typing import Any, Optional
 
 from . import storage
@@ -27,6 +28,7 @@ __all__ = [
     "CHECKPOINT_META",
     "build_model",
     "make_transform",
+    "TrainTransform",
     "eval_transform",
     "decode_uint8",
     "save_checkpoint",
@@ -132,21 +134,64 @@ def _load_state_dict_file(model, uri: str, endpoint_url: Optional[str]) -> None:
 
 def make_transform(image_size: int, train: bool, rotation: float = 15.0, hflip: bool = True,
                    randaugment: bool = False, fill: int = 0):
-    """torchvision v2 transform on a uint8 (3, H, W) tensor -> float (3, S, S) normalised to [-1, 1].
-    `fill` is the grey level of the corners that a rotation or shear uncovers."""
+    """Transform of a uint8 (3, H, W) tensor -> float (3, S, S) normalised to [-1, 1]: resize, then
+    for training a random flip, rotation and optional RandAugment. `fill` is the grey level of the
+    corners that a rotation or shear uncovers."""
+    if train:
+        return TrainTransform(image_size, rotation, hflip, randaugment, fill)
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *_to_float()])
+
+
+def _to_float() -> list[Any]:
     import torch
     from torchvision.transforms import v2
 
-    steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
-    if train:
-        if hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if rotation > 0:
-            steps.append(v2.RandomRotation(rotation, fill=fill))
-        if randaugment:
-            steps.append(v2.RandAugment(fill=fill))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
-    return v2.Compose(steps)
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+
+
+_GLOBAL_RNG = threading.Lock()
+
+
+class TrainTransform:
+    """The training transform, whose flip and rotation draw from a generator passed per call.
+
+    torchvision's random transforms draw from torch's one global generator; seeding that per row
+    needs a lock around every call, which serialises the decoding threads (on a GPU node the
+    stream then feeds one core's worth of images). Here each row's draws come from its own
+    `torch.Generator`, so threads transform rows in parallel and a row's result depends only on
+    its seed. RandAugment (many ops, drawn inside torchvision) still takes the global generator,
+    seeded from the row's generator under a lock. Without a generator, the global one is used.
+    """
+
+    def __init__(self, image_size: int, rotation: float, hflip: bool, randaugment: bool, fill: int) -> None:
+        from torchvision.transforms import v2
+
+        self.resize = v2.Resize((image_size, image_size), antialias=True)
+        self.rotation, self.hflip, self.fill = float(rotation), hflip, fill
+        self.randaugment = v2.RandAugment(fill=fill) if randaugment else None
+        self.post = v2.Compose(_to_float())
+
+    def __call__(self, image: Any, generator: Any = None) -> Any:
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
+        x = self.resize(image)
+        if self.hflip and float(torch.rand(1, generator=generator)) < 0.5:
+            x = F.horizontal_flip(x)
+        if self.rotation > 0:
+            angle = float(torch.empty(1).uniform_(-self.rotation, self.rotation, generator=generator))
+            x = F.rotate(x, angle, fill=float(self.fill))
+        if self.randaugment is not None:
+            if generator is None:
+                x = self.randaugment(x)
+            else:
+                seed = int(torch.randint(2**62, (1,), generator=generator))
+                with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    x = self.randaugment(x)
+        return self.post(x)
 
 
 def eval_transform(meta: dict[str, Any]):

@@ -361,6 +361,8 @@ class TrainConfig(StageConfig):
     """Checkpoints kept besides the latest (the best on val_mean_class_acc are kept)."""
     prefetch_batches: int = resource(2)
     """Batches each worker decodes ahead of the one being trained on."""
+    decode_threads: int = resource(1)
+    """Threads per training worker that decode and transform the images of a batch (1: one; on a GPU node about cpus_per_worker, or the stream feeds the GPU one core's worth of images)."""
     cache_mb: float = resource(1024.0)
     """Keep each worker's share of the encoded real+synthetic rows in memory after the first read when the whole union is at most this many MB; larger unions stream from storage on every pass."""
     shuffle_buffer: int = resource(512)
@@ -369,7 +371,7 @@ class TrainConfig(StageConfig):
     """Testing aid: each worker writes its pid and the rows it trained on per epoch here."""
 
     def validate(self) -> None:
-        positive(self, "num_to_keep", "prefetch_batches", "shuffle_buffer", "iterations_per_epoch")
+        positive(self, "num_to_keep", "prefetch_batches", "shuffle_buffer", "iterations_per_epoch", "decode_threads")
         positive(self, "cache_mb", allow_zero=True)
         one_of(self, "method", TRAIN_METHODS)
         one_of(self, "arch", ARCHS)

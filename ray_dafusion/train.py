@@ -46,6 +46,7 @@ from .classifier import (
     build_model,
     decode_uint8,
     load_train_state,
+    TrainTransform,
     make_transform,
     save_checkpoint,
 )
@@ -115,28 +116,53 @@ _TRANSFORM_LOCK = threading.Lock()
 
 
 def seeded_transform(transform: Any, image: Any, seed: int) -> Any:
-    """`transform(image)` with torch's CPU generator set to `seed` for the call and restored after.
+    """`transform(image)` with its random draws seeded by `seed`.
 
-    torchvision's random transforms draw from the global generator, which prefetch threads share;
-    the lock makes each row's draws its own.
+    The training transform (`classifier.TrainTransform`) takes a generator of its own, so rows
+    transform in parallel threads. Any other transform draws from torch's global generator,
+    which is set to `seed` for the call under a lock, and restored after.
     """
     import torch
 
+    if isinstance(transform, TrainTransform):
+        return transform(image, torch.Generator().manual_seed(seed))
     with _TRANSFORM_LOCK, torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         return transform(image)
 
 
+_POOLS: dict[int, Any] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _row_pool(threads: int) -> Any:
+    """This process's thread pool of that size for decoding and transforming rows (made once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="decode-rows")
+        return _POOLS[threads]
+
+
 def _transform_rows(transform: Any, image_size: int, image_bytes: Any, labels: Any, aug: Any, ids: Any,
-                    seeds: Optional[list[int]], pass_index: int) -> tuple:
-    """Decode and transform rows -> (x (B, 3, S, S), y (B,), aug_index (B,), ids (B,), pass (B,))."""
+                    seeds: Optional[list[int]], pass_index: int, threads: int = 1) -> tuple:
+    """Decode and transform rows -> (x (B, 3, S, S), y (B,), aug_index (B,), ids (B,), pass (B,)).
+
+    With `threads` > 1 the rows are split over this process's decoding threads (torch's decode,
+    resize and rotate release the GIL); each row's result depends only on its bytes and seed.
+    """
     import torch
 
-    images = [decode_uint8(b) for b in image_bytes]
-    if seeds is None:
-        images = [transform(img) for img in images]
+    def one(i: int) -> Any:
+        image = decode_uint8(image_bytes[i])
+        return transform(image) if seeds is None else seeded_transform(transform, image, seeds[i])
+
+    n = len(image_bytes)
+    if threads > 1 and n > 1:
+        images = list(_row_pool(threads).map(one, range(n)))
     else:
-        images = [seeded_transform(transform, img, s) for img, s in zip(images, seeds)]
+        images = [one(i) for i in range(n)]
     x = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     return x, y, np.asarray(aug), np.asarray(ids), np.full(len(ids), pass_index)
@@ -151,10 +177,11 @@ class MixedCollate(NumpyBatchCollateFn):
     """
 
     def __init__(self, transform, image_size: int, candidates: Optional[dict] = None, seed: int = 0,
-                 epoch: int = 0, alpha: float = 0.0, keep_all: bool = False, pass_index: int = 0):
+                 epoch: int = 0, alpha: float = 0.0, keep_all: bool = False, pass_index: int = 0,
+                 threads: int = 1):
         self.transform, self.image_size = transform, image_size
         self.candidates, self.seed, self.epoch, self.alpha = candidates or {}, seed, epoch, alpha
-        self.keep_all, self.pass_index = keep_all, pass_index
+        self.keep_all, self.pass_index, self.threads = keep_all, pass_index, threads
 
     def __call__(self, batch: dict[str, np.ndarray]):
         if self.keep_all:
@@ -165,7 +192,7 @@ class MixedCollate(NumpyBatchCollateFn):
         ids = batch["id"][mask]
         seeds = None if self.keep_all else [item_seed(self.seed, self.epoch, self.pass_index, str(i)) for i in ids]
         return _transform_rows(self.transform, self.image_size, batch["image_bytes"][mask], batch["label"][mask],
-                               batch["aug_index"][mask], ids, seeds, self.pass_index)
+                               batch["aug_index"][mask], ids, seeds, self.pass_index, self.threads)
 
 
 def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
@@ -469,7 +496,7 @@ def _cache_passes(cache: _RowCache, cfg: TrainConfig, loop: dict[str, Any], tran
         ids = cache.id[idx]
         seeds = [item_seed(cfg.seed, epoch, pass_index, str(i)) for i in ids]
         return _transform_rows(transform, cfg.image_size, cache.image_bytes[idx], cache.label[idx],
-                               cache.aug_index[idx], ids, seeds, pass_index)
+                               cache.aug_index[idx], ids, seeds, pass_index, cfg.decode_threads)
 
     def plan() -> Iterator[tuple[int, np.ndarray]]:
         for p in range(passes):
@@ -494,7 +521,7 @@ def _stream_pass(shard: Any, cfg: TrainConfig, loop: dict[str, Any], transform: 
     """Chunks of one pass, streamed from storage (for unions larger than cache_mb)."""
     read_batch = local_batch * loop["rows_per_real"]
     collate = MixedCollate(transform, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"],
-                           pass_index=pass_index)
+                           pass_index=pass_index, threads=cfg.decode_threads)
     yield from shard.iter_torch_batches(
         batch_size=read_batch, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
         local_shuffle_buffer_size=max(cfg.shuffle_buffer, read_batch),
@@ -562,11 +589,12 @@ def _validate(cfg: TrainConfig, bare: Any, val: Any, num_classes: int, world: in
     if isinstance(val, _RowCache):
         batches: Iterator[tuple] = (
             _transform_rows(transform, cfg.image_size, val.image_bytes[i:i + batch], val.label[i:i + batch],
-                            val.aug_index[i:i + batch], val.id[i:i + batch], None, 0)
+                            val.aug_index[i:i + batch], val.id[i:i + batch], None, 0, cfg.decode_threads)
             for i in range(0, len(val), batch))
     else:
         batches = val.iter_torch_batches(batch_size=batch, device="cpu", prefetch_batches=cfg.prefetch_batches,
-                                         collate_fn=MixedCollate(transform, cfg.image_size, keep_all=True))
+                                         collate_fn=MixedCollate(transform, cfg.image_size, keep_all=True,
+                                                                 threads=cfg.decode_threads))
     with torch.no_grad():
         for x, y, *_ in batches:
             if len(y) == 0:

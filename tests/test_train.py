@@ -5,6 +5,7 @@ bit-identical reruns, S3 storage and weights."""
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from PIL import Image
 from ray_dafusion import schema, storage
 from ray_dafusion.config import ConfigError, EvaluateConfig, TrainConfig
 from ray_dafusion.evaluate import evaluate
-from ray_dafusion.classifier import build_model
+from ray_dafusion.classifier import build_model, make_transform
 from ray_dafusion.train import exact_batches, train
 
 CLASSES = ("cat", "dog", "fox")
@@ -150,9 +151,37 @@ def test_the_same_config_gives_the_same_checkpoint_bytes(ray_session, make_real,
                 image_size=32, epochs=1, batch_size=3, iterations_per_epoch=6, rotation=15.0, num_workers=1)
     runs = [train(TrainConfig(**base, output=str(tmp_path / d))) for d in ("a", "b")]
     runs.append(train(TrainConfig(**{**base, "seed": 1}, output=str(tmp_path / "c"))))
+    runs.append(train(TrainConfig(**{**base, "decode_threads": 3}, output=str(tmp_path / "d"))))
     weights = [storage.read_bytes(storage.join(r.best_checkpoint, "model.pt")) for r in runs]
     assert weights[0] == weights[1]
     assert weights[0] != weights[2]
+    assert weights[0] == weights[3], "decoding threads changed what was trained on"
+
+
+def test_rows_transform_the_same_on_any_number_of_threads():
+    from ray_dafusion.train import _transform_rows
+
+    rng = np.random.default_rng(0)
+    data = []
+    for _ in range(9):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, format="PNG")
+        data.append(buf.getvalue())
+    tf = make_transform(24, True, rotation=30, hflip=True, randaugment=True, fill=255)
+    args = (tf, 24, np.array(data, dtype=object), np.zeros(9), np.full(9, -1), np.arange(9).astype(str))
+    one = _transform_rows(*args, list(range(9)), 0, threads=1)
+    many = _transform_rows(*args, list(range(9)), 0, threads=4)
+    assert torch.equal(one[0], many[0]) and one[0].shape == (9, 3, 24, 24)
+    other = _transform_rows(*args, list(range(1, 10)), 0, threads=4)
+    assert not torch.equal(one[0], other[0])  # the seeds decide the draws
+
+
+def test_rotation_fills_the_uncovered_corners():
+    tf = make_transform(32, True, rotation=45, hflip=False, fill=255)
+    black = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    outs = [tf(black, torch.Generator().manual_seed(s)) for s in range(8)]
+    corners = [float(o[:, 0, 0].mean()) for o in outs]  # normalised: 255 -> 1.0, 0 -> -1.0
+    assert max(corners) == 1.0 and min(float(o[:, 16, 16].mean()) for o in outs) == -1.0
 
 
 def ddp_kill_config(make_real, tmp_path) -> tuple[TrainConfig, str, str]:
