@@ -190,7 +190,7 @@ def one_train(n: int, work: str) -> dict:
     cfg = TrainConfig(real=os.path.join(work, "real"), synthetic=os.path.join(work, "synthetic"),
                       output=os.path.join(work, "train"), method="da_fusion", arch="small_cnn", image_size=32,
                       epochs=3, iterations_per_epoch=100, batch_size=32, num_workers=1, cpus_per_worker=0.5,
-                      stall_warning=600.0)
+                      cache_mb=0, stall_warning=600.0)  # cache_mb 0: every pass streams from parquet
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start

@@ -743,19 +743,35 @@ def _generate(cfg: AugmentConfig, classes: list[schema.ClassInfo], train_files: 
         # flags as deprecated for 2.64 while offering no named parameter for them yet.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = _map_augmenter(ds, cfg, classes, progress.partial, fingerprints, faults, actors, pin)
-    stop_after = (faults or {}).get("stop_after_batches")
-    summaries = []
     hint = (f"each of {actors} actors reserves num_cpus {cfg.num_cpus:g} and num_gpus {cfg.num_gpus:g}"
             + (f" on nodes with {', '.join(pin)}" if pin else "") + "; lower them or max_actors, or add nodes")
-    with Watchdog("augment", "batch", cfg.stall_warning, cfg.stall_timeout, hint=hint) as watchdog:
-        for summary in ds.iter_rows():
-            watchdog.progress()
-            summaries.append(summary)
-            if summary["rows"]:
-                log.info("wrote %s (%d images, %.1fs)", summary["file"], summary["rows"], summary["seconds"])
-            if stop_after is not None and len(summaries) >= stop_after:
-                raise RuntimeError(f"injected stop after {len(summaries)} batches")
+    summaries: list[dict[str, Any]] = []
+    error = _drain(ds, summaries, cfg, hint, (faults or {}).get("stop_after_batches"))
+    if error is not None:
+        # Ray Data keeps a failed run's actors alive (for lineage) as long as this driver lives,
+        # holding their CPUs/GPUs: a re-run is a new command (a new driver), as the message says.
+        raise StageError(f"augment stopped after {len(summaries)} batches: {error}. Every committed batch is kept; "
+                         "re-run the same command (a new process) to generate the rest")
     return summaries
+
+
+def _drain(ds: Any, summaries: list[dict[str, Any]], cfg: AugmentConfig, hint: str,
+           stop_after: Optional[int]) -> Optional[str]:
+    """Run the actor pool to its end, appending each batch's summary; the error as text, if any
+    (logged with its traceback here, so that no reference to the run outlives this call)."""
+    try:
+        with Watchdog("augment", "batch", cfg.stall_warning, cfg.stall_timeout, hint=hint) as watchdog:
+            for summary in ds.iter_rows():
+                watchdog.progress()
+                summaries.append(summary)
+                if summary["rows"]:
+                    log.info("wrote %s (%d images, %.1fs)", summary["file"], summary["rows"], summary["seconds"])
+                if stop_after is not None and len(summaries) >= stop_after:
+                    raise RuntimeError(f"injected stop after {len(summaries)} batches")
+    except Exception as exc:
+        log.warning("augment run failed", exc_info=True)
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _verify(cfg: AugmentConfig, real_ids: list[str]) -> tuple[list[tuple[str, int]], set[str]]:

@@ -137,6 +137,7 @@ class LocalCluster:
         import ray
 
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+        self.init_kwargs = init_kwargs
         deadline = time.time() + timeout
         while True:
             try:
@@ -149,6 +150,14 @@ class LocalCluster:
                 time.sleep(2)
         self.wait_for(set(self.nodes) - {"head"}, deadline - time.time())
         return ray
+
+    def reconnect(self):
+        """This process's driver leaves and joins again, as a new job: what a user's second command
+        is (the first driver's actors, which Ray keeps while their owner lives, are gone)."""
+        import ray
+
+        ray.shutdown()
+        return self.connect(**self.init_kwargs)
 
     def wait_for(self, names: set[str], timeout: float = 180) -> None:
         """Until a live node carries each of `names`."""
