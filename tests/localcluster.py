@@ -151,14 +151,6 @@ class LocalCluster:
         self.wait_for(set(self.nodes) - {"head"}, deadline - time.time())
         return ray
 
-    def reconnect(self):
-        """This process's driver leaves and joins again, as a new job: what a user's second command
-        is (the first driver's actors, which Ray keeps while their owner lives, are gone)."""
-        import ray
-
-        ray.shutdown()
-        return self.connect(**self.init_kwargs)
-
     def wait_for(self, names: set[str], timeout: float = 180) -> None:
         """Until a live node carries each of `names`."""
         deadline = time.time() + timeout
