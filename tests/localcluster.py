@@ -137,6 +137,10 @@ class LocalCluster:
         import ray
 
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+        # A local ray.init earlier in this process (the single-node tests') leaves RAY_AUTH_MODE=token
+        # in the environment; drivers of this cluster, whose nodes run without auth, must not use it.
+        self._auth_mode = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         self.init_kwargs = init_kwargs
         deadline = time.time() + timeout
         while True:
@@ -191,6 +195,11 @@ class LocalCluster:
         return len(pids)
 
     def stop(self) -> None:
+        if hasattr(self, "_auth_mode"):  # the environment as connect() found it
+            if self._auth_mode is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
+            else:
+                os.environ["RAY_AUTH_MODE"] = self._auth_mode
         for name in list(self.nodes)[::-1]:  # worker nodes first, the head last
             proc = self.nodes.pop(name)
             proc.send_signal(signal.SIGTERM)

@@ -118,10 +118,6 @@ def _kill_when(cluster, ready, pick, timeout: float = 300) -> tuple[threading.Th
     return thread, killed
 
 
-@pytest.mark.skip(reason="open (issue 12): passes run alone (twice: 72 of 72 rows, 0 duplicated, the re-run in a "
-                         "new driver), but in the full suite, after the single-node tests, the first run's actor pool "
-                         "loses its actors before they start ('all references to the actor were removed ... cancelled "
-                         "before it started', 3 init deaths), in a fresh driver process too; cause not found yet")
 def test_augment_survives_a_lost_generation_node(cluster, replace_killed, make_real, tmp_path):
     from test_augment import FAST, M, _check_complete, _embeddings, _real_rows
 
