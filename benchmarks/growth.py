@@ -100,6 +100,8 @@ def _start_ray() -> None:
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if ray.is_initialized():
+        return
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -113,7 +115,9 @@ def _tokens(work: str) -> str:
     return emb
 
 
-def one_augment(n: int, work: str, resolution: int = 32, steps: int = 4, actors: int = 1) -> dict:
+def one_augment(n: int, work: str, resolution: int = 32, steps: int = 4, actors: int = 1,
+                real: str | None = None) -> dict:
+    """N synthetic images from N / M real rows (written here unless `real` is an ingest output)."""
     sys.path.insert(0, HERE)
     from augment_overhead import write_real
 
@@ -122,8 +126,9 @@ def one_augment(n: int, work: str, resolution: int = 32, steps: int = 4, actors:
     from ray_dafusion.config import AugmentConfig
     from ray_dafusion.models import resolve_model
 
-    real = os.path.join(work, "real")
-    write_real(real, n // M, resolution)
+    if real is None:
+        real = os.path.join(work, "real")
+        write_real(real, n // M, resolution)
     resolve_model("tiny")  # built once, outside the clock
     cfg = AugmentConfig(real=real, output=os.path.join(work, "synthetic"), embeddings=_tokens(work), model="tiny",
                         num_augmentations=M, num_inference_steps=steps, resolution=resolution, batch_size=8,
@@ -184,10 +189,15 @@ def one_train(n: int, work: str) -> dict:
     from ray_dafusion.config import TrainConfig
     from ray_dafusion.train import train
 
-    aug = one_augment(n, work, resolution=32, steps=4)
+    sys.path.insert(0, HERE)
+    from gpu_ray_job import make_real
+
+    _start_ray()
+    real = make_real(work, n // M, 32)  # through the ingest stage: train, val and test splits, as train needs
+    aug = one_augment(n, work, resolution=32, steps=4, real=real)
     import ray
 
-    cfg = TrainConfig(real=os.path.join(work, "real"), synthetic=os.path.join(work, "synthetic"),
+    cfg = TrainConfig(real=real, synthetic=os.path.join(work, "synthetic"),
                       output=os.path.join(work, "train"), method="da_fusion", arch="small_cnn", image_size=32,
                       epochs=3, iterations_per_epoch=100, batch_size=32, num_workers=1, cpus_per_worker=0.5,
                       cache_mb=0, stall_warning=600.0)  # cache_mb 0: every pass streams from parquet
