@@ -770,6 +770,12 @@ def _drain(ds: Any, summaries: list[dict[str, Any]], cfg: AugmentConfig, hint: s
                     raise RuntimeError(f"injected stop after {len(summaries)} batches")
     except Exception as exc:
         log.warning("augment run failed", exc_info=True)
+        # Stop the pool's actors now, so that nothing of this run commits after it has reported its
+        # failure (Ray Data 2.60 exposes the running execution only as this attribute; an error from
+        # Ray Data itself has already shut it down, gently, and this is then a no-op).
+        executor = getattr(ds, "_current_executor", None)
+        if executor is not None:
+            executor.shutdown(force=True)
         return f"{type(exc).__name__}: {exc}"
     return None
 
