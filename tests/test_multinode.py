@@ -74,6 +74,12 @@ def _augment_rows(cfg) -> int:
     return augment(cfg).synthetic_rows
 
 
+def _train_epochs(cfg) -> list[int]:
+    from ray_dafusion.train import train
+
+    return [m["epoch"] for m in train(cfg).metrics]
+
+
 def _driver(address: str, init_kwargs: dict, fn, *args):
     """In a fresh process: join the cluster as a driver, run fn(*args); ("ok", value) or ("error", text)."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
@@ -160,13 +166,7 @@ def test_augment_survives_a_lost_generation_node(cluster, replace_killed, make_r
     assert placed and placed <= {"gen_a", "gen_b"}, placed
 
 
-@pytest.mark.skip(reason="open (issue 12): passes run alone (twice: train_b / train_a killed mid-epoch, both epochs "
-                         "finished on train_gpu nodes), but in the full suite the TrainController is 'cancelled before "
-                         "it started': this test drives the cluster from the test process, whose Ray read "
-                         "RAY_AUTH_MODE=token from the earlier local ray.init; run train() in a new driver process as "
-                         "the augment test does (_in_new_driver)")
 def test_train_survives_a_lost_training_node(cluster, replace_killed, make_real, tmp_path):
-    from ray_dafusion.train import train
     from test_train import _check_exact, _epoch_rows, _pids, _real_ids, ddp_kill_config
 
     cfg, real, debug = ddp_kill_config(make_real, tmp_path)
@@ -194,12 +194,13 @@ def test_train_survives_a_lost_training_node(cluster, replace_killed, make_real,
 
     watcher = threading.Thread(target=watch_workers, daemon=True)
     watcher.start()
-    result = train(cfg)
+    outcome, epochs = _in_new_driver(cluster, _train_epochs, cfg)  # a user's command: a new driver
+    assert outcome == "ok", epochs
     thread.join(timeout=5)
     watcher_stop.set()
     watcher.join(timeout=5)
     assert killed and killed[0][0].startswith("train_"), f"no training node was killed: {killed}"
-    assert [m["epoch"] for m in result.metrics] == [0, 1]
+    assert epochs == [0, 1]
     assert len(_pids(debug)) >= 4, "a new worker group took over after the node was lost"
     ids = _real_ids(real)
     for epoch, by_rank in _epoch_rows(debug).items():  # the epoch guarantee, after the restart too
@@ -207,7 +208,7 @@ def test_train_survives_a_lost_training_node(cluster, replace_killed, make_real,
         _check_exact(by_rank[0][1] + by_rank[1][1], ids, passes=2)
     placed.update(_where(cluster, "actors", "RayTrainWorker"))
     assert placed and set(placed.values()) <= {"train_a", "train_b"}, placed
-    print(f"train: node {killed[0][0]} killed mid-epoch; {len(result.metrics)} epochs finished on "
+    print(f"train: node {killed[0][0]} killed mid-epoch; {len(epochs)} epochs finished on "
           f"{sorted(set(placed.values()))}")
 
 
