@@ -315,15 +315,15 @@ class DiffusionAugmenter:
         for job in jobs:
             groups[(job["info"].name if self.erasure is not None else "", job["strength"])].append(job)
         pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="augment-io") if cfg.io_threads else None
-        pending = []
+        parts: list[Any] = []  # per call: a future of its rows (io_threads > 0) or the rows
         try:
             for (class_name, strength), group in sorted(groups.items()):
                 if self.erasure is not None:  # a few in-place tensor copies; a no-op for the same class
                     self.erasure.apply(self.pipe.unet, class_name)
                 for chunk in even_chunks(group, cfg.max_images_per_call):
                     pixels = self._denoise(chunk, strength)
-                    pending.append(pool.submit(self._rows, chunk, pixels) if pool else _Done(self._rows(chunk, pixels)))
-            return [row for done in pending for row in done.result()]
+                    parts.append(pool.submit(self._rows, chunk, pixels) if pool else self._rows(chunk, pixels))
+            return [row for part in parts for row in (part.result() if pool else part)]
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -420,16 +420,6 @@ class DiffusionAugmenter:
         if not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)
-
-
-class _Done:
-    """A finished result with a future's `result()`, for io_threads 0."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def result(self) -> Any:
-        return self.value
 
 
 class _PipelineCache:
