@@ -204,7 +204,7 @@ class LocalCluster:
             proc = self.nodes.pop(name)
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=10)  # what is left is killed below
             except subprocess.TimeoutExpired:
                 pass
             for pid in session_pids(proc.pid):
