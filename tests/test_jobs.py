@@ -15,7 +15,7 @@ import pytest
 
 from ray_dafusion import storage
 
-from localcluster import free_ports
+from localcluster import free_ports, session_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -49,9 +49,14 @@ def ray_head(tmp_path):
     finally:
         head.send_signal(signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            pass
+        for pid in session_pids(head.pid):  # what a graceful stop left (workers keep the session)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         log.close()
 
 
