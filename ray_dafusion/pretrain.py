@@ -37,7 +37,7 @@ from .configlib import config_fingerprint
 from .logs import setup_logging
 from .runinfo import CostMeter, versions
 from .tokens import INVERSION_TEMPLATES, make_prompt
-from .watchdog import Watchdog
+from .watchdog import Watchdog, sigint_kept
 
 __all__ = ["PretrainResult", "pretrain", "caption_words", "cluster_captions", "IMAGE_SUFFIXES"]
 
@@ -507,7 +507,8 @@ def _fit(cfg: PretrainConfig, images: Any, words: list[str], config_fp: str) -> 
     with Watchdog("pretrain", "checkpoint", cfg.stall_warning, cfg.stall_timeout, poll_seconds=10.0,
                   probe=lambda: len(storage.list_dirs(run_dir, cfg.endpoint_url)),
                   hint=f"{cfg.num_workers} workers reserve cpus_per_worker {cfg.cpus_per_worker:g}"):
-        return trainer.fit()
+        with sigint_kept():
+            return trainer.fit()
 
 
 def _write_output(cfg: PretrainConfig, result: Any, words: list[str], good: list[dict[str, Any]],

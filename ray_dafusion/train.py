@@ -56,7 +56,7 @@ from .errors import ConfigError
 from .logs import setup_logging
 from .modes import TRAIN_METHODS
 from .runinfo import CostMeter, versions
-from .watchdog import Watchdog
+from .watchdog import Watchdog, sigint_kept
 
 __all__ = [
     "TrainResult",
@@ -913,7 +913,8 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
             if not session.records:
                 return _FitOutcome(None, [])
             return _FitOutcome(session.records[-1]["path"], [(r["path"], r["metrics"]) for r in session.records])
-        result = _ray_train(cfg, name, data, loop, cache).fit()
+        with sigint_kept():
+            result = _ray_train(cfg, name, data, loop, cache).fit()
     best = [(_checkpoint_uri(cfg, c), m) for c, m in (result.best_checkpoints or [])]
     return _FitOutcome(_checkpoint_uri(cfg, result.checkpoint) if result.checkpoint is not None else None, best)
 

@@ -9,6 +9,7 @@ of waiting longer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -17,9 +18,26 @@ from typing import Any, Callable, Optional
 
 from .errors import StageError
 
-__all__ = ["Watchdog", "cluster_summary"]
+__all__ = ["Watchdog", "cluster_summary", "sigint_kept"]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def sigint_kept() -> Any:
+    """Give the process its SIGINT handler back when the block ends.
+
+    Ray Train's ``fit()`` installs a handler of its own (Ctrl-C aborts that run) and leaves it
+    installed after the run. A later stage in the same process (a pipeline, a sweep trial) then
+    never sees KeyboardInterrupt: neither the user's Ctrl-C nor a watchdog's ``stall_timeout``
+    interrupts it until its work returns by itself."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def cluster_summary() -> str:

@@ -106,7 +106,11 @@ def test_mixed_stream_exact_per_epoch_then_resume(ray_session, make_real, tmp_pa
     cfg = TrainConfig(real=real, synthetic=synthetic, output=str(tmp_path / "runs"), name="mix", method="da_fusion",
                       alpha=0.5, arch="resnet18", backbone="finetune", image_size=32, epochs=2, batch_size=4,
                       iterations_per_epoch=6, num_workers=1, cpus_per_worker=0.5, debug_dir=debug)
+    handler = signal.getsignal(signal.SIGINT)
     result = train(cfg)
+    # Ray Train's fit() leaves its own SIGINT handler behind; train gives the process its own back,
+    # so that Ctrl-C and stall_timeout still interrupt the stages that follow in this process
+    assert signal.getsignal(signal.SIGINT) is handler
     assert result.epochs_completed == 2 and [m["epoch"] for m in result.metrics] == [0, 1]
     assert result.optimizer_steps == 12 and [m["steps"] for m in result.metrics] == [6, 6]
     ids = _real_ids(real)
