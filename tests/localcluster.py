@@ -39,6 +39,18 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def kill_session(sid: int) -> int:
+    """SIGKILL every live process of session `sid` (a node's raylet, workers and agents keep the
+    session of the `ray start` that began it); how many there were."""
+    pids = session_pids(sid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
 def session_pids(sid: int) -> list[int]:
     """Every live process whose session id is `sid`."""
     out = []
@@ -125,11 +137,7 @@ class LocalCluster:
             proc = self.nodes.get(name)
             if proc is not None and proc.poll() is not None and self.restarts.get(name, 0) < 2:
                 self.restarts[name] = self.restarts.get(name, 0) + 1
-                for pid in session_pids(proc.pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                kill_session(proc.pid)
                 self._start(name, self.args[name])
 
     def connect(self, timeout: float = 300, **init_kwargs):
@@ -185,14 +193,9 @@ class LocalCluster:
         """SIGKILL every process of the node (its raylet and workers): a lost machine. Returns how
         many processes died."""
         proc = self.nodes.pop(name)
-        pids = session_pids(proc.pid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        killed = kill_session(proc.pid)
         proc.wait()
-        return len(pids)
+        return killed
 
     def stop(self) -> None:
         if hasattr(self, "_auth_mode"):  # the environment as connect() found it
@@ -207,8 +210,4 @@ class LocalCluster:
                 proc.wait(timeout=10)  # what is left is killed below
             except subprocess.TimeoutExpired:
                 pass
-            for pid in session_pids(proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_session(proc.pid)

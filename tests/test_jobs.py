@@ -15,7 +15,7 @@ import pytest
 
 from ray_dafusion import storage
 
-from localcluster import free_ports, session_pids
+from localcluster import free_ports, kill_session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -52,11 +52,7 @@ def ray_head(tmp_path):
             head.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        for pid in session_pids(head.pid):  # what a graceful stop left (workers keep the session)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_session(head.pid)  # what a graceful stop left (workers keep the session)
         log.close()
 
 
