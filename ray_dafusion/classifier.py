@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import threading
 from typing import Any, Optional
@@ -29,6 +30,7 @@ __all__ = [
     "build_model",
     "make_transform",
     "TrainTransform",
+    "rotate_batch",
     "eval_transform",
     "decode_uint8",
     "save_checkpoint",
@@ -192,6 +194,57 @@ class TrainTransform:
                     torch.manual_seed(seed)
                     x = self.randaugment(x)
         return self.post(x)
+
+    def many(self, images: list, generators: list) -> Any:
+        """``torch.stack([self(image, g) for image, g in zip(images, generators)])``, the same
+        tensor made as one batch: each row draws its flip and angle from its own generator as in
+        a call, then one grid sample rotates every row (per-image calls cost more in dispatch than
+        in arithmetic on small images). With RandAugment (per-image ops) rows go one by one."""
+        import torch
+
+        if self.randaugment is not None or not images:
+            return torch.stack([self(image, g) for image, g in zip(images, generators)]) if images else \
+                torch.empty(0, 3, *self.resize.size)
+        x = torch.stack([self.resize(image) for image in images])
+        angles = []
+        for i, generator in enumerate(generators):  # the draws of __call__, in its order
+            if self.hflip and float(torch.rand(1, generator=generator)) < 0.5:
+                x[i] = x[i].flip(-1)
+            if self.rotation > 0:
+                angles.append(float(torch.empty(1).uniform_(-self.rotation, self.rotation, generator=generator)))
+        if angles:
+            x = rotate_batch(x, angles, float(self.fill))
+        return self.post(x)
+
+
+def rotate_batch(images: Any, angles: list[float], fill: float) -> Any:
+    """Rotate each uint8 image of (B, C, H, W) by its angle (degrees, counter-clockwise) about its
+    centre, nearest neighbour, uncovered pixels set to `fill`: torchvision's `rotate` of each image,
+    pixel for pixel (tests/test_classifier.py checks), in one `grid_sample` call."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.transforms.v2 import functional as TF
+
+    b, c, h, w = images.shape
+    rows = []
+    for angle in angles:  # torchvision's inverse matrix for rotate(angle): angle taken mod 360, then negated
+        rot = math.radians(-(angle % 360))
+        rows.append([math.cos(rot), math.sin(rot), 0.0, -math.sin(rot), math.cos(rot), 0.0])
+    theta = torch.tensor(rows, dtype=torch.float32).view(b, 2, 3)
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w)
+    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h)
+    base = torch.stack([xs.expand(h, w), ys.unsqueeze(-1).expand(h, w), torch.ones(h, w)], -1).view(1, h * w, 3)
+    scaled = theta.transpose(1, 2).div(torch.tensor([0.5 * w, 0.5 * h]))  # to grid_sample's [-1, 1]
+    grid = base.expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
+    # a ones channel marks the pixels that came from inside the image
+    x = torch.cat([images.float(), torch.ones(b, 1, h, w)], 1)
+    x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    x, inside = x[:, :c], x[:, c:]
+    x = torch.where(inside < 0.5, torch.tensor(fill), x).round_().to(images.dtype)
+    for i, angle in enumerate(angles):  # torchvision turns quarter turns exactly, without a grid
+        if angle % 90 == 0:
+            x[i] = TF.rotate(images[i], angle, fill=fill)
+    return x
 
 
 def eval_transform(meta: dict[str, Any]):

@@ -125,7 +125,7 @@ def erase(cfg: EraseConfig) -> EraseResult:
         )
 
     # 2. one task per class name
-    records = perclass.run_class_tasks("erase", cfg, plan.todo, _erase_class, _describe, meter)
+    records = perclass.run_class_tasks("erase", cfg, plan.todo, _erase_classes, _describe, meter)
 
     # 3. manifest (last): every class file of this config, with its fingerprint and loss curve
     result = _write_manifest(cfg, plan, start, meter)
@@ -176,8 +176,13 @@ def _write_manifest(cfg: EraseConfig, plan: perclass.ClassPlan, start: float, me
     )
 
 
+def _erase_classes(cfg: EraseConfig, infos: list[ClassInfo]) -> list[dict[str, Any]]:
+    """Ray task: `_erase_class` for each class of `infos` (always one: erase has no classes_per_task)."""
+    return [_erase_class(cfg, info) for info in infos]
+
+
 def _erase_class(cfg: EraseConfig, info: ClassInfo) -> dict[str, Any]:
-    """Ray task: erase one class name, write its weights, then its record. Returns the record."""
+    """Erase one class name, write its weights, then its record. Returns the record."""
     import torch
     from safetensors.torch import save as save_safetensors
 

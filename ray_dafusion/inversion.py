@@ -1,9 +1,11 @@
 """Textual inversion: learn one pseudo-word per class from that class's real train images.
 
-``invert(cfg)`` runs one Ray task per class. Each task loads the diffusion model, adds the class
-token (initialised from ``cfg.initializer_token``), and trains only that token's embedding rows:
-every other row of the embedding matrix is restored after each step, and the UNet, VAE and text
-encoder stay frozen. The objective is the usual diffusion loss (MSE on the noise, or on the
+``invert(cfg)`` runs one Ray task per class (or per ``cfg.classes_per_task`` classes). Each task
+loads the diffusion model, adds its class tokens (initialised from ``cfg.initializer_token``), and
+trains only those tokens' embedding rows: every other row of the embedding matrix is restored after
+each step, and the UNet, VAE and text encoder stay frozen. Classes sharing a task share each forward
+pass (their batches side by side) but not their losses: a token's gradient is its own class's, so
+each class learns what it would alone, while a small model's per-call overhead is paid once. The objective is the usual diffusion loss (MSE on the noise, or on the
 velocity for v-prediction models) with random templates from ``tokens.INVERSION_TEMPLATES``.
 
 Output (``cfg.output``)::
@@ -13,7 +15,8 @@ Output (``cfg.output``)::
     tokens.safetensors           every class {token: tensor[dim]} (or [num_vectors, dim])
     manifest.json                config, fingerprints, per-class loss curves and seconds
 
-``learn_token`` is the training loop on its own (no Ray), for tests and notebooks.
+``learn_tokens`` (``learn_token`` for one class) is the training loop on its own (no Ray), for tests
+and notebooks.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .schema import ClassInfo
 from .tokens import INVERSION_TEMPLATES, make_prompt
 from .weights import EMBEDDINGS_FILE
 
-__all__ = ["InvertResult", "LearnedToken", "invert", "learn_token", "class_file_name"]
+__all__ = ["InvertResult", "LearnedToken", "invert", "learn_token", "learn_tokens", "class_file_name"]
 
 CLASSES_DIR = "classes"
 
@@ -72,6 +75,7 @@ class LearnedToken:
     losses: list[float]
     """Mean loss of each optimisation step."""
     seconds: float
+    """Training time (shared by the classes learned together)."""
     device: str
 
 
@@ -88,7 +92,7 @@ def class_file_name(token: str) -> str:
 
 @storage.leased("invert")
 def invert(cfg: InvertConfig) -> InvertResult:
-    """Learn a token for every class of `cfg.real` (one Ray task per class) and write `cfg.output`."""
+    """Learn a token for every class of `cfg.real` (one Ray task per `classes_per_task` classes) and write `cfg.output`."""
     cfg.require("real", "output")
     start = time.time()
     meter = CostMeter(cfg.cost)
@@ -105,8 +109,9 @@ def invert(cfg: InvertConfig) -> InvertResult:
             skipped=[c.name for c in plan.done], seconds=round(time.time() - start, 3),
         )
 
-    # 2. one task per class; each reads its own rows and writes its own file
-    records = perclass.run_class_tasks("invert", cfg, plan.todo, _invert_class, _describe, meter)
+    # 2. one task per class (or group of classes); each reads its own rows and writes its classes' files
+    records = perclass.run_class_tasks("invert", cfg, plan.todo, _invert_classes, _describe, meter,
+                                       classes_per_task=cfg.classes_per_task)
 
     # 3. every class file under this config -> the combined file, then the manifest (last)
     result = _write_combined(cfg, plan, start, meter)
@@ -121,8 +126,10 @@ def _class_uri(output: str, info: ClassInfo) -> str:
 
 
 def _describe(record: dict[str, Any]) -> str:
-    return (f"done in {record['seconds']:.1f}s, loss {_mean_head(record['losses']):.4f} "
-            f"-> {_mean_tail(record['losses']):.4f}")
+    shared = record.get("task_classes", 1)
+    took = (f"done in {record['task_seconds']:.1f}s (one task for {shared} classes)" if shared > 1
+            else f"done in {record['seconds']:.1f}s")
+    return f"{took}, loss {_mean_head(record['losses']):.4f} -> {_mean_tail(record['losses']):.4f}"
 
 
 def _write_combined(cfg: InvertConfig, plan: perclass.ClassPlan, start: float, meter: CostMeter) -> InvertResult:
@@ -154,33 +161,41 @@ def _write_combined(cfg: InvertConfig, plan: perclass.ClassPlan, start: float, m
     )
 
 
-def _invert_class(cfg: InvertConfig, info: ClassInfo) -> dict[str, Any]:
-    """Ray task: learn one class's token and write its file. Returns the record (small)."""
+def _invert_classes(cfg: InvertConfig, infos: list[ClassInfo]) -> list[dict[str, Any]]:
+    """Ray task: learn the tokens of these classes together, write each class's file. Returns their records (small)."""
     import torch
     from safetensors.torch import save as save_safetensors
 
     from .models import load_pipeline, model_fingerprint, resolve_model
 
     setup_logging()
-    # 1. this class's images (few-shot: read here, not shipped through the task arguments)
-    images = _read_class_images(cfg.real, info.name, cfg.endpoint_url)
-    # 2. the model in fp32 (learn_token runs fp16 autocast on a GPU)
+    # 1. each class's images (few-shot: read here, not shipped through the task arguments)
+    images = {info.token: _read_class_images(cfg.real, info.name, cfg.endpoint_url) for info in infos}
+    # 2. the model in fp32 (learn_tokens runs fp16 autocast on a GPU)
     device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     local = resolve_model(cfg.model, cfg.cache_dir, cfg.endpoint_url)
     pipe = load_pipeline(local, device=device, torch_dtype=torch.float32)
-    log.info("%s: %d images, token %s, %d steps on %s", info.name, len(images), info.token, cfg.steps, device)
+    for info in infos:
+        log.info("%s: %d images, token %s, %d steps on %s", info.name, len(images[info.token]), info.token, cfg.steps,
+                 device)
     # 3. train
-    learned = learn_token(pipe, info.token, images, cfg, seed=perclass.class_seed(cfg.seed, info.name))
-    # 4. the class file: {token: tensor}, the record in its metadata
-    record = {
-        "name": info.name, "label": info.label, "token": info.token, "file": f"{CLASSES_DIR}/{class_file_name(info.token)}",
-        "num_images": len(images), "steps": cfg.steps, "seconds": round(learned.seconds, 3),
-        "device": learned.device, "model_fingerprint": model_fingerprint(local, cfg.cache_dir), "losses": learned.losses,
-        "max_rss_bytes": max_rss_bytes(),
-    }
-    data = save_safetensors({info.token: learned.embedding.contiguous()}, metadata={"record": json.dumps(record)})
-    storage.write_bytes(_class_uri(cfg.output, info), data, cfg.endpoint_url)
-    return record
+    seeds = {info.token: perclass.class_seed(cfg.seed, info.name) for info in infos}
+    learned = learn_tokens(pipe, images, cfg, seeds)
+    # 4. each class file: {token: tensor}, its record in the metadata
+    fingerprint, records = model_fingerprint(local, cfg.cache_dir), []
+    for info, tok in zip(infos, learned):
+        record = {
+            "name": info.name, "label": info.label, "token": info.token,
+            "file": f"{CLASSES_DIR}/{class_file_name(info.token)}", "num_images": len(images[info.token]),
+            "steps": cfg.steps, "seconds": round(tok.seconds / len(infos), 3),  # this class's share of the task
+            "task_seconds": round(tok.seconds, 3), "task_classes": len(infos),
+            "device": tok.device, "model_fingerprint": fingerprint, "losses": tok.losses,
+            "max_rss_bytes": max_rss_bytes(),
+        }
+        data = save_safetensors({info.token: tok.embedding.contiguous()}, metadata={"record": json.dumps(record)})
+        storage.write_bytes(_class_uri(cfg.output, info), data, cfg.endpoint_url)
+        records.append(record)
+    return records
 
 
 # --------------------------------------------------------------------------------------
@@ -189,10 +204,55 @@ def _invert_class(cfg: InvertConfig, info: ClassInfo) -> dict[str, Any]:
 
 
 def learn_token(pipe: Any, token: str, images: Sequence[Any], cfg: InvertConfig, seed: int) -> LearnedToken:
-    """Add `token` to `pipe` and learn its embedding from `images` (PIL); only its rows change.
+    """Add `token` to `pipe` and learn its embedding from `images` (PIL): `learn_tokens` for one class."""
+    return learn_tokens(pipe, {token: images}, cfg, {token: seed})[0]
+
+
+@dataclass
+class _ClassDraws:
+    """One class's images (as VAE posteriors) and its own random streams: the draws a class makes
+    do not depend on which classes share its task."""
+
+    names: list[str]
+    means: Any  # (N, 2, 4, R/8, R/8); [:, 1] is the mirror image
+    stds: Any
+    rng: Any
+    gen: Any
+    order: list[int] = field(default_factory=list)
+
+    def batch(self, cfg: InvertConfig, tokenizer: Any, scheduler: Any, scaling: float, device: Any) -> tuple:
+        """(noisy latents, timesteps, target, input ids) of one micro-batch of this class."""
+        import torch
+
+        picks = []
+        for _ in range(cfg.batch_size):  # epochs of shuffled images, repeated as needed
+            if not self.order:
+                self.order = list(self.rng.permutation(len(self.means)))
+            picks.append(self.order.pop())
+        idx = torch.tensor(picks)
+        flip = torch.from_numpy((self.rng.random(cfg.batch_size) < 0.5) & cfg.hflip).long()
+        placeholder = " ".join(self.names)
+        prompts = [make_prompt(str(self.rng.choice(INVERSION_TEMPLATES)), placeholder) for _ in picks]
+        eps = torch.randn(self.means[idx, flip].shape, generator=self.gen).to(device)
+        latents = (self.means[idx, flip] + self.stds[idx, flip] * eps) * scaling  # (B, 4, R/8, R/8)
+        noise = torch.randn(latents.shape, generator=self.gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=self.gen).to(device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        input_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(device)
+        return noisy, t, target, input_ids
+
+
+def learn_tokens(pipe: Any, classes: dict[str, Sequence[Any]], cfg: InvertConfig,
+                 seeds: dict[str, int]) -> list[LearnedToken]:
+    """Add each token of `classes` ({token: PIL images}) to `pipe` and learn its embedding from its
+    images; only the new rows change. One forward pass per step holds every class's batch; the
+    loss is the sum of the per-class losses, so each token's gradient is its own class's and
+    (AdamW being elementwise) each token follows the path it would alone, up to float rounding.
 
     Uses cfg's steps, batch_size, gradient_accumulation_steps, learning_rate (scaled when
-    scale_lr), resolution, num_vectors and initializer_token. The pipeline keeps the token.
+    scale_lr), resolution, num_vectors and initializer_token. The pipeline keeps the tokens.
     On CUDA the frozen VAE and UNet run in fp16 under autocast with a GradScaler while the
     embedding matrix (the master copy) stays fp32; on CPU everything is fp32.
     """
@@ -201,14 +261,15 @@ def learn_token(pipe: Any, token: str, images: Sequence[Any], cfg: InvertConfig,
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    if not images:
-        raise ValueError(f"no images to learn {token} from")
+    for token, images in classes.items():
+        if not images:
+            raise ValueError(f"no images to learn {token} from")
     start = time.time()
     tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
     device = unet.device
     use_amp = device.type == "cuda"
 
-    # 1. the new token(s), initialised from the initializer word's embedding
+    # 1. the new tokens, initialised from the initializer word's embedding
     init_ids = tokenizer.encode(cfg.initializer_token, add_special_tokens=False)
     if len(init_ids) != 1:
         raise ValueError(
@@ -216,16 +277,18 @@ def learn_token(pipe: Any, token: str, images: Sequence[Any], cfg: InvertConfig,
             "it must be exactly one (e.g. 'the')"
         )
     # diffusers' multi-vector convention: "<tok>", "<tok>_1", ... (load_textual_inversion expands prompts)
-    names = [token] + [f"{token}_{i}" for i in range(1, cfg.num_vectors)]
-    taken = [n for n in names if n in tokenizer.get_vocab()]
+    names = {token: [token] + [f"{token}_{i}" for i in range(1, cfg.num_vectors)] for token in classes}
+    every = [n for group in names.values() for n in group]
+    taken = [n for n in every if n in tokenizer.get_vocab()]
     if taken:
         raise ValueError(f"token(s) {taken} already exist in the tokenizer; pick another class token")
-    tokenizer.add_tokens(names)
-    token_ids = tokenizer.convert_tokens_to_ids(names)
+    tokenizer.add_tokens(every)
+    token_ids = {token: tokenizer.convert_tokens_to_ids(group) for token, group in names.items()}
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     embeddings = text_encoder.get_input_embeddings().weight
+    new_rows = [i for ids in token_ids.values() for i in ids]
     with torch.no_grad():
-        embeddings[token_ids] = embeddings[init_ids[0]].clone()
+        embeddings[new_rows] = embeddings[init_ids[0]].clone()
 
     # 2. freeze everything but the embedding matrix; remember the rows that must not move
     for module in (vae, unet, text_encoder):
@@ -233,11 +296,11 @@ def learn_token(pipe: Any, token: str, images: Sequence[Any], cfg: InvertConfig,
         module.eval()
     embeddings.requires_grad_(True)
     keep = torch.ones(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
-    keep[token_ids] = False
+    keep[new_rows] = False
     original = embeddings.detach().clone()
 
     # 3. optimiser and noise schedule (METHOD.md defaults)
-    processes = 1  # one class per task, one process per task
+    processes = 1  # one process per task
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.batch_size * cfg.gradient_accumulation_steps * processes
@@ -248,62 +311,51 @@ def learn_token(pipe: Any, token: str, images: Sequence[Any], cfg: InvertConfig,
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
 
-    # 4. images squashed to the resolution; VAE posterior of each image and its mirror, once
-    pixels = torch.stack([_to_tensor(img, cfg.resolution) for img in images]).to(device)  # (N, 3, R, R)
-    with torch.no_grad():  # fp32: a one-off cost, and fp16 VAEs can overflow
-        posteriors = [vae.encode(torch.stack([p, p.flip(-1)])).latent_dist for p in pixels]
-    means = torch.stack([p.mean for p in posteriors]).float()  # (N, 2, 4, R/8, R/8); [:, 1] is flipped
-    stds = torch.stack([p.std for p in posteriors]).float()
+    # 4. per class: images squashed to the resolution, the VAE posterior of each image and its mirror
+    # (once), and its own generators: every random draw comes from them, independent of the weights
+    draws = []
+    for token, images in classes.items():
+        pixels = torch.stack([_to_tensor(img, cfg.resolution) for img in images]).to(device)  # (N, 3, R, R)
+        with torch.no_grad():  # fp32: a one-off cost, and fp16 VAEs can overflow
+            posteriors = [vae.encode(torch.stack([p, p.flip(-1)])).latent_dist for p in pixels]
+        draws.append(_ClassDraws(names[token], torch.stack([p.mean for p in posteriors]).float(),
+                                 torch.stack([p.std for p in posteriors]).float(), np.random.default_rng(seeds[token]),
+                                 torch.Generator(device="cpu").manual_seed(seeds[token])))
 
-    # 5. train; every random draw comes from these generators, independent of the weights
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    placeholder = " ".join(names)
-    order: list[int] = []
-    losses: list[float] = []
+    # 5. train: each step, every class's micro-batch in one forward pass, the loss summed over classes
+    losses: list[list[float]] = [[] for _ in draws]
+    scaling, b = vae.config.scaling_factor, cfg.batch_size
     for _ in range(cfg.steps):
-        step_loss = 0.0
+        step_loss = [0.0] * len(draws)
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = []
-            for _ in range(cfg.batch_size):  # epochs of shuffled images, repeated as needed
-                if not order:
-                    order = list(rng.permutation(len(images)))
-                batch.append(order.pop())
-            idx = torch.tensor(batch)
-            flip = torch.from_numpy((rng.random(cfg.batch_size) < 0.5) & cfg.hflip).long()
-            prompts = [make_prompt(str(rng.choice(INVERSION_TEMPLATES)), placeholder) for _ in batch]
-            eps = torch.randn(means[idx, flip].shape, generator=gen).to(device)
-            latents = (means[idx, flip] + stds[idx, flip] * eps) * vae.config.scaling_factor  # (B, 4, R/8, R/8)
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-            input_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids.to(device)
+            noisy, t, target, input_ids = (torch.cat(cols) for cols in zip(
+                *(d.batch(cfg, tokenizer, noise_scheduler, scaling, device) for d in draws)))
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                hidden = text_encoder(input_ids)[0]  # (B, 77, dim)
+                hidden = text_encoder(input_ids)[0]  # (C*B, 77, dim)
                 pred = unet(noisy, t, hidden).sample
-            loss = F.mse_loss(pred.float(), target.float())
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-            step_loss += loss.item() / cfg.gradient_accumulation_steps
+            per_class = [F.mse_loss(pred[i * b:(i + 1) * b].float(), target[i * b:(i + 1) * b].float())
+                         for i in range(len(draws))]
+            scaler.scale(torch.stack(per_class).sum() / cfg.gradient_accumulation_steps).backward()
+            for i, loss in enumerate(per_class):
+                step_loss[i] += loss.item() / cfg.gradient_accumulation_steps
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # only the new token moves: put every other row back
+        with torch.no_grad():  # only the new tokens move: put every other row back
             embeddings[keep] = original[keep]
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {len(losses)} while learning {token}")
-        losses.append(step_loss)
+        for token, curve, value in zip(classes, losses, step_loss):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value} at step {len(curve)} while learning {token}")
+            curve.append(value)
 
     embeddings.requires_grad_(False)
-    learned = embeddings[token_ids].detach().float().cpu().clone()  # (num_vectors, dim)
-    return LearnedToken(
-        token=token,
-        embedding=learned[0] if cfg.num_vectors == 1 else learned,
-        losses=[round(v, 6) for v in losses],
-        seconds=time.time() - start,
-        device=str(device),
-    )
+    seconds = time.time() - start
+    out = []
+    for token, curve in zip(classes, losses):
+        learned = embeddings[token_ids[token]].detach().float().cpu().clone()  # (num_vectors, dim)
+        out.append(LearnedToken(token=token, embedding=learned[0] if cfg.num_vectors == 1 else learned,
+                                losses=[round(v, 6) for v in curve], seconds=seconds, device=str(device)))
+    return out
 
 
 def _to_tensor(image: Any, resolution: int) -> Any:

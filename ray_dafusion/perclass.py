@@ -5,7 +5,7 @@ per-class adapter (LoRA, say)::
 
     classes = select_classes(table, cfg.classes, file_name)   # which classes, checked
     plan = plan_classes("invert", cfg, classes, marker)        # refuse another config; skip done ones
-    records = run_class_tasks("invert", cfg, plan.todo, task, describe)   # one task per class
+    records = run_class_tasks("invert", cfg, plan.todo, task, describe)   # one task per class (or group)
     ... the stage writes its combined output and manifest ...
 
 A class is done once its marker file exists (the task writes it last), so a re-run after a crash
@@ -79,11 +79,13 @@ def plan_classes(stage: str, cfg: StageConfig, classes: Sequence[ClassInfo],
     return ClassPlan(fp, complete, done, todo)
 
 
-def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Callable[..., dict[str, Any]],
-                    describe: Callable[[dict[str, Any]], str], meter: Optional[Any] = None) -> dict[str, dict[str, Any]]:
-    """Run ``task(cfg, info)`` as one Ray task per class with cfg's num_cpus / num_gpus.
+def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Callable[..., list[dict[str, Any]]],
+                    describe: Callable[[dict[str, Any]], str], meter: Optional[Any] = None,
+                    classes_per_task: int = 1) -> dict[str, dict[str, Any]]:
+    """Run ``task(cfg, infos)`` as one Ray task per `classes_per_task` classes (in table order) with
+    cfg's num_cpus / num_gpus; the task returns one record per class of `infos`.
 
-    Returns each class's record. Every class runs even when one fails; failures are then raised
+    Returns each class's record. Every task runs even when one fails; failures are then raised
     together as one StageError that names each class and its reason. Finished classes stay.
     """
     import ray
@@ -91,13 +93,14 @@ def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Calla
     log = logging.getLogger(f"ray_dafusion.{stage}")  # lines read "invert: cat: done ...", not "perclass: ..."
     cap = plan.capacity()
     pin = plan.node_pinning(cfg.node_resource, cfg.num_gpus, cap, stage)
-    plan.check(stage, plan.Demand("per-class task", len(todo), {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus, **pin},
+    groups = [list(todo[i:i + classes_per_task]) for i in range(0, len(todo), classes_per_task)]
+    plan.check(stage, plan.Demand("per-class task", len(groups), {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus, **pin},
                                   size_fields={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
                                   needs_data_tasks=False), cap)
     # "DEFAULT": never inside a caller's placement group (a sweep trial's), which has no room for them
     remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy="DEFAULT",
                         **({"resources": pin} if pin else {}))(task)
-    pending = {remote.remote(cfg, c): c for c in todo}
+    pending = {remote.remote(cfg, group): group for group in groups}
     records: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     hint = f"each class task reserves num_cpus {cfg.num_cpus:g} and num_gpus {cfg.num_gpus:g}; lower them or add nodes"
@@ -105,17 +108,19 @@ def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Calla
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             watchdog.progress()
-            info = pending.pop(ref)
+            group = pending.pop(ref)
             try:
-                records[info.name] = ray.get(ref)
+                done = ray.get(ref)
             except Exception as exc:  # keep the other classes going; report every failure at the end
-                failures[info.name] = one_line(exc)
-                log.warning("%s: FAILED %s", info.name, failures[info.name])
+                for info in group:
+                    failures[info.name] = one_line(exc)
+                    log.warning("%s: FAILED %s", info.name, failures[info.name])
                 continue
-            if meter is not None:
-                meter.add_task_seconds(records[info.name]["seconds"], cfg.num_cpus, cfg.num_gpus,
-                                       records[info.name].get("max_rss_bytes", 0))
-            log.info("%s: %s", info.name, describe(records[info.name]))
+            for info, record in zip(group, done):
+                records[info.name] = record
+                if meter is not None:  # a record's seconds are its class's share of the task's
+                    meter.add_task_seconds(record["seconds"], cfg.num_cpus, cfg.num_gpus, record.get("max_rss_bytes", 0))
+                log.info("%s: %s", info.name, describe(record))
     if failures:
         raise StageError(
             f"{stage} failed for {len(failures)} of {len(todo)} classes: "

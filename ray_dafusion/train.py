@@ -151,19 +151,26 @@ def _transform_rows(transform: Any, image_size: int, image_bytes: Any, labels: A
 
     With `threads` > 1 the rows are split over this process's decoding threads (torch's decode,
     resize and rotate release the GIL); each row's result depends only on its bytes and seed.
+    The training transform handles each thread's rows as one batch (`TrainTransform.many`).
     """
     import torch
 
-    def one(i: int) -> Any:
-        image = decode_uint8(image_bytes[i])
-        return transform(image) if seeds is None else seeded_transform(transform, image, seeds[i])
+    def part(rows: range) -> Any:
+        images = [decode_uint8(image_bytes[i]) for i in rows]
+        if seeds is not None and isinstance(transform, TrainTransform):
+            return transform.many(images, [torch.Generator().manual_seed(seeds[i]) for i in rows])
+        if seeds is None:
+            return torch.stack([transform(image) for image in images])
+        return torch.stack([seeded_transform(transform, image, seeds[i]) for i, image in zip(rows, images)])
 
     n = len(image_bytes)
-    if threads > 1 and n > 1:
-        images = list(_row_pool(threads).map(one, range(n)))
+    if n == 0:
+        x = torch.empty(0, 3, image_size, image_size)
+    elif threads > 1 and n > 1:
+        step = math.ceil(n / min(threads, n))
+        x = torch.cat(list(_row_pool(threads).map(part, [range(i, min(i + step, n)) for i in range(0, n, step)])))
     else:
-        images = [one(i) for i in range(n)]
-    x = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
+        x = part(range(n))
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     return x, y, np.asarray(aug), np.asarray(ids), np.full(len(ids), pass_index)
 
@@ -240,12 +247,13 @@ def passes_per_epoch(num_real: int, batch_size: int, iterations_per_epoch: int) 
     return max(1, math.ceil(iterations_per_epoch * batch_size / max(num_real, 1)))
 
 
-def train_step(model, optimizer, scaler, x, y, device):
+def train_step(model, optimizer, scaler, x, y, device, channels_last: bool = False):
     """One optimiser step (AMP on CUDA); returns the detached loss."""
     import torch
     import torch.nn.functional as F
 
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)
@@ -422,7 +430,10 @@ def _prepare_model(cfg: TrainConfig, num_classes: int, session: Any) -> tuple[An
     """(DDP-wrapped model, bare model, Adam over the trainable parameters, AMP scaler)."""
     import torch
 
-    model = session.prepare(build_model(cfg.arch, num_classes, cfg.weights, cfg.backbone, cfg.endpoint_url))
+    model = build_model(cfg.arch, num_classes, cfg.weights, cfg.backbone, cfg.endpoint_url)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = session.prepare(model)
     bare = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     scaler = torch.amp.GradScaler("cuda", enabled=session.device.type == "cuda")
@@ -563,7 +574,7 @@ def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: 
         # uneven shards: a worker that runs out shadows the others' collectives until they finish
         with Join([model]) if world > 1 else contextlib.nullcontext():
             for x, y, aug, ids, passes in exact_batches(segment, local_batch):
-                loss = train_step(model, optimizer, scaler, x, y, device)
+                loss = train_step(model, optimizer, scaler, x, y, device, cfg.channels_last)
                 steps += 1
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ray_dafusion import storage, weights
 from ray_dafusion.config import InvertConfig
-from ray_dafusion.inversion import class_file_name, invert, learn_token
+from ray_dafusion.inversion import class_file_name, invert, learn_token, learn_tokens
 from ray_dafusion.models import load_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +92,25 @@ def test_loss_falls_because_the_token_learns(tiny_model, one_thread):
     assert (trained[-k:] < control[-k:]).mean() >= 0.8
 
 
+def test_classes_learned_together_each_follow_their_own_path(tiny_model, one_thread):
+    # one forward pass holds both classes' batches, but each token's gradient is its own class's:
+    # the same draws and the same path as alone, up to float rounding of the larger batch
+    cfg = _cfg(steps=8, batch_size=2, learning_rate=0.05)
+    images = {"<cat>": _images(2, seed=0), "<dog>": _images(3, seed=5)}
+    seeds = {"<cat>": 11, "<dog>": 12}
+    alone = {tok: learn_token(_pipe(tiny_model), tok, imgs, cfg, seed=seeds[tok]) for tok, imgs in images.items()}
+    pipe = _pipe(tiny_model)
+    rows_before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    together = learn_tokens(pipe, images, cfg, seeds)
+    assert [t.token for t in together] == ["<cat>", "<dog>"]
+    for t in together:
+        assert not torch.allclose(t.embedding, alone["<dog>" if t.token == "<cat>" else "<cat>"].embedding)
+        assert torch.allclose(t.embedding, alone[t.token].embedding, atol=1e-5, rtol=1e-4)
+        assert np.allclose(t.losses, alone[t.token].losses, atol=1e-5, rtol=1e-4)
+    rows = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(rows[:rows_before.shape[0]], rows_before)  # only the two new rows moved
+
+
 def test_initializer_must_be_one_token(tiny_model):
     with pytest.raises(ValueError, match="exactly one"):
         learn_token(_pipe(tiny_model), "<cat>", _images(), _cfg(initializer_token="zebra crossing"), seed=0)
@@ -152,6 +171,15 @@ def test_invert_outputs_load_and_rerun_skips(ray_session, make_real, tiny_model,
     # 5. another config is refused rather than mixed in
     with pytest.raises(storage.StorageError, match="different config"):
         invert(cfg.replace(steps=7))
+
+    # 6. both classes in one task: one forward pass per step, each token as it learns alone
+    grouped = invert(cfg.replace(output=str(tmp_path / "grouped"), classes_per_task=2))
+    assert sorted(grouped.trained) == ["cat", "leafy spurge"]
+    records = storage.read_manifest(grouped.output)["classes"]
+    assert [r["task_classes"] for r in records.values()] == [2, 2]
+    tensors_grouped, _ = weights.load_embeddings(grouped.output)
+    for token, tensor in tensors.items():
+        assert torch.allclose(tensors_grouped[token], tensor, atol=1e-5, rtol=1e-4)
 
 
 def test_job_script_multi_vector_token(ray_session, make_real, tiny_model, tmp_path, capsys):

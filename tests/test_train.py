@@ -188,6 +188,27 @@ def test_rotation_fills_the_uncovered_corners():
     assert max(corners) == 1.0 and min(float(o[:, 16, 16].mean()) for o in outs) == -1.0
 
 
+def test_batched_transform_is_the_per_image_transform():
+    # TrainTransform.many (one grid sample for the batch) == each image through __call__, exactly:
+    # odd and even sizes, flips, angles of both signs, quarter turns, non-square sources
+    from torchvision.transforms.v2 import functional as TF
+
+    from ray_dafusion.classifier import rotate_batch
+
+    rng = np.random.default_rng(0)
+    for size, source in ((32, (32, 32)), (23, (40, 30))):
+        tf = make_transform(size, True, rotation=30, hflip=True, fill=255)
+        images = [torch.from_numpy(rng.integers(0, 256, (3, *source), dtype=np.uint8)) for _ in range(16)]
+        one = torch.stack([tf(im, torch.Generator().manual_seed(s)) for s, im in enumerate(images)])
+        batch = tf.many(images, [torch.Generator().manual_seed(s) for s in range(16)])
+        assert torch.equal(one, batch)
+    square = torch.from_numpy(rng.integers(0, 256, (4, 3, 17, 17), dtype=np.uint8))
+    angles = [90.0, -180.0, 7.5, -33.0]
+    expected = torch.stack([TF.rotate(im, a, fill=9.0) for im, a in zip(square, angles)])
+    assert torch.equal(rotate_batch(square, angles, 9.0), expected)
+    assert not torch.equal(rotate_batch(square, [1.0, 2.0, 3.0, 4.0], 9.0), expected)
+
+
 def ddp_kill_config(make_real, tmp_path) -> tuple[TrainConfig, str, str]:
     """Two DDP workers streamed from storage on every pass (cache_mb 0): 15 real images, batch 4,
     2 passes per epoch, each worker logging its rows to `debug`; (config, real URI, debug dir)."""
