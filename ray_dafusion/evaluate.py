@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import plan, schema, storage
-from .classifier import decode_uint8, eval_transform, load_classifier
+from .classifier import CHECKPOINT_MODEL, decode_uint8, eval_transform, load_classifier
 from .config import EvaluateConfig, callable_stage_module
 from .configlib import config_fingerprint
 from .errors import StageError
@@ -34,7 +34,7 @@ __all__ = ["EvaluateResult", "evaluate", "class_metrics", "Scorer"]
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 SHOTS_PLOT = "accuracy_vs_shots.png"
-_RUNS_PER_PASS = 8  # models one scoring actor holds at once
+_MODEL_BYTES_PER_PASS = 768 * 2**20  # checkpoint bytes one scoring actor holds at once (8 ResNet-50s; hundreds of small_cnns)
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +80,21 @@ class Scorer:
         import torch
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.models, self.transforms = [], []
+        self.models, self.sizes, self.transforms = [], [], {}
         for uri in checkpoint_uris:
             model, meta = load_classifier(uri, endpoint_url)
             self.models.append(model.to(self.device))
-            self.transforms.append(eval_transform(meta))  # the transform train validated with
+            self.sizes.append(int(meta["image_size"]))
+            self.transforms.setdefault(self.sizes[-1], eval_transform(meta))  # the transform train validated with
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         images = [decode_uint8(b) for b in batch.column("image").combine_chunks().field("bytes").to_pylist()]
         out = {"id": batch.column("id"), "label": batch.column("label")}
-        for i, (model, transform) in enumerate(zip(self.models, self.transforms)):
-            x = torch.stack([transform(img) for img in images])  # (B, 3, S, S)
+        inputs = {size: torch.stack([tf(img) for img in images]) for size, tf in self.transforms.items()}  # (B, 3, S, S)
+        for i, (model, size) in enumerate(zip(self.models, self.sizes)):
+            x = inputs[size]
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16,
                                                  enabled=self.device.type == "cuda"):
                 out[f"pred_{i}"] = pa.array(model(x.to(self.device)).argmax(1).cpu().numpy(), pa.int64())
@@ -288,6 +290,21 @@ def _check_same_splits(cfg: EvaluateConfig, records: list[tuple[str, dict[str, A
                 )
 
 
+def _pass_groups(records: list[tuple[str, dict[str, Any]]], endpoint_url: Optional[str]) -> list[list]:
+    """Consecutive runs, as many per scoring pass as fit _MODEL_BYTES_PER_PASS of checkpoints (at
+    least one): each pass reads and decodes the split once, so small models share few passes."""
+    groups: list[list] = [[]]
+    held = 0
+    for record in records:
+        size = storage.total_size([storage.join(record[1]["best_checkpoint"], CHECKPOINT_MODEL)], endpoint_url)
+        if groups[-1] and held + size > _MODEL_BYTES_PER_PASS:
+            groups.append([])
+            held = 0
+        groups[-1].append(record)
+        held += size
+    return groups
+
+
 def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], files: list[str],
                 num_classes: int) -> list[dict[str, Any]]:
     """Each run's metrics; predictions are joined to labels by image id."""
@@ -295,8 +312,7 @@ def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], 
     default_shots = _examples_per_class(cfg.real, ep)
     labels: dict[str, int] = {}
     predictions: list[dict[str, int]] = []
-    for start in range(0, len(records), _RUNS_PER_PASS):
-        group = records[start:start + _RUNS_PER_PASS]
+    for group in _pass_groups(records, ep):
         pass_labels, preds = _score(cfg, [r["best_checkpoint"] for _, r in group], files)
         if labels and pass_labels != labels:
             raise StageError(f"the {cfg.split} split of {cfg.real} changed while it was being scored; re-run evaluate")

@@ -109,10 +109,12 @@ def _random_run(root: str, name: str, seed: int, real: str) -> str:
     return run
 
 
-def test_more_runs_than_one_pass_over_many_blocks_score_exactly(ray_session, make_real, tmp_path):
-    """11 runs (two scoring passes of 8) over a test split written as one-row files: every run's
-    accuracy equals a direct in-process computation (predictions joined to labels by id)."""
-    from ray_dafusion.classifier import decode_uint8, eval_transform, load_classifier
+def test_more_runs_than_one_pass_over_many_blocks_score_exactly(ray_session, make_real, tmp_path, monkeypatch):
+    """11 runs (two scoring passes: 8 checkpoints' bytes per pass) over a test split written as
+    one-row files: every run's accuracy equals a direct in-process computation (predictions
+    joined to labels by id)."""
+    from ray_dafusion import evaluate as evaluate_module
+    from ray_dafusion.classifier import CHECKPOINT_MODEL, decode_uint8, eval_transform, load_classifier
 
     real = make_real(class_names=CLASSES, per_split={"train": 1, "val": 1, "test": 5}, size=32)
     table = storage.read_parquet(storage.join(real, "test"))
@@ -120,7 +122,13 @@ def test_more_runs_than_one_pass_over_many_blocks_score_exactly(ray_session, mak
     for i in range(table.num_rows):
         storage.write_parquet(table.slice(i, 1), storage.join(real, "test", f"part-{i:03d}.parquet"))
     runs = [_random_run(str(tmp_path / "runs"), f"r{i:02d}", i, real) for i in range(11)]
+    one = storage.total_size([storage.join(runs[0], "checkpoint_000", CHECKPOINT_MODEL)])
+    monkeypatch.setattr(evaluate_module, "_MODEL_BYTES_PER_PASS", 8 * one)
+    passes = []
+    score = evaluate_module._score
+    monkeypatch.setattr(evaluate_module, "_score", lambda cfg, uris, files: passes.append(len(uris)) or score(cfg, uris, files))
     result = evaluate(EvaluateConfig(real=real, runs=runs, output=str(tmp_path / "results"), batch_size=2))
+    assert passes == [8, 3]
     rows = sorted(table.to_pylist(), key=lambda r: r["id"])
     labels = np.array([r["label"] for r in rows])
     accuracies = []
