@@ -137,9 +137,12 @@ def bench_step() -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", default=["invert", "transform", "step"],
-                        choices=["invert", "transform", "step"])
+    parser.add_argument("parts", nargs="*", help="invert, transform, step (default: all three)")
     args = parser.parse_args(argv)
+    args.parts = args.parts or ["invert", "transform", "step"]
+    unknown = sorted(set(args.parts) - {"invert", "transform", "step"})
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from invert, transform, step")
     rows = ["| part | how | measured |", "|---|---|---|"]
     if "step" in args.parts:
         rows += bench_step()
