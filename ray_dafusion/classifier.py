@@ -202,9 +202,10 @@ class TrainTransform:
         in arithmetic on small images). With RandAugment (per-image ops) rows go one by one."""
         import torch
 
-        if self.randaugment is not None or not images:
-            return torch.stack([self(image, g) for image, g in zip(images, generators)]) if images else \
-                torch.empty(0, 3, *self.resize.size)
+        if not images:
+            return torch.empty(0, 3, *self.resize.size)
+        if self.randaugment is not None:
+            return torch.stack([self(image, g) for image, g in zip(images, generators)])
         x = torch.stack([self.resize(image) for image in images])
         angles = []
         for i, generator in enumerate(generators):  # the draws of __call__, in its order
@@ -220,7 +221,7 @@ class TrainTransform:
 def rotate_batch(images: Any, angles: list[float], fill: float) -> Any:
     """Rotate each uint8 image of (B, C, H, W) by its angle (degrees, counter-clockwise) about its
     centre, nearest neighbour, uncovered pixels set to `fill`: torchvision's `rotate` of each image,
-    pixel for pixel (tests/test_classifier.py checks), in one `grid_sample` call."""
+    pixel for pixel (tests/test_train.py checks), in one `grid_sample` call."""
     import torch
     import torch.nn.functional as F
     from torchvision.transforms.v2 import functional as TF

@@ -364,7 +364,7 @@ class TrainConfig(StageConfig):
     prefetch_batches: int = resource(2)
     """Batches each worker decodes ahead of the one being trained on."""
     channels_last: bool = resource(True)
-    """Train in the channels-last memory layout (faster convolutions on CPUs and on GPUs under AMP: 28 vs 40-47 ms per small_cnn step on one core)."""
+    """Train in the channels-last memory layout (faster convolutions on CPUs and on GPUs under AMP: 31.6 vs 46.0 ms per small_cnn step on one core, benchmarks/sweep_parts.py)."""
     decode_threads: int = resource(1)
     """Threads per training worker that decode and transform the images of a batch (1: one; on a GPU node about cpus_per_worker, or the stream feeds the GPU one core's worth of images)."""
     cache_mb: float = resource(1024.0)

@@ -5,8 +5,9 @@ loads the diffusion model, adds its class tokens (initialised from ``cfg.initial
 trains only those tokens' embedding rows: every other row of the embedding matrix is restored after
 each step, and the UNet, VAE and text encoder stay frozen. Classes sharing a task share each forward
 pass (their batches side by side) but not their losses: a token's gradient is its own class's, so
-each class learns what it would alone, while a small model's per-call overhead is paid once. The objective is the usual diffusion loss (MSE on the noise, or on the
-velocity for v-prediction models) with random templates from ``tokens.INVERSION_TEMPLATES``.
+each class learns what it would alone, while a small model's per-call overhead is paid once. The
+objective is the usual diffusion loss (MSE on the noise, or on the velocity for v-prediction
+models) with random templates from ``tokens.INVERSION_TEMPLATES``.
 
 Output (``cfg.output``)::
 
@@ -233,8 +234,9 @@ class _ClassDraws:
         flip = torch.from_numpy((self.rng.random(cfg.batch_size) < 0.5) & cfg.hflip).long()
         placeholder = " ".join(self.names)
         prompts = [make_prompt(str(self.rng.choice(INVERSION_TEMPLATES)), placeholder) for _ in picks]
-        eps = torch.randn(self.means[idx, flip].shape, generator=self.gen).to(device)
-        latents = (self.means[idx, flip] + self.stds[idx, flip] * eps) * scaling  # (B, 4, R/8, R/8)
+        mean = self.means[idx, flip]
+        eps = torch.randn(mean.shape, generator=self.gen).to(device)
+        latents = (mean + self.stds[idx, flip] * eps) * scaling  # (B, 4, R/8, R/8)
         noise = torch.randn(latents.shape, generator=self.gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=self.gen).to(device)
         noisy = scheduler.add_noise(latents, noise, t)
