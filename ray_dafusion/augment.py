@@ -716,14 +716,11 @@ def _progress(cfg: AugmentConfig, real_ids: list[str]) -> _Progress:
 def _generate(cfg: AugmentConfig, classes: list[schema.ClassInfo], train_files: list[str], progress: _Progress,
               fingerprints: dict[str, Any], faults: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
     """Stream the unfinished real rows through the actor pool; returns one summary per batch."""
-    import ray.data
     from ray.data.expressions import col
 
     ep = cfg.endpoint_url
     actors, pin = _actor_plan(cfg)
-    fs, _ = storage.resolve(cfg.real, ep)
-    ds = ray.data.read_parquet([storage.resolve(f, ep)[1] for f in train_files], filesystem=fs,
-                               columns=_REAL_COLUMNS)
+    ds = storage.ray_dataset(train_files, _REAL_COLUMNS, ep)
     if progress.finished:
         ds = ds.filter(expr=col("id").not_in(sorted(progress.finished)))
     # The few-shot real set is small: one block per batch spreads it over every actor.

@@ -121,11 +121,15 @@ def connect_ray() -> None:
 
     A fresh local cluster is a single node on loopback: Ray's single-node mode (the variable
     below, read when ray is first imported) keeps every address at 127.0.0.1 instead of the
-    machine's external interface, so a laptop run opens nothing to the network.
+    machine's external interface, so a laptop run opens nothing to the network. It also keeps up
+    to 8 idle worker processes (Ray's default: as many as the node has CPUs, the others ended
+    after 10 s idle): on a 2-core laptop the default ends the workers that hold a loaded diffusion
+    model whenever a sweep's trials train, and the next stage loads it again (docs/benchmarks.md).
     """
     address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_num_workers_soft_limit", "8")
     import ray
 
     if ray.is_initialized():

@@ -113,9 +113,7 @@ def _score(cfg: EvaluateConfig, checkpoint_uris: list[str], files: list[str]) ->
     pin = plan.node_pinning(cfg.node_resource, cfg.num_gpus, cap, "evaluate")
     plan.check("evaluate", plan.Demand("scoring actor", 1, {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus, **pin},
                                        size_fields={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}), cap)
-    fs, _ = storage.resolve(files[0], cfg.endpoint_url)
-    ds = ray.data.read_parquet([storage.resolve(f, cfg.endpoint_url)[1] for f in files], filesystem=fs,
-                               columns=["id", "label", "image"])
+    ds = storage.ray_dataset(files, ["id", "label", "image"], cfg.endpoint_url)
     scored = ds.map_batches(
         Scorer, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,

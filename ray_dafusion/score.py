@@ -318,9 +318,7 @@ def _run(cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str
                                             count_field="max_actors", size_fields={"num_cpus": cfg.num_cpus,
                                                                                    "num_gpus": cfg.num_gpus}), cap)
     files = storage.parquet_files(storage.join(cfg.synthetic, "data"), ep)
-    fs, _ = storage.resolve(cfg.synthetic, ep)
-    ds = ray.data.read_parquet([storage.resolve(f, ep)[1] for f in files], filesystem=fs,
-                               columns=["id", "source_id", "label", "class_name", "image"])
+    ds = storage.ray_dataset(files, ["id", "source_id", "label", "class_name", "image"], ep)
     if finished:
         ds = ds.filter(expr=col("id").not_in(sorted(finished)))
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(

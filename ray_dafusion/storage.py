@@ -44,6 +44,7 @@ __all__ = [
     "delete",
     "write_parquet",
     "read_parquet",
+    "ray_dataset",
     "download_dir",
     "upload_dir",
     "read_manifest",
@@ -248,6 +249,27 @@ def read_parquet(uri: str, endpoint_url: Optional[str] = None, columns: Optional
     if not tables:
         raise FileNotFoundError(f"no parquet files under {uri}")
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
+def ray_dataset(uris: list[str], columns: list[str], endpoint_url: Optional[str] = None):
+    """A Ray Dataset over these parquet files (all on one filesystem), reading only `columns`.
+
+    It reads through Ray Data's first parquet datasource: the default one in Ray 2.60 starts a pool
+    of 32 footer-reading actors for every read and kills it after, and on a small node those
+    short-lived processes push the idle task workers over Ray's soft limit, which then kills the
+    warm ones that hold a loaded diffusion model (a sweep on 2 cores started 83 worker processes
+    in 2 seeds, 26 of them footer readers: docs/benchmarks.md, "The sweep's parts").
+    """
+    import ray.data
+
+    fs, _ = resolve(uris[0], endpoint_url)
+    paths = [resolve(u, endpoint_url)[1] for u in uris]
+    context = ray.data.DataContext.get_current()
+    default, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+    finally:
+        context.use_datasource_v2 = default
 
 
 def download_dir(uri: str, local_dir: str, endpoint_url: Optional[str] = None) -> None:

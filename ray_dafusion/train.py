@@ -655,14 +655,6 @@ def _checkpoint(cfg: TrainConfig, loop: dict[str, Any], bare: Any, optimizer: An
 # --------------------------------------------------------------------------------------
 
 
-def _read(uris: list[str], columns: list[str], endpoint_url: Optional[str]):
-    import ray.data
-
-    fs, _ = storage.resolve(uris[0], endpoint_url)
-    paths = [storage.resolve(u, endpoint_url)[1] for u in uris]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
-
-
 def _union_rows(batch: pa.Table, synthetic: bool) -> pa.Table:
     """Project real or synthetic rows onto the columns the training stream needs."""
     n = batch.num_rows
@@ -826,14 +818,14 @@ def streaming_data(cfg: TrainConfig, alpha: float) -> StreamingData:
         synthetic_files, candidates, filtered = _synthetic_candidates(cfg, real_labels, [c.name for c in classes])
 
     # 3. the union for training (block order shuffled; rows are shuffled again in each worker), val as is
-    train_ds = _read(splits["train"], ["id", "label", "image"], ep).map_batches(
+    train_ds = storage.ray_dataset(splits["train"], ["id", "label", "image"], ep).map_batches(
         _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": False}, zero_copy_batch=True)
     if synthetic_files:
-        synth_ds = _read(synthetic_files, ["id", "source_id", "aug_index", "label", "image"], ep).map_batches(
+        synth_ds = storage.ray_dataset(synthetic_files, ["id", "source_id", "aug_index", "label", "image"], ep).map_batches(
             _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": True}, zero_copy_batch=True)
         train_ds = train_ds.union(synth_ds)
     train_ds = train_ds.randomize_block_order(seed=cfg.seed)
-    val_ds = _read(splits["val"], ["id", "label", "image"], ep).map_batches(
+    val_ds = storage.ray_dataset(splits["val"], ["id", "label", "image"], ep).map_batches(
         _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": False}, zero_copy_batch=True)
     n_synth = sum(len(c) for c in candidates.values())
     return StreamingData(classes, real_labels, candidates, train_ds, val_ds, n_synth,

@@ -197,3 +197,21 @@ def test_a_stage_refuses_an_output_another_driver_holds(ray_session, make_real, 
         holder.kill()
         holder.wait()
     assert ingest(IngestConfig(source=source, output=out, examples_per_class=1, classes=["one", "two"])).counts
+
+
+def test_ray_dataset_reads_the_files_without_a_footer_reader_pool(root, ray_session):
+    """Rows and columns as written, from local files and S3 alike, through the parquet datasource that
+    starts no per-read actor pool; the process's Ray Data default is left as it was."""
+    import ray.data
+
+    files = []
+    for i in range(2):
+        files.append(storage.join(root, "d", f"part-{i}.parquet"))
+        storage.write_parquet(pa.table({"id": [f"{i}a", f"{i}b"], "v": [i, i + 10], "x": [0, 0]}), files[-1])
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    ds = storage.ray_dataset(files, ["id", "v"])
+    assert context.use_datasource_v2 == before
+    assert ds._logical_plan.dag.name == "ReadParquet"  # Ray Data's default here: ReadFilesParquetV2
+    assert sorted(ds.take_all(), key=lambda r: r["id"]) == [
+        {"id": "0a", "v": 0}, {"id": "0b", "v": 10}, {"id": "1a", "v": 1}, {"id": "1b", "v": 11}]
