@@ -265,11 +265,15 @@ def ray_dataset(uris: list[str], columns: list[str], endpoint_url: Optional[str]
     fs, _ = resolve(uris[0], endpoint_url)
     paths = [resolve(u, endpoint_url)[1] for u in uris]
     context = ray.data.DataContext.get_current()
-    default, context.use_datasource_v2 = context.use_datasource_v2, False
+    saved = context.use_datasource_v2, context.enable_progress_bars
+    # progress bars off while it is made: that datasource samples a file with a bar of its own per read
+    context.use_datasource_v2 = context.enable_progress_bars = False
     try:
-        return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
     finally:
-        context.use_datasource_v2 = default
+        context.use_datasource_v2, context.enable_progress_bars = saved
+    ds.context.enable_progress_bars = saved[1]  # the dataset's own copy of the context: its run shows progress
+    return ds
 
 
 def download_dir(uri: str, local_dir: str, endpoint_url: Optional[str] = None) -> None:

@@ -209,9 +209,10 @@ def test_ray_dataset_reads_the_files_without_a_footer_reader_pool(root, ray_sess
         files.append(storage.join(root, "d", f"part-{i}.parquet"))
         storage.write_parquet(pa.table({"id": [f"{i}a", f"{i}b"], "v": [i, i + 10], "x": [0, 0]}), files[-1])
     context = ray.data.DataContext.get_current()
-    before = context.use_datasource_v2
+    before = context.use_datasource_v2, context.enable_progress_bars
     ds = storage.ray_dataset(files, ["id", "v"])
-    assert context.use_datasource_v2 == before
+    assert (context.use_datasource_v2, context.enable_progress_bars) == before
+    assert ds.context.enable_progress_bars == before[1]
     assert ds._logical_plan.dag.name == "ReadParquet"  # Ray Data's default here: ReadFilesParquetV2
     assert sorted(ds.take_all(), key=lambda r: r["id"]) == [
         {"id": "0a", "v": 0}, {"id": "0b", "v": 10}, {"id": "1a", "v": 1}, {"id": "1b", "v": 11}]
