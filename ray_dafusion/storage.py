@@ -254,24 +254,27 @@ def read_parquet(uri: str, endpoint_url: Optional[str] = None, columns: Optional
 def ray_dataset(uris: list[str], columns: list[str], endpoint_url: Optional[str] = None):
     """A Ray Dataset over these parquet files (all on one filesystem), reading only `columns`.
 
-    It reads through Ray Data's first parquet datasource: the default one in Ray 2.60 starts a pool
-    of 32 footer-reading actors for every read and kills it after, and on a small node those
-    short-lived processes push the idle task workers over Ray's soft limit, which then kills the
-    warm ones that hold a loaded diffusion model (a sweep on 2 cores started 83 worker processes
-    in 2 seeds, 26 of them footer readers: docs/benchmarks.md, "The sweep's parts").
+    It reads through Ray Data's first parquet datasource, which starts no actors: the default one
+    in Ray 2.60 starts a pool of 32 footer-reading actors for every read and kills it after, so on
+    a small node each read started and ended several processes (two seeds of the digits sweep on
+    2 cores: 26 footer readers and 34 workers that ran nothing, of 83; docs/benchmarks.md, "The
+    sweep's parts"). That datasource samples a file as the dataset is made; its progress bar and
+    size estimates are kept out of the log.
     """
     import ray.data
 
     fs, _ = resolve(uris[0], endpoint_url)
     paths = [resolve(u, endpoint_url)[1] for u in uris]
     context = ray.data.DataContext.get_current()
-    saved = context.use_datasource_v2, context.enable_progress_bars
-    # progress bars off while it is made: that datasource samples a file with a bar of its own per read
+    sampling_log = logging.getLogger("ray.data._internal.datasource.parquet_datasource")
+    saved = context.use_datasource_v2, context.enable_progress_bars, sampling_log.level
     context.use_datasource_v2 = context.enable_progress_bars = False
+    sampling_log.setLevel(logging.WARNING)
     try:
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
     finally:
-        context.use_datasource_v2, context.enable_progress_bars = saved
+        context.use_datasource_v2, context.enable_progress_bars = saved[:2]
+        sampling_log.setLevel(saved[2])
     ds.context.enable_progress_bars = saved[1]  # the dataset's own copy of the context: its run shows progress
     return ds
 

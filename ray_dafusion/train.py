@@ -821,7 +821,8 @@ def streaming_data(cfg: TrainConfig, alpha: float) -> StreamingData:
     train_ds = storage.ray_dataset(splits["train"], ["id", "label", "image"], ep).map_batches(
         _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": False}, zero_copy_batch=True)
     if synthetic_files:
-        synth_ds = storage.ray_dataset(synthetic_files, ["id", "source_id", "aug_index", "label", "image"], ep).map_batches(
+        synth_columns = ["id", "source_id", "aug_index", "label", "image"]
+        synth_ds = storage.ray_dataset(synthetic_files, synth_columns, ep).map_batches(
             _union_rows, batch_format="pyarrow", fn_kwargs={"synthetic": True}, zero_copy_batch=True)
         train_ds = train_ds.union(synth_ds)
     train_ds = train_ds.randomize_block_order(seed=cfg.seed)
