@@ -4,7 +4,8 @@ Runs the command, samples every process under /proc once a second, and prints: w
 machine's busy core-seconds (/proc/stat) and idle share, the number of Ray worker processes that
 appeared (titles `ray::...` or Ray's default_worker), and the busiest process titles with their
 core-seconds. A worker's title changes with what it runs (`ray::IDLE` between tasks); its CPU is
-counted under the title it had when sampled. Linux only; the machine should be otherwise quiet.
+counted under the title it had when sampled, and a process that lives less than the 1 s between
+samples is missed. Linux only; the machine should be otherwise quiet.
 
     .venv/bin/python benchmarks/proc_profile.py --out profile.json -- \\
         .venv/bin/ray-dafusion sweep --config jobs/configs/sweep_digits.yaml --workdir /tmp/w --seeds "[0,1]"
