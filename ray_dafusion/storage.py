@@ -32,6 +32,7 @@ __all__ = [
     "MANIFEST",
     "resolve",
     "join",
+    "absolute",
     "is_s3",
     "exists",
     "read_bytes",
@@ -118,6 +119,12 @@ def resolve(uri: str, endpoint_url: Optional[str] = None) -> tuple[pafs.FileSyst
         scheme = uri.split("://", 1)[0]
         raise StorageError(f"unsupported URI scheme '{scheme}://' in {uri!r}; use a local path, file:// or s3://")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def absolute(uri: str) -> str:
+    """The URI with a local path made absolute, for processes that run in another directory (Ray
+    Train workers run in their run's directory); file:// and s3:// URIs are returned as they are."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 def join(uri: str, *parts: str) -> str:

@@ -904,7 +904,8 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
     loop = {
         "config": cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
         "candidates": data.candidates, "classes": [dataclasses.asdict(c) for c in data.classes],
-        "rows_per_real": data.rows_per_real, "cache": cache, "files": data.files,
+        "rows_per_real": data.rows_per_real, "cache": cache,
+        "files": {split: [storage.absolute(u) for u in uris] for split, uris in data.files.items()},
         "passes_per_epoch": passes_per_epoch(len(data.real_labels), cfg.batch_size, cfg.iterations_per_epoch),
     }
     hint = (f"{cfg.num_workers} workers reserve cpus_per_worker {cfg.cpus_per_worker:g}"
