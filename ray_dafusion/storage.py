@@ -118,7 +118,7 @@ def resolve(uri: str, endpoint_url: Optional[str] = None) -> tuple[pafs.FileSyst
     if "://" in uri:
         scheme = uri.split("://", 1)[0]
         raise StorageError(f"unsupported URI scheme '{scheme}://' in {uri!r}; use a local path, file:// or s3://")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    return pafs.LocalFileSystem(), absolute(uri)
 
 
 def absolute(uri: str) -> str:
