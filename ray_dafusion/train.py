@@ -901,8 +901,14 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
     """Run the loop on a Ray Train worker group, or in this process when num_workers is 0."""
     run_uri = storage.join(cfg.output, name)
     cache = data.union_bytes <= cfg.cache_mb * 2**20
+    # Ray Train workers run in their own directory: every local path they are handed is absolute
+    worker_cfg = dataclasses.replace(
+        cfg, real=storage.absolute(cfg.real), output=storage.absolute(cfg.output),
+        synthetic=storage.absolute(cfg.synthetic) if cfg.synthetic else cfg.synthetic,
+        weights=cfg.weights if cfg.weights in ("none", "imagenet") else storage.absolute(cfg.weights),
+        debug_dir=storage.absolute(cfg.debug_dir) if cfg.debug_dir else cfg.debug_dir)
     loop = {
-        "config": cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
+        "config": worker_cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
         "candidates": data.candidates, "classes": [dataclasses.asdict(c) for c in data.classes],
         "rows_per_real": data.rows_per_real, "cache": cache,
         "files": {split: [storage.absolute(u) for u in uris] for split, uris in data.files.items()},

@@ -327,12 +327,15 @@ def test_shipped_train_yaml_parses():
 
 
 def test_relative_paths_reach_the_train_workers(ray_session, make_real, tmp_path, monkeypatch):
-    """A workdir given relative to the driver (the demo's `runs/demo`) is still read on Ray Train
-    workers, which run in a directory of their own."""
+    """A workdir, starting weights and debug directory given relative to the driver (the demo's
+    `runs/demo`) are still found by Ray Train workers, which run in a directory of their own."""
     real = make_real(class_names=CLASSES, per_split={"train": 2, "val": 1, "test": 1}, size=32)
     synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=1)
+    torch.save(build_model("small_cnn", len(CLASSES)).state_dict(), tmp_path / "start.pt")
     monkeypatch.chdir(tmp_path)
     result = train(TrainConfig(real=os.path.relpath(real), synthetic=os.path.relpath(synthetic), output="out",
                                method="da_fusion", alpha=0.5, arch="small_cnn", image_size=32, epochs=1, batch_size=2,
-                               iterations_per_epoch=2, num_workers=1, cpus_per_worker=0.5))
+                               iterations_per_epoch=2, num_workers=1, cpus_per_worker=0.5, weights="start.pt",
+                               debug_dir="debug"))
     assert result.optimizer_steps >= 2 and os.path.isdir(tmp_path / "out" / "da_fusion")
+    assert glob.glob(str(tmp_path / "debug" / "pid-rank0-*.json"))  # the worker wrote where the driver looks
