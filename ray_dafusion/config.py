@@ -599,7 +599,7 @@ class SweepConfig(StageConfig):
     seeds: list[int] = field(default_factory=lambda: list(range(10)))
     """Seeds: which shots are drawn, and the seed of every stage of the trial."""
     methods: list[str] = field(default_factory=lambda: ["baseline", "standard", "real_guidance", "da_fusion"])
-    """Compared methods (modes.SWEEP_VARIANTS): baseline, standard, real_guidance, da_fusion, da_fusion_k1 (k=1 ablation)."""
+    """Compared methods (modes.SWEEP_VARIANTS): baseline, standard, real_guidance, da_fusion, da_fusion_k1 (k=1 ablation), da_fusion_filtered (da_fusion's images kept only where the seed's baseline classifier gives their label)."""
     max_concurrent_trials: int = resource(1)
     """Trials run at once (1 on a 2-core machine; more where the cluster has room)."""
     ingest: IngestConfig = field(default_factory=IngestConfig)

@@ -85,6 +85,9 @@ class SweepVariant:
     augmented: bool = True
     """Whether it trains with the standard augmentation (the train section's rotation, flips and
     RandAugment); every compared method does, as in the paper, except the baseline."""
+    synthetic_filter: Optional[str] = None
+    """A train-time filter over the synthetic set's `classifier` scores, which come from the same
+    (shots, seed)'s baseline run (ALIA's filter); None: every synthetic image is used."""
 
 
 SWEEP_VARIANTS: dict[str, SweepVariant] = {
@@ -93,6 +96,10 @@ SWEEP_VARIANTS: dict[str, SweepVariant] = {
     "real_guidance": SweepVariant("real_guidance", "real_guidance", summary="Real Guidance images, t0 0.5"),
     "da_fusion": SweepVariant("da_fusion", "da_fusion", summary="DA-Fusion, t0 from k=4 levels"),
     "da_fusion_k1": SweepVariant("da_fusion_k1", "da_fusion", (0.5,), "DA-Fusion, one t0 level (0.5): the paper's k=1 ablation"),
+    "da_fusion_filtered": SweepVariant(
+        "da_fusion_filtered", "da_fusion", summary="DA-Fusion's images (k=4, shared with da_fusion), only those the "
+        "same seed's baseline classifier calls their own class (ALIA's filter)",
+        synthetic_filter="classifier.top1_is_label == 1"),
 }
 
 

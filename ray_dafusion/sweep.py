@@ -7,6 +7,8 @@ Shape of a run (everything under ``workdir``)::
         ingest (format real) ─> real/k{k}-s{s}                      one per (k, s), shared
         invert               ─> tokens/k{k}-s{s}                    one per (k, s), if m needs tokens
         augment              ─> synthetic/{mode}[-t0s]/k{k}-s{s}     one per (k, s, mode, t0 levels)
+        (filtered methods: the baseline run of (k, s), then its classifier scores of the synthetic set
+         ─> synthetic/.../k{k}-s{s}/scores/classifier, both shared)
         train                ─> train/{m}-k{k}-s{s}                 the trial's own run
         trials/{m}-k{k}-s{s}.json                                  written when the trial is done
     evaluate every run on the pool's test split ─> results/ (per run)
@@ -34,6 +36,7 @@ import numpy as np
 
 from . import storage
 from .config import (
+    ScoreConfig,
     SweepConfig,
     callable_stage_module,
 )
@@ -138,9 +141,16 @@ def _stage_configs(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
         augmentation = {"randaugment": True if cfg.train.randaugment is None else cfg.train.randaugment}
     else:
         augmentation = {"randaugment": False, "rotation": 0.0, "hflip": False}
+    if variant.synthetic_filter:
+        # the filter reads the classifier scores that this (shots, seed)'s baseline run gives the synthetic set
+        baseline = _stage_configs(cfg, Trial("baseline", trial.shots, trial.seed))["train"]
+        out["baseline"] = baseline
+        out["score"] = ScoreConfig(synthetic=p["synthetic"], run=storage.join(baseline.output, baseline.name),
+                                   scorers=["classifier"], **shared)
     out["train"] = dataclasses.replace(
         cfg.train, real=p["real"], synthetic=p["synthetic"] or None, output=p["train"], name=trial.name,
-        method=variant.method, seed=trial.seed, **augmentation, **shared)
+        method=variant.method, seed=trial.seed, **augmentation, **shared,
+        **({"synthetic_filter": variant.synthetic_filter} if variant.synthetic_filter else {}))
     return out
 
 
@@ -149,13 +159,14 @@ def run_trial(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
     from .augment import augment
     from .ingest import ingest
     from .inversion import invert
+    from .score import score
     from .train import train
 
     setup_logging()
     configs = _stage_configs(cfg, trial)
     started = time.time()
     seconds: dict[str, float] = {}
-    stages = {"real": ingest, "invert": invert, "augment": augment, "train": train}
+    stages = {"real": ingest, "invert": invert, "augment": augment, "baseline": train, "score": score, "train": train}
     for key, fn in stages.items():
         if key in configs:
             begun = time.time()

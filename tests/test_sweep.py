@@ -12,6 +12,7 @@ import pytest
 
 from ray_dafusion import storage
 from ray_dafusion.config import SweepConfig
+from ray_dafusion.score import read_scores
 from ray_dafusion.sweep import summarize, sweep, trial_plan
 
 
@@ -57,6 +58,21 @@ def test_every_method_but_the_baseline_trains_with_the_same_standard_augmentatio
     assert _stage_configs(default, Trial("baseline", 1, 0))["train"].randaugment is False
 
 
+def test_the_filtered_method_scores_the_shared_synthetic_set_with_its_seeds_baseline():
+    from ray_dafusion.sweep import Trial, _stage_configs
+
+    cfg = SweepConfig.from_dict({"source": "x", "workdir": "/tmp/w"})
+    plain, filtered = _stage_configs(cfg, Trial("da_fusion", 2, 3)), _stage_configs(cfg, Trial("da_fusion_filtered", 2, 3))
+    assert "score" not in plain and plain["train"].synthetic_filter is None
+    # the same synthetic set and tokens as da_fusion; the baseline run exactly the baseline trial's
+    assert filtered["augment"] == plain["augment"] and filtered["invert"] == plain["invert"]
+    assert filtered["baseline"] == _stage_configs(cfg, Trial("baseline", 2, 3))["train"]
+    assert filtered["score"].synthetic == plain["augment"].output
+    assert filtered["score"].run == "/tmp/w/train/baseline-k2-s3" and filtered["score"].scorers == ["classifier"]
+    assert filtered["train"].synthetic_filter == "classifier.top1_is_label == 1"
+    assert filtered["train"].name == "da_fusion_filtered-k2-s3"
+
+
 @pytest.mark.slow
 def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_path):
     from ray_dafusion.sample_data import write_digits
@@ -65,7 +81,7 @@ def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_p
     write_digits(source, size=16, per_class=8, half="experiment")
     cfg = SweepConfig.from_dict({
         "source": source, "workdir": str(tmp_path / "sweep"), "shots": [1], "seeds": [0, 1],
-        "methods": ["baseline", "da_fusion"],
+        "methods": ["baseline", "da_fusion", "da_fusion_filtered"],
         "ingest": {"classes": ["zero", "one", "two"], "val_per_class": 2, "test_per_class": 2},
         "invert": {"model": tiny_model, "steps": 2, "resolution": 32, "num_cpus": 0.5},
         "augment": {"model": tiny_model, "num_augmentations": 2, "num_inference_steps": 4, "resolution": 32,
@@ -74,9 +90,9 @@ def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_p
                   "iterations_per_epoch": 3, "batch_size": 4, "hflip": False, "num_workers": 0},
     })
     result = sweep(cfg)
-    assert (result.trials, result.ran) == (4, 4)
+    assert (result.trials, result.ran) == (6, 6)
     rows = {r["method"]: r for r in result.summary}
-    assert set(rows) == {"baseline", "da_fusion"} and rows["da_fusion"]["vs_baseline"]["n"] == 2
+    assert set(rows) == {"baseline", "da_fusion", "da_fusion_filtered"} and rows["da_fusion"]["vs_baseline"]["n"] == 2
     for r in rows.values():
         assert r["n"] == 2 and 0.0 <= r["mean"] <= 1.0
     table = storage.read_bytes(result.files[0]).decode()
@@ -88,8 +104,15 @@ def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_p
     work = cfg.workdir
     assert sorted(os.listdir(os.path.join(work, "real"))) == ["k1-s0", "k1-s1", "pool"]
     assert sorted(os.listdir(os.path.join(work, "synthetic", "da_fusion"))) == ["k1-s0", "k1-s1"]
+    # the filtered runs kept what their seed's baseline classifier scored as its own class, and no more
+    for seed in (0, 1):
+        scores = read_scores(os.path.join(work, "synthetic", "da_fusion", f"k1-s{seed}"), "classifier",
+                             ["top1_is_label"]).column("top1_is_label").to_pylist()
+        report = json.loads(storage.read_bytes(os.path.join(work, "train", f"da_fusion_filtered-k1-s{seed}",
+                                                            "train_result.json")))["synthetic_filter"]
+        assert (report["kept"], report["dropped"]) == (sum(scores), len(scores) - sum(scores))
     # a re-run skips every finished trial, and a new seed runs only its own trials
     again = sweep(cfg)
     assert again.ran == 0 and again.summary == result.summary
     more = sweep(cfg.replace(seeds=[0, 1, 2]))
-    assert (more.trials, more.ran) == (6, 2)
+    assert (more.trials, more.ran) == (9, 3)
