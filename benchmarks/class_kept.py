@@ -8,6 +8,8 @@ k shots of each class drawn as the sweep draws them (experiment half, seed 0).
     python benchmarks/class_kept.py --model digits --shots 1,2 --m 5 --out result.json
 
 Prints one table (rows: t0; columns: prompt kind per shot count) and the oracle's accuracy.
+With `--caption-words N` it measures the model instead: N images per caption word (the made-up
+cluster words a `pretrain` model was trained with) from noise, and how class-pure each word is.
 """
 
 from __future__ import annotations
@@ -80,6 +82,26 @@ def oracle_labels(model, eval_tf, images) -> np.ndarray:
         return model(xb).argmax(1).numpy()
 
 
+def caption_word_classes(pipe, model_uri: str, oracle, eval_tf, n: int, steps: int, guidance: float):
+    """How class-pure the model's own caption words are: `n` images per word from noise (t0 1) with
+    "a photo of a <word>", labelled by the oracle. Returns word -> count per oracle class."""
+    from PIL import Image
+
+    from ray_dafusion.models import resolve_model
+
+    with open(os.path.join(resolve_model(model_uri), "manifest.json")) as f:
+        words = json.load(f)["words"]
+    white = Image.new("RGB", (32, 32), "white")  # t0 1: the source is replaced by noise entirely
+    out = {}
+    for j, word in enumerate(words):
+        images = pipe(prompt=[f"a photo of a {word}"] * n, image=[white] * n, strength=1.0, guidance_scale=guidance,
+                      num_inference_steps=steps, generator=[torch.Generator().manual_seed(1000 * j + i)
+                                                            for i in range(n)]).images
+        out[word] = np.bincount(oracle_labels(oracle, eval_tf, images), minlength=10).tolist()
+        print(f"{word}: oracle classes {out[word]}", flush=True)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits")
@@ -92,12 +114,27 @@ def main() -> int:
     p.add_argument("--oracle-steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--caption-words", type=int, default=0, metavar="N",
+                   help="instead: N images per caption word of a `pretrain` model, from noise, and their oracle classes")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() // 2))
     started = time.time()
 
     oracle, eval_tf, oracle_acc = train_oracle(args.oracle_steps)
     print(f"oracle: small_cnn on the pretraining half, held-out accuracy {oracle_acc:.3f}", flush=True)
+    if args.caption_words:
+        pipe = load_pipeline(args.model, device="cpu", torch_dtype=torch.float32)
+        counts = caption_word_classes(pipe, args.model, oracle, eval_tf, args.caption_words, args.steps, args.guidance)
+        purity = sum(max(c) for c in counts.values()) / sum(sum(c) for c in counts.values())
+        pure = sum(max(c) >= 0.9 * sum(c) for c in counts.values())
+        print(f"share of images in their word's majority class: {purity:.3f}; words >= 90% one class: "
+              f"{pure}/{len(counts)}; classes that are some word's majority: "
+              f"{len({int(np.argmax(c)) for c in counts.values()})}/10")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"args": vars(args), "oracle_accuracy": oracle_acc, "words": counts, "purity": purity,
+                           "seconds": round(time.time() - started, 1)}, f, indent=2)
+        return 0
 
     exp = digit_halves()["experiment"]
     images, labels = digit_images(exp)

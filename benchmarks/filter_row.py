@@ -35,7 +35,7 @@ def main() -> None:
     from ray_dafusion.config import EvaluateConfig, ScoreConfig, SweepConfig
     from ray_dafusion.evaluate import evaluate
     from ray_dafusion.score import score
-    from ray_dafusion.sweep import Trial, _interval, _paths, _stage_configs
+    from ray_dafusion.sweep import SUMMARY_JSON, Trial, _interval, _paths, _stage_configs
     from ray_dafusion.train import train
 
     cfg = SweepConfig.from_yaml(args.config).replace(workdir=args.workdir)
@@ -72,6 +72,17 @@ def main() -> None:
           f"{100 * sum(kept_fraction) / len(kept_fraction):.0f}% |")
     print(f"\nfiltered - unfiltered, paired by seed: {md:+.1f} ± {hd:.1f} points "
           f"({sum(d > 0 for d in diff)}/{len(diff)} better); {time.time() - started:.0f}s")
+    # against the sweep's own standard runs (the comparison), when its summary is there
+    summary_uri = storage.join(args.workdir, SUMMARY_JSON)
+    if storage.exists(summary_uri):
+        standard = {r["seed"]: 100 * r["mean_class_acc"] for r in storage.read_json(summary_uri)["runs"]
+                    if r["method"] == "standard" and r["shots"] == args.shots}
+        for label, values in (("unfiltered", a), ("filtered", b)):
+            paired = [v - standard[s] for s, v in zip(seeds, values) if s in standard]
+            if paired:
+                m, h = _interval(paired)
+                print(f"{label} - standard, paired by seed: {m:+.1f} ± {h:.1f} points "
+                      f"({sum(d > 0 for d in paired)}/{len(paired)} better)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"seeds": seeds, "unfiltered": a, "filtered": b, "kept": kept, "filter": args.filter}, f, indent=1)
