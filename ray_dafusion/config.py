@@ -469,10 +469,13 @@ class ScoreConfig(StageConfig):
     """GPUs per scoring actor."""
     node_resource: Optional[str] = resource("gen_gpu")
     """Custom resource of the node type this stage's actors should run on (cluster.yaml: gen_gpu, train_gpu); used only when the cluster defines it."""
+    compute: str = resource("actors")
+    """actors: a pool of scoring actors, each loading its models once; tasks: Ray tasks that keep the loaded models in their worker process for the next batch (many small jobs at once, as a sweep's trials: an actor pool per job can leave each job's read tasks without a CPU)."""
     cache_dir: Optional[str] = resource(None)
     """Local model cache (default: ~/.cache/ray_dafusion)."""
 
     def validate(self) -> None:
+        one_of(self, "compute", ("actors", "tasks"))
         for s in self.scorers:
             if s not in SCORERS:
                 raise bad("scorers", self.scorers, f"each must be one of {', '.join(SCORERS)}")
@@ -610,6 +613,8 @@ class SweepConfig(StageConfig):
     """Augment section; mode and t0 levels come from each method."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Train section, shared by every method; method and seed are the trial's."""
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    """Score section, for methods with a filter (da_fusion_filtered); synthetic, run and scorers are the trial's."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Evaluate section (scores every run on the pool's fixed test split)."""
 

@@ -3,7 +3,8 @@
 Shape of a run::
 
     <synthetic>/data/*.parquet ─> read (skip ids every requested scorer has) ─> batch-sized blocks
-        ─> map_batches(QualityScorer, ActorPoolStrategy): one file per scorer per batch, named from its ids
+        ─> map_batches(QualityScorer: an actor pool, or tasks that keep the models loaded per process):
+           one file per scorer per batch, named from its ids
         ─> <synthetic>/scores/<scorer>/data/*.parquet + manifest.json (per scorer, written last)
 
 Scorers (columns besides id, source_id, label, class_name):
@@ -42,7 +43,7 @@ from .modes import SCORERS
 from .runinfo import CostMeter, versions
 from .watchdog import Watchdog
 
-__all__ = ["ScoreResult", "QualityScorer", "score", "SCORERS", "SCORE_COLUMNS", "scores_dir", "read_scores"]
+__all__ = ["ScoreResult", "QualityScorer", "score_batch", "score", "SCORERS", "SCORE_COLUMNS", "scores_dir", "read_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,58 @@ def _batch_name(ids: list[str]) -> str:
 # --------------------------------------------------------------------------------------
 
 
+@dataclass
+class _ScoringModels:
+    """What the scorers of one job load: the real sources, the run's classifier, the CLIP model."""
+
+    device: Any
+    sources: dict[str, np.ndarray]
+    classifier: Any = None
+    transform: Any = None
+    clip: Any = None
+    clip_tokenizer: Any = None
+
+
+_LOADED: dict[tuple, _ScoringModels] = {}
+"""This process's models, for the job that loaded them last (compute: tasks reuses them batch to batch)."""
+
+
+def _scoring_models(cfg: ScoreConfig, real: str, scorers: list[str], checkpoint: Optional[str]) -> _ScoringModels:
+    import torch
+
+    key = (real, tuple(sorted(scorers)), checkpoint, cfg.clip_model, cfg.cache_dir, cfg.endpoint_url, cfg.num_gpus > 0)
+    if key in _LOADED:
+        return _LOADED[key]
+    _LOADED.clear()  # one job's models at a time: a task worker that moves on to another job frees the last
+    ep = cfg.endpoint_url
+    models = _ScoringModels(torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"), {})
+    if "source_distance" in scorers:
+        table = storage.read_parquet(storage.join(real, "train"), ep, columns=["id", "image"])
+        for rid, cell in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+            models.sources[rid] = np.asarray(schema.decode_image(cell["bytes"]), dtype=np.float32) / 127.5 - 1.0
+    if "classifier" in scorers:
+        from .classifier import eval_transform, load_classifier
+
+        model, meta = load_classifier(checkpoint, ep)
+        models.classifier, models.transform = model.to(models.device), eval_transform(meta)
+    if "text" in scorers:
+        from transformers import CLIPModel, CLIPTokenizer
+
+        from .models import resolve_model
+
+        local = resolve_model(cfg.clip_model, cfg.cache_dir, ep, marker="config.json")
+        models.clip = CLIPModel.from_pretrained(local).to(models.device).eval()
+        models.clip_tokenizer = CLIPTokenizer.from_pretrained(local)
+    _LOADED[key] = models
+    return models
+
+
+def score_batch(batch: pa.Table, cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str],
+                done: dict[str, list[str]], checkpoint: Optional[str]) -> pa.Table:
+    """One batch as a Ray Data task (compute: tasks), with this process's cached models."""
+    return QualityScorer(cfg, real, scorers, outputs, done, checkpoint)(batch)
+
+
 class QualityScorer:
     """Ray Data actor: a batch of synthetic rows -> one committed file per requested scorer.
 
@@ -93,33 +146,13 @@ class QualityScorer:
 
     def __init__(self, cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str],
                  done: dict[str, list[str]], checkpoint: Optional[str]) -> None:
-        import torch
-
         setup_logging()
         self.cfg, self.scorers, self.outputs = cfg, scorers, outputs
         self.done = {s: set(ids) for s, ids in done.items()}
-        self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        ep = cfg.endpoint_url
-        self.sources: dict[str, np.ndarray] = {}
-        if "source_distance" in scorers:
-            table = storage.read_parquet(storage.join(real, "train"), ep, columns=["id", "image"])
-            for rid, cell in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
-                self.sources[rid] = np.asarray(schema.decode_image(cell["bytes"]), dtype=np.float32) / 127.5 - 1.0
-        self.classifier = None
-        if "classifier" in scorers:
-            from .classifier import eval_transform, load_classifier
-
-            model, meta = load_classifier(checkpoint, ep)
-            self.classifier, self.transform = model.to(self.device), eval_transform(meta)
-        self.clip = None
-        if "text" in scorers:
-            from transformers import CLIPModel, CLIPTokenizer
-
-            from .models import resolve_model
-
-            local = resolve_model(cfg.clip_model, cfg.cache_dir, ep, marker="config.json")
-            self.clip = CLIPModel.from_pretrained(local).to(self.device).eval()
-            self.clip_tokenizer = CLIPTokenizer.from_pretrained(local)
+        models = _scoring_models(cfg, real, scorers, checkpoint)
+        self.device, self.sources, self.classifier, self.transform = (
+            models.device, models.sources, models.classifier, models.transform)
+        self.clip, self.clip_tokenizer = models.clip, models.clip_tokenizer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -321,12 +354,17 @@ def _run(cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str
     ds = storage.ray_dataset(files, ["id", "source_id", "label", "class_name", "image"], ep)
     if finished:
         ds = ds.filter(expr=col("id").not_in(sorted(finished)))
+    kwargs = {"cfg": cfg, "real": real, "scorers": scorers, "outputs": outputs, "done": done, "checkpoint": checkpoint}
+    if cfg.compute == "tasks":
+        udf: Any = score_batch
+        options: dict[str, Any] = {"fn_kwargs": kwargs, "compute": ray.data.TaskPoolStrategy(size=actors)}
+    else:
+        udf = QualityScorer
+        options = {"fn_constructor_kwargs": kwargs,
+                   "compute": ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, actors), max_size=actors)}
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
-        QualityScorer, batch_size=cfg.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-        fn_constructor_kwargs={"cfg": cfg, "real": real, "scorers": scorers, "outputs": outputs, "done": done,
-                               "checkpoint": checkpoint},
-        **({"resources": pin} if pin else {}),
+        udf, **options, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus, **({"resources": pin} if pin else {}),
     )
     summaries = []
     with Watchdog("score", "batch", cfg.stall_warning, cfg.stall_timeout,

@@ -36,7 +36,6 @@ import numpy as np
 
 from . import storage
 from .config import (
-    ScoreConfig,
     SweepConfig,
     callable_stage_module,
 )
@@ -145,8 +144,8 @@ def _stage_configs(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
         # the filter reads the classifier scores that this (shots, seed)'s baseline run gives the synthetic set
         baseline = _stage_configs(cfg, Trial("baseline", trial.shots, trial.seed))["train"]
         out["baseline"] = baseline
-        out["score"] = ScoreConfig(synthetic=p["synthetic"], run=storage.join(baseline.output, baseline.name),
-                                   scorers=["classifier"], **shared)
+        out["score"] = dataclasses.replace(cfg.score, synthetic=p["synthetic"], scorers=["classifier"],
+                                           run=storage.join(baseline.output, baseline.name), **shared)
     out["train"] = dataclasses.replace(
         cfg.train, real=p["real"], synthetic=p["synthetic"] or None, output=p["train"], name=trial.name,
         method=variant.method, seed=trial.seed, **augmentation, **shared,

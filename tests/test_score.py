@@ -99,6 +99,25 @@ def test_scores_are_written_once_per_image_and_resume(scored, caplog):
     assert sorted(storage.read_parquet(data, columns=["id"]).column("id").to_pylist()) == sorted(ids)
 
 
+def test_tasks_score_like_actors(scored, tmp_path):
+    """compute: tasks (a sweep's many small jobs) writes the scores an actor pool writes."""
+    from ray_dafusion.score import score
+
+    _, _, _, cfg = scored
+    rows = {}
+    for compute in ("actors", "tasks"):
+        root = str(tmp_path / compute)
+        result = score(cfg.replace(scorers=["classifier", "source_distance"], compute=compute, output=root))
+        assert result.scored == {"classifier": 27, "source_distance": 27}
+        rows[compute] = {s: sorted(storage.read_parquet(storage.join(root, s, "data")).to_pylist(), key=lambda r: r["id"])
+                         for s in ("classifier", "source_distance")}
+    for scorer, actor_rows in rows["actors"].items():
+        for a, t in zip(actor_rows, rows["tasks"][scorer], strict=True):
+            assert {k: v for k, v in a.items() if isinstance(v, (str, bool))} == \
+                {k: v for k, v in t.items() if isinstance(v, (str, bool))}
+            assert all(a[k] == pytest.approx(t[k], abs=1e-5) for k in a if isinstance(a[k], (int, float)))
+
+
 def test_the_text_scorer_runs_with_a_clip_model(scored, tmp_path):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 

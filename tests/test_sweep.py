@@ -88,6 +88,7 @@ def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_p
                     "compute": "tasks"},
         "train": {"arch": "small_cnn", "backbone": "finetune", "image_size": 16, "epochs": 1,
                   "iterations_per_epoch": 3, "batch_size": 4, "hflip": False, "num_workers": 0},
+        "score": {"compute": "tasks"},
     })
     result = sweep(cfg)
     assert (result.trials, result.ran) == (6, 6)
