@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -98,17 +99,19 @@ class _ScoringModels:
     clip_tokenizer: Any = None
 
 
-_LOADED: dict[tuple, _ScoringModels] = {}
-"""This process's models, for the job that loaded them last (compute: tasks reuses them batch to batch)."""
+_LOADED: dict[str, _ScoringModels] = {}
+"""This process's models, for the score run that loaded them last (compute: tasks reuses them batch to batch)."""
 
 
-def _scoring_models(cfg: ScoreConfig, real: str, scorers: list[str], checkpoint: Optional[str]) -> _ScoringModels:
+def _scoring_models(cfg: ScoreConfig, real: str, scorers: list[str], checkpoint: Optional[str],
+                    run_id: str) -> _ScoringModels:
+    """The models of one score run (`run_id`), loaded once per process: a later run, even of the same
+    checkpoint path, loads afresh (the run may have been trained again since)."""
     import torch
 
-    key = (real, tuple(sorted(scorers)), checkpoint, cfg.clip_model, cfg.cache_dir, cfg.endpoint_url, cfg.num_gpus > 0)
-    if key in _LOADED:
-        return _LOADED[key]
-    _LOADED.clear()  # one job's models at a time: a task worker that moves on to another job frees the last
+    if run_id in _LOADED:
+        return _LOADED[run_id]
+    _LOADED.clear()  # one run's models at a time: a task worker that moves on to another run frees the last
     ep = cfg.endpoint_url
     models = _ScoringModels(torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"), {})
     if "source_distance" in scorers:
@@ -128,14 +131,14 @@ def _scoring_models(cfg: ScoreConfig, real: str, scorers: list[str], checkpoint:
         local = resolve_model(cfg.clip_model, cfg.cache_dir, ep, marker="config.json")
         models.clip = CLIPModel.from_pretrained(local).to(models.device).eval()
         models.clip_tokenizer = CLIPTokenizer.from_pretrained(local)
-    _LOADED[key] = models
+    _LOADED[run_id] = models
     return models
 
 
 def score_batch(batch: pa.Table, cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str],
-                done: dict[str, list[str]], checkpoint: Optional[str]) -> pa.Table:
+                done: dict[str, list[str]], checkpoint: Optional[str], run_id: str) -> pa.Table:
     """One batch as a Ray Data task (compute: tasks), with this process's cached models."""
-    return QualityScorer(cfg, real, scorers, outputs, done, checkpoint)(batch)
+    return QualityScorer(cfg, real, scorers, outputs, done, checkpoint, run_id)(batch)
 
 
 class QualityScorer:
@@ -145,11 +148,11 @@ class QualityScorer:
     model. ``__call__`` returns one summary row per scorer (file, rows, seconds)."""
 
     def __init__(self, cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str],
-                 done: dict[str, list[str]], checkpoint: Optional[str]) -> None:
+                 done: dict[str, list[str]], checkpoint: Optional[str], run_id: str = "") -> None:
         setup_logging()
         self.cfg, self.scorers, self.outputs = cfg, scorers, outputs
         self.done = {s: set(ids) for s, ids in done.items()}
-        models = _scoring_models(cfg, real, scorers, checkpoint)
+        models = _scoring_models(cfg, real, scorers, checkpoint, run_id or uuid.uuid4().hex)
         self.device, self.sources, self.classifier, self.transform = (
             models.device, models.sources, models.classifier, models.transform)
         self.clip, self.clip_tokenizer = models.clip, models.clip_tokenizer
@@ -354,7 +357,8 @@ def _run(cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str
     ds = storage.ray_dataset(files, ["id", "source_id", "label", "class_name", "image"], ep)
     if finished:
         ds = ds.filter(expr=col("id").not_in(sorted(finished)))
-    kwargs = {"cfg": cfg, "real": real, "scorers": scorers, "outputs": outputs, "done": done, "checkpoint": checkpoint}
+    kwargs = {"cfg": cfg, "real": real, "scorers": scorers, "outputs": outputs, "done": done, "checkpoint": checkpoint,
+              "run_id": uuid.uuid4().hex}
     if cfg.compute == "tasks":
         udf: Any = score_batch
         options: dict[str, Any] = {"fn_kwargs": kwargs, "compute": ray.data.TaskPoolStrategy(size=actors)}

@@ -902,11 +902,13 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
     run_uri = storage.join(cfg.output, name)
     cache = data.union_bytes <= cfg.cache_mb * 2**20
     # Ray Train workers run in their own directory: every local path they are handed is absolute
+    def absolute(uri: Optional[str]) -> Optional[str]:
+        return storage.absolute(uri) if uri else uri
+
     worker_cfg = dataclasses.replace(
-        cfg, real=storage.absolute(cfg.real), output=storage.absolute(cfg.output),
-        synthetic=storage.absolute(cfg.synthetic) if cfg.synthetic else cfg.synthetic,
-        weights=cfg.weights if cfg.weights in ("none", "imagenet") else storage.absolute(cfg.weights),
-        debug_dir=storage.absolute(cfg.debug_dir) if cfg.debug_dir else cfg.debug_dir)
+        cfg, real=absolute(cfg.real), output=absolute(cfg.output), synthetic=absolute(cfg.synthetic),
+        weights=cfg.weights if cfg.weights in ("none", "imagenet") else absolute(cfg.weights),
+        debug_dir=absolute(cfg.debug_dir))
     loop = {
         "config": worker_cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
         "candidates": data.candidates, "classes": [dataclasses.asdict(c) for c in data.classes],
