@@ -731,7 +731,9 @@ def _generate(cfg: AugmentConfig, classes: list[schema.ClassInfo], train_files: 
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = _map_augmenter(ds, cfg, classes, progress.partial, fingerprints, faults, actors, pin)
     hint = (f"each of {actors} actors reserves num_cpus {cfg.num_cpus:g} and num_gpus {cfg.num_gpus:g}"
-            + (f" on nodes with {', '.join(pin)}" if pin else "") + "; lower them or max_actors, or add nodes")
+            + (f" on nodes with {', '.join(pin)}" if pin else "") + "; lower them or max_actors, or add nodes"
+            + ("; with other jobs on a small cluster at once (a sweep's trials), set compute: tasks"
+               if cfg.compute == "actors" else ""))
     summaries: list[dict[str, Any]] = []
     error = _drain(ds, summaries, cfg, hint, (faults or {}).get("stop_after_batches"))
     if error is not None:

@@ -372,7 +372,9 @@ def _run(cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str
     )
     summaries = []
     with Watchdog("score", "batch", cfg.stall_warning, cfg.stall_timeout,
-                  hint=f"each of {actors} scoring actors reserves num_cpus {cfg.num_cpus:g}") as watchdog:
+                  hint=f"each of {actors} scoring actors reserves num_cpus {cfg.num_cpus:g}"
+                  + ("; with other jobs on a small cluster at once (a sweep's trials), set compute: tasks"
+                     if cfg.compute == "actors" else "")) as watchdog:
         for row in ds.iter_rows():
             watchdog.progress()
             summaries.append(row)

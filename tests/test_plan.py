@@ -78,7 +78,7 @@ def test_a_stalled_stage_says_why_and_can_fail_instead_of_waiting(ray_session, m
                 resolution=32, strengths=[0.5], batch_size=2)
     augment(AugmentConfig(**base, output=str(tmp_path / "slow"), stall_warning=2.0), _faults={"sleep_seconds": 12})
     assert "no batch finished for" in caplog.text and "cluster: CPU" in caplog.text
-    assert "lower them or max_actors" in caplog.text
+    assert "lower them or max_actors" in caplog.text and "set compute: tasks" in caplog.text
     with pytest.raises(StageError, match="stalled: no batch finished for"):
         augment(AugmentConfig(**base, output=str(tmp_path / "stuck"), stall_warning=1.0, stall_timeout=3.0),
                 _faults={"sleep_seconds": 60})
