@@ -152,10 +152,7 @@ class QualityScorer:
         setup_logging()
         self.cfg, self.scorers, self.outputs = cfg, scorers, outputs
         self.done = {s: set(ids) for s, ids in done.items()}
-        models = _scoring_models(cfg, real, scorers, checkpoint, run_id or uuid.uuid4().hex)
-        self.device, self.sources, self.classifier, self.transform = (
-            models.device, models.sources, models.classifier, models.transform)
-        self.clip, self.clip_tokenizer = models.clip, models.clip_tokenizer
+        self.models = _scoring_models(cfg, real, scorers, checkpoint, run_id or uuid.uuid4().hex)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -187,9 +184,9 @@ class QualityScorer:
 
         from .classifier import decode_uint8
 
-        x = torch.stack([self.transform(decode_uint8(r["image"]["bytes"])) for r in rows]).to(self.device)
+        x = torch.stack([self.models.transform(decode_uint8(r["image"]["bytes"])) for r in rows]).to(self.models.device)
         with torch.no_grad():
-            probs = torch.softmax(self.classifier(x).float(), dim=1).cpu().numpy()  # (B, classes)
+            probs = torch.softmax(self.models.classifier(x).float(), dim=1).cpu().numpy()  # (B, classes)
         labels = np.array([r["label"] for r in rows])
         top1 = probs.argmax(1)
         return {"p_label": probs[np.arange(len(rows)), labels].tolist(), "top1": top1.tolist(),
@@ -200,7 +197,7 @@ class QualityScorer:
 
         values, mses = [], []
         for r, image in zip(rows, self._images(rows)):
-            source = self.sources.get(r["source_id"])
+            source = self.models.sources.get(r["source_id"])
             if source is None:
                 raise StageError(f"synthetic image {r['id']} comes from {r['source_id']}, which is not in the real "
                                  "train set its augment manifest names")
@@ -217,17 +214,18 @@ class QualityScorer:
 
         from .modes import class_word
 
-        size = self.clip.config.vision_config.image_size
+        m = self.models
+        size = m.clip.config.vision_config.image_size
         mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
         std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
         pixels = torch.stack([torch.from_numpy(np.asarray(img.resize((size, size)), dtype=np.float32) / 255.0)
                               .permute(2, 0, 1) for img in self._images(rows)])
-        pixels = ((pixels - mean) / std).to(self.device)
+        pixels = ((pixels - mean) / std).to(m.device)
         prompts = [f"a photo of a {class_word(r['class_name'])}" for r in rows]
-        ids = self.clip_tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        ids = m.clip_tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(m.device)
         with torch.no_grad():
-            image_embeds = torch.nn.functional.normalize(_embeds(self.clip.get_image_features(pixel_values=pixels)), dim=-1)
-            text_embeds = torch.nn.functional.normalize(_embeds(self.clip.get_text_features(**ids)), dim=-1)
+            image_embeds = torch.nn.functional.normalize(_embeds(m.clip.get_image_features(pixel_values=pixels)), dim=-1)
+            text_embeds = torch.nn.functional.normalize(_embeds(m.clip.get_text_features(**ids)), dim=-1)
         return {"value": (image_embeds * text_embeds).sum(-1).cpu().tolist()}
 
 
