@@ -2,7 +2,8 @@
 # The GPU measurements of docs/benchmarks.md, on a lent GPU machine with no Ray and no network.
 # Build the bundle here first (python benchmarks/gpu_bundle.py build), then there, carrying .gpu:
 #   bash benchmarks/gpu_run.sh generate   # generation through the Ray job, ~6 min
-#   bash benchmarks/gpu_run.sh train      # training stream vs preloaded, then train/evaluate/score lines, ~3 min
+#   bash benchmarks/gpu_run.sh train      # rows/s the CPUs decode, training stream vs preloaded,
+#                                         # then train/evaluate/score lines, ~3 min
 # Figures and logs go to $OUT (the device tool's folder that comes back), else /tmp/gpu-out.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -21,6 +22,7 @@ case "${1:-generate}" in
     echo "gpu_ray_job rc $?"; grep -E "^(eager|fast|compiled): |TFLOP/s" "$OUT/gpu_ray_job.log"
     ;;
   train)
+    python3 benchmarks/decode_rate.py --threads 1,4,8,12 --image-size 224 --source-size 160 --out "$OUT/decode_rate.json" 2>&1 | tail -9
     python3 benchmarks/train_overhead.py --use-gpu --arch resnet50 --image-size 224 --source-size 160 \
       --batch-size 64 --steps 40 --warmup 5 --m 2 --cpus-per-worker 12 --decode-threads 12 --out "$OUT/train_gpu.json" > "$OUT/train_gpu.log" 2>&1
     echo "train_overhead rc $?"; grep -E "samples/s|ratio" "$OUT/train_gpu.log" | grep -v INFO | tail -4

@@ -365,8 +365,8 @@ class TrainConfig(StageConfig):
     """Batches each worker decodes ahead of the one being trained on."""
     channels_last: bool = resource(True)
     """Train in the channels-last memory layout (faster convolutions on CPUs and on GPUs under AMP: 31.6 vs 46.0 ms per small_cnn step on one core, benchmarks/sweep_parts.py)."""
-    decode_threads: int = resource(1)
-    """Threads per training worker that decode and transform the images of a batch (1: one; on a GPU node about cpus_per_worker, or the stream feeds the GPU one core's worth of images)."""
+    decode_threads: int = resource(0)
+    """Threads per training worker that decode and transform the images of a batch; 0: one per whole CPU the worker reserves (cpus_per_worker, at least 1). Any number trains the same bytes; on a GPU node fewer than the worker's CPUs feed the GPU fewer images."""
     cache_mb: float = resource(1024.0)
     """Keep each worker's share of the encoded real+synthetic rows in memory after the first read when the whole union is at most this many MB; larger unions stream from storage on every pass."""
     shuffle_buffer: int = resource(512)
@@ -375,8 +375,8 @@ class TrainConfig(StageConfig):
     """Testing aid: each worker writes its pid and the rows it trained on per epoch here."""
 
     def validate(self) -> None:
-        positive(self, "num_to_keep", "prefetch_batches", "shuffle_buffer", "iterations_per_epoch", "decode_threads")
-        positive(self, "cache_mb", allow_zero=True)
+        positive(self, "num_to_keep", "prefetch_batches", "shuffle_buffer", "iterations_per_epoch")
+        positive(self, "cache_mb", "decode_threads", allow_zero=True)
         one_of(self, "method", TRAIN_METHODS)
         one_of(self, "arch", ARCHS)
         one_of(self, "backbone", BACKBONES)

@@ -908,7 +908,7 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
     worker_cfg = dataclasses.replace(
         cfg, real=absolute(cfg.real), output=absolute(cfg.output), synthetic=absolute(cfg.synthetic),
         weights=cfg.weights if cfg.weights in ("none", "imagenet") else absolute(cfg.weights),
-        debug_dir=absolute(cfg.debug_dir))
+        debug_dir=absolute(cfg.debug_dir), decode_threads=cfg.decode_threads or max(1, int(cfg.cpus_per_worker)))
     loop = {
         "config": worker_cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
         "candidates": data.candidates, "classes": [dataclasses.asdict(c) for c in data.classes],

@@ -160,6 +160,12 @@ def test_the_same_config_gives_the_same_checkpoint_bytes(ray_session, make_real,
     assert weights[0] == weights[1]
     assert weights[0] != weights[2]
     assert weights[0] == weights[3], "decoding threads changed what was trained on"
+    # decode_threads 0 (the default): one thread per whole CPU the worker reserves
+    from ray_dafusion import train as train_module
+
+    train_module._POOLS.pop(2, None)
+    train(TrainConfig(**{**base, "num_workers": 0, "cpus_per_worker": 2.5}, output=str(tmp_path / "e")))
+    assert 2 in train_module._POOLS  # num_workers 0 trains in this process, so its pool is visible here
 
 
 def test_rows_transform_the_same_on_any_number_of_threads():
@@ -178,6 +184,26 @@ def test_rows_transform_the_same_on_any_number_of_threads():
     assert torch.equal(one[0], many[0]) and one[0].shape == (9, 3, 24, 24)
     other = _transform_rows(*args, list(range(1, 10)), 0, threads=4)
     assert not torch.equal(one[0], other[0])  # the seeds decide the draws
+
+
+def test_seeded_randaugment_is_torchvisions():
+    # RandAugment with its draws from a generator == torchvision's under the same global seed, exactly,
+    # over enough seeds to reach every op and both signs; the global generator is left alone
+    from torchvision.transforms import v2
+
+    from ray_dafusion.classifier import seeded_randaugment
+
+    rng = np.random.default_rng(1)
+    ra = v2.RandAugment(fill=255)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, 24, 20), dtype=np.uint8)) for _ in range(4)]
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    ours = [seeded_randaugment(ra, images[s % 4], torch.Generator().manual_seed(s)) for s in range(60)]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for s, out in enumerate(ours):
+        torch.manual_seed(s)
+        assert torch.equal(out, ra(images[s % 4])), f"seed {s}"
+    assert len({out.sum().item() for out in ours}) > 30
 
 
 def test_rotation_fills_the_uncovered_corners():
@@ -207,6 +233,13 @@ def test_batched_transform_is_the_per_image_transform():
     expected = torch.stack([TF.rotate(im, a, fill=9.0) for im, a in zip(square, angles)])
     assert torch.equal(rotate_batch(square, angles, 9.0), expected)
     assert not torch.equal(rotate_batch(square, [1.0, 2.0, 3.0, 4.0], 9.0), expected)
+    # many angles at the sizes training uses: no pixel may round to another source than torchvision's
+    for size in (32, 224):
+        images = torch.from_numpy(rng.integers(0, 256, (48, 3, size, size), dtype=np.uint8))
+        angles = [float(a) for a in rng.uniform(-30, 30, 48)] + [0.0, 45.0, -15.0, 12.5]
+        images = torch.cat([images, images[:4]])
+        expected = torch.stack([TF.rotate(im, a, fill=127.0) for im, a in zip(images, angles)])
+        assert torch.equal(rotate_batch(images, angles, 127.0), expected)
 
 
 def ddp_kill_config(make_real, tmp_path) -> tuple[TrainConfig, str, str]:

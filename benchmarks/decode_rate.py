@@ -1,0 +1,91 @@
+"""How many rows per second a training worker decodes and transforms: what feeds the model.
+
+Times `train._transform_rows`, the function every train path calls for a batch (the in-memory
+cache, the streamed pass, validation): PNG decode, resize, random flip and rotation, RandAugment
+when on, float conversion. Sources are smooth random PNGs of `--source-size` px made here, the
+output `--image-size` px. Per setting: rows/s over `--repeats` batches of `--batch-size` rows after
+one untimed batch, with `--threads` decoding threads (the train config's `decode_threads`).
+
+On a GPU node this says whether the CPUs can feed the model: ResNet-50 at 224 px on one H200
+took 1716 samples/s from preloaded tensors (docs/benchmarks.md), so the stream needs at least that
+many rows/s from the threads a worker has.
+
+    python benchmarks/decode_rate.py --threads 1,2 --image-size 224 --source-size 160
+    PYTHONPATH=<another checkout> python benchmarks/decode_rate.py ...   # the same for other code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+
+def sources(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """n encoded PNGs (object array of bytes): 8x8 random colours resized up, like photos' PNG sizes."""
+    from PIL import Image
+
+    from ray_dafusion import schema
+
+    rng = np.random.default_rng(seed)
+    out = [schema.encode_image(Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype("uint8"))
+                               .resize((size, size), Image.BILINEAR)) for _ in range(n)]
+    return np.array(out, dtype=object)
+
+
+def rate(image_bytes: np.ndarray, image_size: int, threads: int, randaugment: bool, repeats: int) -> float:
+    """Rows/s of train-time decode + transform of one batch, `repeats` times after one warm-up."""
+    from ray_dafusion.classifier import make_transform
+    from ray_dafusion.train import _transform_rows, item_seed
+
+    n = len(image_bytes)
+    transform = make_transform(image_size, True, rotation=15.0, hflip=True, randaugment=randaugment, fill=0)
+    labels, aug = np.zeros(n, dtype=np.int64), np.full(n, -1)
+    ids = np.array([f"row-{i}" for i in range(n)], dtype=object)
+
+    def batch(pass_index: int) -> None:
+        seeds = [item_seed(0, 0, pass_index, str(i)) for i in ids]
+        _transform_rows(transform, image_size, image_bytes, labels, aug, ids, seeds, pass_index, threads)
+
+    batch(0)
+    start = time.perf_counter()
+    for r in range(repeats):
+        batch(r + 1)
+    return repeats * n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", default="1,2", help="comma-separated decode_threads values")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--source-size", type=int, default=160)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads per process (Ray workers run with 1 per CPU they reserve)")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args()
+
+    import torch
+
+    import ray_dafusion
+
+    torch.set_num_threads(args.torch_threads)
+    print(f"code: {os.path.dirname(ray_dafusion.__file__)}; {os.cpu_count()} CPUs; torch threads {args.torch_threads}")
+    image_bytes = sources(args.batch_size, args.source_size)
+    rows = []
+    for randaugment in (False, True):
+        for threads in [int(t) for t in args.threads.split(",")]:
+            r = rate(image_bytes, args.image_size, threads, randaugment, args.repeats)
+            rows.append({"randaugment": randaugment, "threads": threads, "rows_per_s": r})
+            print(f"randaugment {'on ' if randaugment else 'off'}  threads {threads:>2}: {r:8.1f} rows/s", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
