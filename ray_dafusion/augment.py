@@ -204,7 +204,8 @@ class DiffusionAugmenter:
             self.pipe = models.load_pipeline(cfg.model, cache_dir=cfg.cache_dir, endpoint_url=cfg.endpoint_url)
             if tensors:
                 weights.add_tokens(self.pipe, tensors)
-            done = models.speed_up(self.pipe, compile=cfg.compile, channels_last=cfg.channels_last)
+            done = models.speed_up(self.pipe, compile=cfg.compile, channels_last=cfg.channels_last,
+                                   static_shapes=cfg.pad_calls)
             if done:
                 log.info("pipeline on %s: %s", self.pipe.device, ", ".join(done))
             if reuse:

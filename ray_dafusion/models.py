@@ -146,18 +146,19 @@ def load_pipeline(
     return pipe
 
 
-def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True) -> list[str]:
+def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True, static_shapes: bool = False) -> list[str]:
     """Make a loaded pipeline faster on CUDA without changing what it computes; returns what was done.
 
     channels_last: the UNet's and VAE's convolutions in NHWC (cuDNN's fast layout on tensor cores);
     cuDNN picks its fastest kernels per shape (`cudnn.benchmark`). `compile`: torch.compile of the
     UNet and the VAE's encoder and decoder *in place* (`Module.compile`), so parameter names stay
     those of the checkpoint and `weights.ErasureWeights` can still copy a class's weights in (the
-    compiled graph reads the parameters as inputs). Batch sizes vary per t0 group, so the
-    graphs are compiled with dynamic shapes, once, for any batch (padding every call to one size,
-    `pad_calls`, costs the padded images' work instead). QKV
-    projections are left unfused so that erasure weights keep their names. On CPU nothing changes:
-    the test model is too small to gain and compiling it costs more than it runs.
+    compiled graph reads the parameters as inputs). Batch sizes vary per t0 group, so the graphs
+    are compiled with dynamic shapes, once, for any batch, unless `static_shapes` (every call
+    padded to one size, `pad_calls`): then one graph per module for that batch, which compiles
+    faster and runs tuned kernels, at the cost of the padded images' work. QKV projections are left
+    unfused so that erasure weights keep their names. On CPU nothing changes: the test model is
+    too small to gain and compiling it costs more than it runs.
     """
     import torch
 
@@ -170,10 +171,10 @@ def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True) -> li
         pipe.vae.to(memory_format=torch.channels_last)
         done.append("channels_last")
     if compile:
-        pipe.unet.compile(dynamic=True)
-        pipe.vae.encoder.compile(dynamic=True)
-        pipe.vae.decoder.compile(dynamic=True)
-        done.append("torch.compile(unet, vae.encoder, vae.decoder)")
+        dynamic = not static_shapes
+        for module in (pipe.unet, pipe.vae.encoder, pipe.vae.decoder):
+            module.compile(dynamic=dynamic)
+        done.append(f"torch.compile(unet, vae.encoder, vae.decoder; {'dynamic' if dynamic else 'static'} shapes)")
     return done
 
 
