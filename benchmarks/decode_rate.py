@@ -2,7 +2,8 @@
 
 Times `train._transform_rows`, the function every train path calls for a batch (the in-memory
 cache, the streamed pass, validation): PNG decode, resize, random flip and rotation, RandAugment
-when on, float conversion. Sources are smooth random PNGs of `--source-size` px made here, the
+when on, float conversion; and "in step", what the threads do when the training step finishes the
+transform on a GPU (`augment_in_step`, the default there): decode, resize and the random draws only. Sources are smooth random PNGs of `--source-size` px made here, the
 output `--image-size` px. Per setting: rows/s over `--repeats` batches of `--batch-size` rows after
 one untimed batch, with `--threads` decoding threads (the train config's `decode_threads`).
 
@@ -36,7 +37,8 @@ def sources(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-def rate(image_bytes: np.ndarray, image_size: int, threads: int, randaugment: bool, repeats: int) -> float:
+def rate(image_bytes: np.ndarray, image_size: int, threads: int, randaugment: bool, repeats: int,
+         in_step: bool = False) -> float:
     """Rows/s of train-time decode + transform of one batch, `repeats` times after one warm-up."""
     from ray_dafusion.classifier import make_transform
     from ray_dafusion.train import _transform_rows, item_seed
@@ -48,13 +50,32 @@ def rate(image_bytes: np.ndarray, image_size: int, threads: int, randaugment: bo
 
     def batch(pass_index: int) -> None:
         seeds = [item_seed(0, 0, pass_index, str(i)) for i in ids]
-        _transform_rows(transform, image_size, image_bytes, labels, aug, ids, seeds, pass_index, threads)
+        _transform_rows(transform, image_size, image_bytes, labels, aug, ids, seeds, pass_index, threads, in_step)
 
     batch(0)
     start = time.perf_counter()
     for r in range(repeats):
         batch(r + 1)
     return repeats * n / (time.perf_counter() - start)
+
+
+def finish_ms(image_bytes: np.ndarray, image_size: int, repeats: int = 20) -> float:
+    """Milliseconds the training step spends on a GPU finishing one batch (flip, rotation, float)."""
+    import torch
+
+    from ray_dafusion.classifier import decode_uint8, make_transform
+
+    transform = make_transform(image_size, True, rotation=15.0, hflip=True, fill=0)
+    x, flips, angles = transform.draw([decode_uint8(b) for b in image_bytes],
+                                      [torch.Generator().manual_seed(i) for i in range(len(image_bytes))])
+    x = x.cuda()
+    transform.finish(x, flips, angles)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        transform.finish(x, flips, angles)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def main() -> None:
@@ -77,11 +98,15 @@ def main() -> None:
     print(f"code: {os.path.dirname(ray_dafusion.__file__)}; {os.cpu_count()} CPUs; torch threads {args.torch_threads}")
     image_bytes = sources(args.batch_size, args.source_size)
     rows = []
-    for randaugment in (False, True):
+    for name, randaugment, in_step in (("flip+rotation", False, False), ("+RandAugment", True, False),
+                                       ("in step", False, True)):
         for threads in [int(t) for t in args.threads.split(",")]:
-            r = rate(image_bytes, args.image_size, threads, randaugment, args.repeats)
-            rows.append({"randaugment": randaugment, "threads": threads, "rows_per_s": r})
-            print(f"randaugment {'on ' if randaugment else 'off'}  threads {threads:>2}: {r:8.1f} rows/s", flush=True)
+            r = rate(image_bytes, args.image_size, threads, randaugment, args.repeats, in_step)
+            rows.append({"transform": name, "threads": threads, "rows_per_s": r})
+            print(f"{name:<14} threads {threads:>2}: {r:8.1f} rows/s", flush=True)
+    if torch.cuda.is_available():
+        rows.append({"transform": "finish on GPU", "ms_per_batch": finish_ms(image_bytes, args.image_size)})
+        print(f"finish on GPU: {rows[-1]['ms_per_batch']:.2f} ms per batch of {args.batch_size}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

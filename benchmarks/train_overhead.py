@@ -5,7 +5,8 @@ fractional CPUs). Only the batch source differs:
 
 * stream: the train stage's own path: parquet (real + M synthetic per real) -> Ray Data union ->
   streaming_split -> per-epoch exact mixing filter, decode and train transforms in Ray Data's
-  prefetch threads -> exact-size batches;
+  prefetch threads -> exact-size batches (on a GPU, as in the train stage, the threads decode,
+  resize and draw, and the timed step finishes flips, rotations and float conversion on the GPU);
 * preloaded: the same rows, mixed, decoded and transformed once into tensors in worker memory
   before the clock starts, then cycled.
 
@@ -104,7 +105,7 @@ def _bench_loop(loop: dict) -> None:
 
     from ray_dafusion.config import TrainConfig
     from ray_dafusion.classifier import build_model, make_transform
-    from ray_dafusion.train import MixedCollate, exact_batches, train_step
+    from ray_dafusion.train import MixedCollate, augments_in_step, batch_images, exact_batches, train_step
 
     cfg = TrainConfig.from_dict(loop["config"])
     world = ray.train.get_context().get_world_size()
@@ -118,10 +119,10 @@ def _bench_loop(loop: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     tf = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, False)
 
-    def stream():  # epoch after epoch of the train stage's exact mixed stream
+    def stream(in_step: bool):  # epoch after epoch of the train stage's exact mixed stream
         for epoch in itertools.count():
             collate = MixedCollate(tf, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"],
-                                   threads=cfg.decode_threads)
+                                   threads=cfg.decode_threads, in_step=in_step)
             chunks = shard.iter_torch_batches(
                 batch_size=local_batch * loop["rows_per_real"], collate_fn=collate, device="cpu",
                 prefetch_batches=cfg.prefetch_batches, local_shuffle_buffer_size=cfg.shuffle_buffer,
@@ -130,20 +131,21 @@ def _bench_loop(loop: dict) -> None:
 
     total = loop["warmup"] + loop["steps"]
     if loop["mode"] == "preloaded":
-        gen = stream()
+        gen = stream(False)
         batches = list(itertools.islice(gen, total))  # decoded + transformed before the clock starts
         gen.close()  # stops the Ray Data execution, which would otherwise compete for CPU
         source = iter(batches)
     else:
-        source = stream()
+        source = stream(augments_in_step(cfg, device))  # as the train stage: on a GPU the step finishes the transform
     times, waits = [], []
     sampler = _GpuSampler() if device.type == "cuda" else None
     for step in range(total):
         if step == loop["warmup"] and sampler:
             sampler.start()
         t0 = time.perf_counter()
-        x, y, *_ = next(source)
+        x, y, _, _, _, *drawn = next(source)
         waits.append(time.perf_counter() - t0)  # waiting for the next batch: the GPU idles
+        x = batch_images(tf, x, drawn, device)
         loss = train_step(model, optimizer, scaler, x, y, device)
         float(loss)  # wait for the step to finish (CUDA is asynchronous)
         times.append(time.perf_counter() - t0)

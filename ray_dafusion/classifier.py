@@ -19,6 +19,8 @@ import math
 import os
 from typing import Any, Optional
 
+import numpy as np
+
 from . import storage
 from .errors import ConfigError
 
@@ -226,22 +228,47 @@ class TrainTransform:
             return torch.empty(0, 3, *self.resize.size)
         if self.randaugment is not None:
             return torch.stack([self(image, g) for image, g in zip(images, generators)])
-        x = torch.stack([self.resize(image) for image in images])
-        angles = []
-        for i, generator in enumerate(generators):  # the draws of __call__, in its order
-            if self.hflip and float(torch.rand(1, generator=generator)) < 0.5:
-                x[i] = x[i].flip(-1)
+        return self.finish(*self.draw(images, generators))
+
+    @property
+    def splits(self) -> bool:
+        """Whether `draw` + `finish` make this transform (everything but RandAugment, which runs per
+        image between the rotation and the float conversion)."""
+        return self.randaugment is None
+
+    def draw(self, images: list, generators: list) -> tuple:
+        """The first half of `many`: every image resized, stacked as uint8, and each row's random
+        draws, in `__call__`'s order: (uint8 (B, 3, S, S), flips (B,) bool, angles (B,) degrees)."""
+        import torch
+
+        x = torch.stack([self.resize(image) for image in images]) if images else \
+            torch.empty(0, 3, *self.resize.size, dtype=torch.uint8)
+        flips, angles = np.zeros(len(images), dtype=bool), np.zeros(len(images))
+        for i, generator in enumerate(generators):
+            if self.hflip:
+                flips[i] = float(torch.rand(1, generator=generator)) < 0.5
             if self.rotation > 0:
-                angles.append(float(torch.empty(1).uniform_(-self.rotation, self.rotation, generator=generator)))
-        if angles:
-            x = rotate_batch(x, angles, float(self.fill))
+                angles[i] = float(torch.empty(1).uniform_(-self.rotation, self.rotation, generator=generator))
+        return x, flips, angles
+
+    def finish(self, x: Any, flips: np.ndarray, angles: np.ndarray) -> Any:
+        """The second half, on whatever device `x` is (the training step's GPU, or the decoding
+        thread's CPU): flip, rotate and convert to normalised float."""
+        import torch
+
+        if flips.any():
+            rows = torch.as_tensor(np.flatnonzero(flips), device=x.device)
+            x = x.index_copy(0, rows, x[rows].flip(-1))  # a new tensor: the caller's batch is left as it was
+        if self.rotation > 0 and len(x):
+            x = rotate_batch(x, [float(a) for a in angles], float(self.fill))
         return self.post(x)
 
 
 def rotate_batch(images: Any, angles: list[float], fill: float) -> Any:
     """Rotate each uint8 image of (B, C, H, W) by its angle (degrees, counter-clockwise) about its
     centre, nearest neighbour, uncovered pixels set to `fill`: torchvision's `rotate` of each image,
-    pixel for pixel (tests/test_train.py checks).
+    pixel for pixel on the CPU (tests/test_train.py checks); on a GPU the same up to a rare pixel
+    whose source lies on a rounding tie. On the device of `images`.
 
     One `grid_sample` for the batch, on a single channel that holds each pixel's flat index (+1;
     0 where the zero padding shows through), so nearest sampling picks exactly the source pixel
@@ -253,20 +280,21 @@ def rotate_batch(images: Any, angles: list[float], fill: float) -> Any:
     from torchvision.transforms.v2 import functional as TF
 
     b, c, h, w = images.shape
+    device = images.device
     rows = []
     for angle in angles:  # torchvision's inverse matrix for rotate(angle): angle taken mod 360, then negated
         rot = math.radians(-(angle % 360))
         rows.append([math.cos(rot), math.sin(rot), 0.0, -math.sin(rot), math.cos(rot), 0.0])
-    theta = torch.tensor(rows, dtype=torch.float32).view(b, 2, 3)
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w)
-    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h)
-    base = torch.stack([xs.expand(h, w), ys.unsqueeze(-1).expand(h, w), torch.ones(h, w)], -1).view(1, h * w, 3)
-    scaled = theta.transpose(1, 2).div(torch.tensor([0.5 * w, 0.5 * h]))  # to grid_sample's [-1, 1]
-    grid = base.expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
-    index = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w).expand(b, 1, h, w)  # exact below 2**24
-    source = F.grid_sample(index, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    theta = torch.tensor(rows, dtype=torch.float32, device=device).view(b, 2, 3)
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device)
+    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device)
+    base = torch.stack([xs.expand(h, w), ys.unsqueeze(-1).expand(h, w), torch.ones(h, w, device=device)], -1)
+    scaled = theta.transpose(1, 2).div(torch.tensor([0.5 * w, 0.5 * h], device=device))  # to grid_sample's [-1, 1]
+    grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
+    index = torch.arange(1, h * w + 1, dtype=torch.float32, device=device).view(1, 1, h, w).expand(b, 1, h, w)
+    source = F.grid_sample(index, grid, mode="nearest", padding_mode="zeros", align_corners=False)  # exact < 2**24
     source = source.view(b, 1, h * w).long().expand(b, c, h * w)
-    fill_pixel = torch.tensor(float(fill)).round().to(images.dtype).expand(b, c, 1)
+    fill_pixel = torch.tensor(float(fill), device=device).round().to(images.dtype).expand(b, c, 1)
     x = torch.cat([fill_pixel, images.reshape(b, c, h * w)], 2).gather(2, source).view(b, c, h, w)
     for i, angle in enumerate(angles):  # torchvision turns quarter turns exactly, without a grid
         if angle % 90 == 0:

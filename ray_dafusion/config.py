@@ -367,6 +367,8 @@ class TrainConfig(StageConfig):
     """Train in the channels-last memory layout (faster convolutions on CPUs and on GPUs under AMP: 31.6 vs 46.0 ms per small_cnn step on one core, benchmarks/sweep_parts.py)."""
     decode_threads: int = resource(0)
     """Threads per training worker that decode and transform the images of a batch; 0: one per whole CPU the worker reserves (cpus_per_worker, at least 1). Any number trains the same bytes; on a GPU node fewer than the worker's CPUs feed the GPU fewer images."""
+    augment_in_step: Optional[bool] = resource(None)
+    """Where a batch's flips, rotations and float conversion run: in the training step on the training device (true) or in the decoding threads (false); null: in the step when training on a GPU, so the threads only decode and resize. The same images on a CPU; on a GPU up to a rare pixel on a rounding tie of the rotation. With RandAugment the whole transform stays in the threads."""
     cache_mb: float = resource(1024.0)
     """Keep each worker's share of the encoded real+synthetic rows in memory after the first read when the whole union is at most this many MB; larger unions stream from storage on every pass."""
     shuffle_buffer: int = resource(512)

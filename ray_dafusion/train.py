@@ -146,49 +146,73 @@ def _row_pool(threads: int) -> Any:
 
 
 def _transform_rows(transform: Any, image_size: int, image_bytes: Any, labels: Any, aug: Any, ids: Any,
-                    seeds: Optional[list[int]], pass_index: int, threads: int = 1) -> tuple:
+                    seeds: Optional[list[int]], pass_index: int, threads: int = 1, in_step: bool = False) -> tuple:
     """Decode and transform rows -> (x (B, 3, S, S), y (B,), aug_index (B,), ids (B,), pass (B,)).
 
     With `threads` > 1 the rows are split over this process's decoding threads (torch's decode,
     resize and rotate release the GIL); each row's result depends only on its bytes and seed.
     The training transform handles each thread's rows as one batch (`TrainTransform.many`).
+    `in_step` (a training transform that `splits`, with seeds): only decode, resize and draw here;
+    x is then uint8 and the tuple ends with each row's flip and angle, for `batch_images` to finish
+    in the training step on the training device.
     """
     import torch
+
+    in_step = in_step and seeds is not None and isinstance(transform, TrainTransform) and transform.splits
 
     def part(rows: range) -> Any:
         images = [decode_uint8(image_bytes[i]) for i in rows]
         if seeds is not None and isinstance(transform, TrainTransform):
-            return transform.many(images, [torch.Generator().manual_seed(seeds[i]) for i in rows])
+            generators = [torch.Generator().manual_seed(seeds[i]) for i in rows]
+            return transform.draw(images, generators) if in_step else (transform.many(images, generators),)
         if seeds is None:
-            return torch.stack([transform(image) for image in images])
-        return torch.stack([seeded_transform(transform, image, seeds[i]) for i, image in zip(rows, images)])
+            return (torch.stack([transform(image) for image in images]),)
+        return (torch.stack([seeded_transform(transform, image, seeds[i]) for i, image in zip(rows, images)]),)
 
     n = len(image_bytes)
     if n == 0:
-        x = torch.empty(0, 3, image_size, image_size)
+        drawn: tuple = transform.draw([], []) if in_step else (torch.empty(0, 3, image_size, image_size),)
     elif threads > 1 and n > 1:
         step = math.ceil(n / min(threads, n))
-        x = torch.cat(list(_row_pool(threads).map(part, [range(i, min(i + step, n)) for i in range(0, n, step)])))
+        parts = list(_row_pool(threads).map(part, [range(i, min(i + step, n)) for i in range(0, n, step)]))
+        drawn = tuple(torch.cat(cols) if isinstance(cols[0], torch.Tensor) else np.concatenate(cols)
+                      for cols in zip(*parts))
     else:
-        x = part(range(n))
+        drawn = part(range(n))
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    return x, y, np.asarray(aug), np.asarray(ids), np.full(len(ids), pass_index)
+    return drawn[0], y, np.asarray(aug), np.asarray(ids), np.full(len(ids), pass_index), *drawn[1:]
+
+
+def augments_in_step(cfg: TrainConfig, device: Any) -> bool:
+    """Whether this worker's training step finishes the batch's transform (`augment_in_step`; by
+    default when it trains on a GPU)."""
+    return device.type == "cuda" if cfg.augment_in_step is None else cfg.augment_in_step
+
+
+def batch_images(transform: Any, x: Any, drawn: Any, device: Any) -> Any:
+    """A batch's images for the model: as the decoding threads made them, or, when they handed
+    over uint8 images with each row's flip and angle (`drawn`, see `_transform_rows`), finished
+    on `device` (a GPU does a batch's flips, rotations and float conversion in well under a
+    millisecond, which would cost the decoding threads a few milliseconds per row)."""
+    if not drawn:
+        return x
+    return transform.finish(x.to(device, non_blocking=True), *drawn)
 
 
 class MixedCollate(NumpyBatchCollateFn):
     """Ray Data collate: keep this pass's chosen rows, decode and transform only those.
 
     Runs in Ray Data's prefetch threads. Returns (images (B, 3, S, S), labels (B,), aug_index (B,),
-    ids (B,), pass (B,)); B may be 0 when no row of the batch is chosen. Train transforms are seeded
-    per (seed, epoch, pass, row id).
+    ids (B,), pass (B,)), with `in_step` also each row's flip and angle (`_transform_rows`); B may
+    be 0 when no row of the batch is chosen. Train transforms are seeded per (seed, epoch, pass, row id).
     """
 
     def __init__(self, transform, image_size: int, candidates: Optional[dict] = None, seed: int = 0,
                  epoch: int = 0, alpha: float = 0.0, keep_all: bool = False, pass_index: int = 0,
-                 threads: int = 1):
+                 threads: int = 1, in_step: bool = False):
         self.transform, self.image_size = transform, image_size
         self.candidates, self.seed, self.epoch, self.alpha = candidates or {}, seed, epoch, alpha
-        self.keep_all, self.pass_index, self.threads = keep_all, pass_index, threads
+        self.keep_all, self.pass_index, self.threads, self.in_step = keep_all, pass_index, threads, in_step
 
     def __call__(self, batch: dict[str, np.ndarray]):
         if self.keep_all:
@@ -199,7 +223,7 @@ class MixedCollate(NumpyBatchCollateFn):
         ids = batch["id"][mask]
         seeds = None if self.keep_all else [item_seed(self.seed, self.epoch, self.pass_index, str(i)) for i in ids]
         return _transform_rows(self.transform, self.image_size, batch["image_bytes"][mask], batch["label"][mask],
-                               batch["aug_index"][mask], ids, seeds, self.pass_index, self.threads)
+                               batch["aug_index"][mask], ids, seeds, self.pass_index, self.threads, self.in_step)
 
 
 def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
@@ -499,7 +523,7 @@ def _owner(row_id: str, world: int) -> int:
 
 
 def _cache_passes(cache: _RowCache, cfg: TrainConfig, loop: dict[str, Any], transform: Any, epoch: int, rank: int,
-                  local_batch: int, passes: int) -> Iterator[tuple]:
+                  local_batch: int, passes: int, in_step: bool) -> Iterator[tuple]:
     """Chunks of transformed rows for every pass of an epoch, decoded ahead in a thread pool."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -507,7 +531,7 @@ def _cache_passes(cache: _RowCache, cfg: TrainConfig, loop: dict[str, Any], tran
         ids = cache.id[idx]
         seeds = [item_seed(cfg.seed, epoch, pass_index, str(i)) for i in ids]
         return _transform_rows(transform, cfg.image_size, cache.image_bytes[idx], cache.label[idx],
-                               cache.aug_index[idx], ids, seeds, pass_index, cfg.decode_threads)
+                               cache.aug_index[idx], ids, seeds, pass_index, cfg.decode_threads, in_step)
 
     def plan() -> Iterator[tuple[int, np.ndarray]]:
         for p in range(passes):
@@ -528,11 +552,11 @@ def _cache_passes(cache: _RowCache, cfg: TrainConfig, loop: dict[str, Any], tran
 
 
 def _stream_pass(shard: Any, cfg: TrainConfig, loop: dict[str, Any], transform: Any, epoch: int, rank: int,
-                 local_batch: int, pass_index: int) -> Iterator[tuple]:
+                 local_batch: int, pass_index: int, in_step: bool) -> Iterator[tuple]:
     """Chunks of one pass, streamed from storage (for unions larger than cache_mb)."""
     read_batch = local_batch * loop["rows_per_real"]
     collate = MixedCollate(transform, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"],
-                           pass_index=pass_index, threads=cfg.decode_threads)
+                           pass_index=pass_index, threads=cfg.decode_threads, in_step=in_step)
     yield from shard.iter_torch_batches(
         batch_size=read_batch, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
         local_shuffle_buffer_size=max(cfg.shuffle_buffer, read_batch),
@@ -541,7 +565,7 @@ def _stream_pass(shard: Any, cfg: TrainConfig, loop: dict[str, Any], transform: 
 
 
 def _segments(shard: Any, cache: Optional[_RowCache], cfg: TrainConfig, loop: dict[str, Any], transform: Any,
-              epoch: int, rank: int, local_batch: int) -> Iterator[Iterator[tuple]]:
+              epoch: int, rank: int, local_batch: int, in_step: bool) -> Iterator[Iterator[tuple]]:
     """The epoch's chunk streams, each run to its end by every worker before the next begins.
 
     From memory the whole epoch is one stream (batches are cut across pass boundaries). Streamed
@@ -550,10 +574,10 @@ def _segments(shard: Any, cache: Optional[_RowCache], cfg: TrainConfig, loop: di
     """
     passes = loop["passes_per_epoch"]
     if cache is not None:
-        yield _cache_passes(cache, cfg, loop, transform, epoch, rank, local_batch, passes)
+        yield _cache_passes(cache, cfg, loop, transform, epoch, rank, local_batch, passes, in_step)
     else:
         for p in range(passes):
-            yield _stream_pass(shard, cfg, loop, transform, epoch, rank, local_batch, p)
+            yield _stream_pass(shard, cfg, loop, transform, epoch, rank, local_batch, p, in_step)
 
 
 def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: Any, scaler: Any, shard: Any,
@@ -567,13 +591,15 @@ def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: 
         _freeze_batchnorm(model)
     local_batch = max(1, cfg.batch_size // world)
     transform = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, loop["randaugment"], cfg.fill)
+    in_step = augments_in_step(cfg, device)
     loss_sum = seen = synthetic = steps = 0
     seen_rows: list[list[Any]] = []
     start = time.perf_counter()
-    for segment in _segments(shard, cache, cfg, loop, transform, epoch, rank, local_batch):
+    for segment in _segments(shard, cache, cfg, loop, transform, epoch, rank, local_batch, in_step):
         # uneven shards: a worker that runs out shadows the others' collectives until they finish
         with Join([model]) if world > 1 else contextlib.nullcontext():
-            for x, y, aug, ids, passes in exact_batches(segment, local_batch):
+            for x, y, aug, ids, passes, *drawn in exact_batches(segment, local_batch):
+                x = batch_images(transform, x, drawn, device)
                 loss = train_step(model, optimizer, scaler, x, y, device, cfg.channels_last)
                 steps += 1
                 loss_sum += float(loss.detach()) * len(y)

@@ -166,6 +166,9 @@ def test_the_same_config_gives_the_same_checkpoint_bytes(ray_session, make_real,
     train_module._POOLS.pop(2, None)
     train(TrainConfig(**{**base, "num_workers": 0, "cpus_per_worker": 2.5}, output=str(tmp_path / "e")))
     assert 2 in train_module._POOLS  # num_workers 0 trains in this process, so its pool is visible here
+    # the training step finishing each batch's transform (the default on a GPU) trains the same bytes
+    in_step = train(TrainConfig(**{**base, "augment_in_step": True}, output=str(tmp_path / "f")))
+    assert storage.read_bytes(storage.join(in_step.best_checkpoint, "model.pt")) == weights[0]
 
 
 def test_rows_transform_the_same_on_any_number_of_threads():
@@ -184,6 +187,36 @@ def test_rows_transform_the_same_on_any_number_of_threads():
     assert torch.equal(one[0], many[0]) and one[0].shape == (9, 3, 24, 24)
     other = _transform_rows(*args, list(range(1, 10)), 0, threads=4)
     assert not torch.equal(one[0], other[0])  # the seeds decide the draws
+
+
+def test_the_training_step_can_finish_the_transform():
+    # in_step: the decoding threads hand over uint8 images and each row's flip and angle, the step
+    # finishes them on its device; on the CPU the very same tensors, through the collate and re-cutting
+    from ray_dafusion.train import MixedCollate, batch_images, exact_batches
+
+    rng = np.random.default_rng(2)
+    data = []
+    for _ in range(11):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, format="PNG")
+        data.append(buf.getvalue())
+    batch = {"image_bytes": np.array(data, dtype=object), "label": np.arange(11) % 3, "aug_index": np.full(11, -1),
+             "id": np.array([f"r{i}" for i in range(11)], dtype=object),
+             "source_id": np.array([f"r{i}" for i in range(11)], dtype=object)}
+    cpu = torch.device("cpu")
+    tf = make_transform(24, True, rotation=30, hflip=True, fill=255)
+    ra = make_transform(24, True, rotation=30, hflip=True, randaugment=True, fill=255)
+    for transform in (tf, ra):
+        for threads in (1, 3):
+            made = [MixedCollate(transform, 24, seed=5, threads=threads, in_step=s)(batch) for s in (False, True)]
+            assert len(made[0]) == 5 and len(made[1]) == (7 if transform is tf else 5)
+            for (x, *_), (raw, _, _, _, _, *drawn) in zip(exact_batches([made[0]], 4), exact_batches([made[1]], 4)):
+                if transform is tf:
+                    assert raw.dtype == torch.uint8 and len(drawn) == 2
+                finished = batch_images(transform, raw, drawn, cpu)
+                assert torch.equal(finished, x)
+                if drawn:
+                    assert torch.equal(batch_images(transform, raw, drawn, cpu), x), "finishing changed its input"
 
 
 def test_seeded_randaugment_is_torchvisions():
