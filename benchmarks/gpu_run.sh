@@ -2,6 +2,7 @@
 # The GPU measurements of docs/benchmarks.md, on a lent GPU machine with no Ray and no network.
 # Build the bundle here first (python benchmarks/gpu_bundle.py build), then there, carrying .gpu:
 #   bash benchmarks/gpu_run.sh generate   # generation through the Ray job, ~6 min
+#   bash benchmarks/gpu_run.sh profile    # one actor call: UNet / VAE / rest shares, top kernels, ~2 min
 #   bash benchmarks/gpu_run.sh train      # rows/s the CPUs decode, training stream vs preloaded,
 #                                         # then train/evaluate/score lines, ~3 min
 # Figures and logs go to $OUT (the device tool's folder that comes back), else /tmp/gpu-out.
@@ -20,6 +21,10 @@ case "${1:-generate}" in
     python3 benchmarks/gpu_smoke.py 2>&1 | grep -v "^\s*$" | tail -4
     python3 benchmarks/gpu_ray_job.py --workdir $WORK --out "$OUT/gpu_ray_job.json" "${@:2}" > "$OUT/gpu_ray_job.log" 2>&1
     echo "gpu_ray_job rc $?"; grep -E "^(eager|fast|compiled): |TFLOP/s" "$OUT/gpu_ray_job.log"
+    ;;
+  profile)
+    python3 benchmarks/gpu_profile.py --trace --out "$OUT/gpu_profile.json" "${@:2}" > "$OUT/gpu_profile.log" 2>&1
+    echo "gpu_profile rc $?"; grep -E "^one call|% of the wall|UNet:" "$OUT/gpu_profile.log"
     ;;
   train)
     python3 benchmarks/decode_rate.py --threads 1,4,8,12 --image-size 224 --source-size 160 --out "$OUT/decode_rate.json" 2>&1 | tail -9
