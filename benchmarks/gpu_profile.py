@@ -6,12 +6,15 @@ target, and a throughput figure alone does not say why. This runs `DiffusionAugm
 model at 512 px, 50 steps, the paper's t0 mix, and reports for one call after a warm-up call:
 
 * wall seconds and images/s;
-* GPU seconds inside the UNet, the VAE encoder and the VAE decoder (CUDA events around each
-  module's forward, summed), their shares of the wall time, and the rest (the pipeline's Python,
-  the scheduler, resizing, PNG and parquet work that does not overlap, and idle GPU);
-* model TFLOP/s of the UNet's own time (803 GFLOP per forward at 512 px, one image) against the
-  measured bf16 GEMM ceiling: whether the UNet's kernels are slow or the time goes elsewhere;
-* with `--trace`, the 15 costliest kernels (torch.profiler, one more call).
+* seconds spanned by the UNet's, the VAE encoder's and the VAE decoder's forwards (CUDA events
+  recorded on the stream before and after each, summed; a span includes any wait for the CPU to
+  launch the module's kernels), their shares of the wall time, and the rest (the pipeline's
+  Python, the scheduler, resizing, PNG and parquet work that does not overlap, and idle GPU);
+* model TFLOP/s over the UNet's spans (803 GFLOP per image forward at 512 px) against the
+  measured bf16 GEMM ceiling;
+* with `--trace`, one more call under torch.profiler: the GPU's kernel seconds as a share of that
+  call's wall (below the spans' share: the GPU waited for the CPU inside the modules) and the 15
+  costliest kernels.
 
     python3 benchmarks/gpu_profile.py --out $OUT/gpu_profile.json            # ~2 min on an H100/H200
     python3 benchmarks/gpu_profile.py --model tiny --num-real 2 --m 2 --steps 4 --resolution 64 --size 64
@@ -159,9 +162,17 @@ def main() -> None:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
-            one_call("traced")
+            traced_wall, _ = one_call("traced")
         key = "cuda_time_total" if cuda else "cpu_time_total"
-        table_text = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
+        averages = prof.key_averages()
+        if cuda:  # kernel time the GPU was busy (self time of every op, so nothing is counted twice)
+            busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages)
+            result["traced_kernel_s"] = round(busy_us / 1e6, 3)
+            result["traced_wall_s"] = round(traced_wall, 2)
+            result["traced_kernel_share"] = round(busy_us / 1e6 / traced_wall, 3)
+            print(f"  kernels: {busy_us / 1e6:.2f} s of GPU time in the traced call's {traced_wall:.1f} s "
+                  f"({result['traced_kernel_share'] * 100:.0f}% busy)")
+        table_text = averages.table(sort_by=key, row_limit=15, max_name_column_width=60)
         print(table_text)
         result["top_kernels"] = table_text
     gpu_finish(result, cuda, args.out)

@@ -15,7 +15,8 @@ Per configuration: the job's wall time; steady-state images/s over every batch a
 committed rows' strengths on two bases (UNet forward at 512 px with attention matmuls 803 GFLOP,
 without 677; x2 for guidance; int(steps x t0) + 1 UNet calls per image with PNDM; 3.6 TFLOP of VAE
 encode + decode per image) as % of 989 TFLOP/s (the H100's dense bf16/fp16 peak) and of a
-measured bf16 GEMM ceiling; compile seconds (first batch minus its rows at the steady rate); the
+measured bf16 GEMM ceiling (useful work only: the padded images of `pad_calls` are not counted);
+compile seconds (first batch minus its rows at the steady rate); the
 actor's peak GPU memory; the largest pixel difference against eager on the rows both generated.
 
 Then, if `--stages`: train (Ray Train, ResNet-50 at 224 px, use_gpu, the alpha-mixed stream over

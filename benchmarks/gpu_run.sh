@@ -24,10 +24,10 @@ case "${1:-generate}" in
     ;;
   profile)
     python3 benchmarks/gpu_profile.py --trace --out "$OUT/gpu_profile.json" "${@:2}" > "$OUT/gpu_profile.log" 2>&1
-    echo "gpu_profile rc $?"; grep -E "^one call|% of the wall|UNet:" "$OUT/gpu_profile.log"
+    echo "gpu_profile rc $?"; grep -E "^one call|% of the wall|UNet:|kernels:" "$OUT/gpu_profile.log"
     ;;
   train)
-    python3 benchmarks/decode_rate.py --threads 1,4,8,12 --image-size 224 --source-size 160 --out "$OUT/decode_rate.json" 2>&1 | tail -9
+    python3 benchmarks/decode_rate.py --threads 1,4,8,12 --image-size 224 --source-size 160 --out "$OUT/decode_rate.json" 2>&1 | grep -E "rows/s|finish on GPU|Error"
     python3 benchmarks/train_overhead.py --use-gpu --arch resnet50 --image-size 224 --source-size 160 \
       --batch-size 64 --steps 40 --warmup 5 --m 2 --cpus-per-worker 12 --decode-threads 12 --out "$OUT/train_gpu.json" > "$OUT/train_gpu.log" 2>&1
     echo "train_overhead rc $?"; grep -E "samples/s|ratio" "$OUT/train_gpu.log" | grep -v INFO | tail -4

@@ -32,6 +32,7 @@ __all__ = [
     "make_transform",
     "TrainTransform",
     "rotate_batch",
+    "seeded_randaugment",
     "eval_transform",
     "decode_uint8",
     "save_checkpoint",

@@ -70,7 +70,6 @@ __all__ = [
     "exact_split_config",
     "passes_per_epoch",
     "item_seed",
-    "seeded_transform",
 ]
 
 RESULT_FILE = "train_result.json"
@@ -112,25 +111,6 @@ def item_seed(seed: int, epoch: int, pass_index: int, row_id: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-_TRANSFORM_LOCK = threading.Lock()
-
-
-def seeded_transform(transform: Any, image: Any, seed: int) -> Any:
-    """`transform(image)` with its random draws seeded by `seed`.
-
-    The training transform (`classifier.TrainTransform`) takes a generator of its own, so rows
-    transform in parallel threads. Any other transform draws from torch's global generator,
-    which is set to `seed` for the call under a lock, and restored after.
-    """
-    import torch
-
-    if isinstance(transform, TrainTransform):
-        return transform(image, torch.Generator().manual_seed(seed))
-    with _TRANSFORM_LOCK, torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        return transform(image)
-
-
 _POOLS: dict[int, Any] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -149,6 +129,8 @@ def _transform_rows(transform: Any, image_size: int, image_bytes: Any, labels: A
                     seeds: Optional[list[int]], pass_index: int, threads: int = 1, in_step: bool = False) -> tuple:
     """Decode and transform rows -> (x (B, 3, S, S), y (B,), aug_index (B,), ids (B,), pass (B,)).
 
+    `seeds`: one per row, for a training transform (`TrainTransform`: each row draws from its own
+    generator); None for a transform without random draws (validation's).
     With `threads` > 1 the rows are split over this process's decoding threads (torch's decode,
     resize and rotate release the GIL); each row's result depends only on its bytes and seed.
     The training transform handles each thread's rows as one batch (`TrainTransform.many`).
@@ -158,16 +140,16 @@ def _transform_rows(transform: Any, image_size: int, image_bytes: Any, labels: A
     """
     import torch
 
-    in_step = in_step and seeds is not None and isinstance(transform, TrainTransform) and transform.splits
+    if seeds is not None and not isinstance(transform, TrainTransform):
+        raise TypeError(f"seeded rows need a TrainTransform, got {type(transform).__name__}")
+    in_step = in_step and seeds is not None and transform.splits
 
     def part(rows: range) -> Any:
         images = [decode_uint8(image_bytes[i]) for i in rows]
-        if seeds is not None and isinstance(transform, TrainTransform):
-            generators = [torch.Generator().manual_seed(seeds[i]) for i in rows]
-            return transform.draw(images, generators) if in_step else (transform.many(images, generators),)
         if seeds is None:
             return (torch.stack([transform(image) for image in images]),)
-        return (torch.stack([seeded_transform(transform, image, seeds[i]) for i, image in zip(rows, images)]),)
+        generators = [torch.Generator().manual_seed(seeds[i]) for i in rows]
+        return transform.draw(images, generators) if in_step else (transform.many(images, generators),)
 
     n = len(image_bytes)
     if n == 0:

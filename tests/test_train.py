@@ -187,6 +187,8 @@ def test_rows_transform_the_same_on_any_number_of_threads():
     assert torch.equal(one[0], many[0]) and one[0].shape == (9, 3, 24, 24)
     other = _transform_rows(*args, list(range(1, 10)), 0, threads=4)
     assert not torch.equal(one[0], other[0])  # the seeds decide the draws
+    with pytest.raises(TypeError, match="seeded rows need a TrainTransform"):
+        _transform_rows(make_transform(24, False), *args[1:], list(range(9)), 0)
 
 
 def test_the_training_step_can_finish_the_transform():
