@@ -155,8 +155,8 @@ def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True, stati
     those of the checkpoint and `weights.ErasureWeights` can still copy a class's weights in (the
     compiled graph reads the parameters as inputs). Batch sizes vary per t0 group, so the graphs
     are compiled with dynamic shapes, once, for any batch, unless `static_shapes` (every call
-    padded to one size, `pad_calls`): then one graph per module for that batch, which compiles
-    faster and runs tuned kernels, at the cost of the padded images' work. QKV projections are left
+    padded to one size, `pad_calls`): then one graph per module for that batch (dynamic shapes were
+    still compiling after ~3 minutes on an H200), at the cost of the padded images' work. QKV projections are left
     unfused so that erasure weights keep their names. On CPU nothing changes: the test model is
     too small to gain and compiling it costs more than it runs.
     """

@@ -174,8 +174,8 @@ def augments_in_step(cfg: TrainConfig, device: Any) -> bool:
 def batch_images(transform: Any, x: Any, drawn: Any, device: Any) -> Any:
     """A batch's images for the model: as the decoding threads made them, or, when they handed
     over uint8 images with each row's flip and angle (`drawn`, see `_transform_rows`), finished
-    on `device` (a GPU does a batch's flips, rotations and float conversion in well under a
-    millisecond, which would cost the decoding threads a few milliseconds per row)."""
+    on `device`: on a GPU a few kernels per batch, where the decoding threads would spend about
+    1.5-2 ms per 224 px row on them (benchmarks/decode_rate.py)."""
     if not drawn:
         return x
     return transform.finish(x.to(device, non_blocking=True), *drawn)
