@@ -221,6 +221,20 @@ def test_the_training_step_can_finish_the_transform():
                     assert torch.equal(batch_images(transform, raw, drawn, cpu), x), "finishing changed its input"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_finishes_a_batch_as_the_cpu_does():
+    # the default on a GPU (augment_in_step): the same images, but for a rare rotation rounding tie
+    from ray_dafusion.train import batch_images
+
+    rng = np.random.default_rng(3)
+    tf = make_transform(224, True, rotation=15, hflip=True, fill=0)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, 160, 160), dtype=np.uint8)) for _ in range(32)]
+    x, flips, angles = tf.draw(images, [torch.Generator().manual_seed(s) for s in range(32)])
+    on_cpu = batch_images(tf, x, [flips, angles], torch.device("cpu"))
+    on_gpu = batch_images(tf, x, [flips, angles], torch.device("cuda")).cpu()
+    assert on_gpu.shape == on_cpu.shape and (on_gpu != on_cpu).float().mean() < 1e-3
+
+
 def test_seeded_randaugment_is_torchvisions():
     # RandAugment with its draws from a generator == torchvision's under the same global seed, exactly,
     # over enough seeds to reach every op and both signs; the global generator is left alone
