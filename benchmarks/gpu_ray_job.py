@@ -7,8 +7,8 @@ sources 512 px. Configurations, each a fresh job into its own output:
 * eager: the settings before the GPU work (8 rows per actor call, <= 16 images per pipeline call,
   no channels_last, PNG encoding inline), on a fixed subset of the rows (`--eager-rows`);
 * fast: 32 images per call, channels_last, PNG/parquet work on a background thread;
-* compiled: fast + torch.compile of the UNet and VAE (in place), every call padded to 32 images
-  (static shapes: one graph per module).
+* compiled: fast + fused QKV projections + torch.compile of the UNet and VAE (in place), every
+  call padded to 32 images (static shapes: one graph per module).
 
 Per configuration: the job's wall time; steady-state images/s over every batch after the first
 (the first holds the warm-up and any compiling); model TFLOP/s of those batches from the
@@ -52,7 +52,7 @@ CONFIGS = {
     # every call padded to 32 images: static shapes, one graph per module (dynamic shapes were still
     # compiling after ~3 min on the H200, 2026-11-26)
     "compiled": dict(batch_size=12, max_images_per_call=32, channels_last=True, compile=True, pad_calls=True,
-                     io_threads=1),
+                     fuse_qkv=True, io_threads=1),
 }
 
 

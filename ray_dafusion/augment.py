@@ -198,14 +198,15 @@ class DiffusionAugmenter:
         # tasks keep the loaded pipeline in their process for the next batch and the next job (an erasing
         # run edits the UNet in place, so it loads its own); actors load theirs once anyway
         reuse = cfg.compute == "tasks" and not cfg.erasure
-        key = (self.model_fingerprint, self.embeddings_fingerprint)
+        key = (self.model_fingerprint, self.embeddings_fingerprint, cfg.fuse_qkv, cfg.compile, cfg.channels_last,
+               cfg.pad_calls)  # what speed_up did to the cached pipeline
         self.pipe = _PIPELINES.get(key) if reuse else None
         if self.pipe is None:
             self.pipe = models.load_pipeline(cfg.model, cache_dir=cfg.cache_dir, endpoint_url=cfg.endpoint_url)
             if tensors:
                 weights.add_tokens(self.pipe, tensors)
             done = models.speed_up(self.pipe, compile=cfg.compile, channels_last=cfg.channels_last,
-                                   static_shapes=cfg.pad_calls)
+                                   static_shapes=cfg.pad_calls, fuse_qkv=cfg.fuse_qkv)
             if done:
                 log.info("pipeline on %s: %s", self.pipe.device, ", ".join(done))
             if reuse:

@@ -254,6 +254,8 @@ class AugmentConfig(StageConfig):
     """CUDA only: torch.compile the UNet and the VAE in place (a minute or two at actor start; same images up to float rounding)."""
     channels_last: bool = resource(True)
     """CUDA only: UNet and VAE convolutions in channels_last memory layout (same images up to float rounding)."""
+    fuse_qkv: bool = resource(False)
+    """Fuse each attention's query, key and value projections into one matmul in the UNet and the VAE (diffusers' fuse_qkv_projections): fewer, larger matrix products; the same images up to float rounding. Not with `erasure`, whose weights are per projection."""
     io_threads: int = resource(1)
     """Threads that resize results back, encode PNGs and build rows while the next pipeline call runs (0: inline)."""
     min_actors: int = resource(1)
@@ -293,6 +295,9 @@ class AugmentConfig(StageConfig):
                 raise bad("strengths", self.strengths, "every t0 must lie in (0, 1]")
         if self.min_actors > self.max_actors:
             raise bad("min_actors", self.min_actors, f"must not exceed max_actors ({self.max_actors})")
+        if self.fuse_qkv and self.erasure:
+            raise bad("fuse_qkv", self.fuse_qkv, "cannot be used with erasure: erasure weights replace the separate "
+                      "query, key and value projections that fusing removes")
         for t in self.prompt_templates:
             if t.count("{}") != 1:
                 raise bad("prompt_templates", t, "each template needs exactly one {} (on the command line a comma "

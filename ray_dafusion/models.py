@@ -146,7 +146,8 @@ def load_pipeline(
     return pipe
 
 
-def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True, static_shapes: bool = False) -> list[str]:
+def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True, static_shapes: bool = False,
+             fuse_qkv: bool = False) -> list[str]:
     """Make a loaded pipeline faster on CUDA without changing what it computes; returns what was done.
 
     channels_last: the UNet's and VAE's convolutions in NHWC (cuDNN's fast layout on tensor cores);
@@ -156,15 +157,21 @@ def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True, stati
     compiled graph reads the parameters as inputs). Batch sizes vary per t0 group, so the graphs
     are compiled with dynamic shapes, once, for any batch, unless `static_shapes` (every call
     padded to one size, `pad_calls`): then one graph per module for that batch (dynamic shapes were
-    still compiling after ~3 minutes on an H200), at the cost of the padded images' work. QKV projections are left
-    unfused so that erasure weights keep their names. On CPU nothing changes: the test model is
-    too small to gain and compiling it costs more than it runs.
+    still compiling after ~3 minutes on an H200), at the cost of the padded images' work.
+    `fuse_qkv` (asked for explicitly; never with erasure, whose weights name the separate
+    projections): each attention's query, key and value projections become one matmul, on any
+    device (so CPU tests cover it), before any compile. Otherwise on CPU nothing changes: the test
+    model is too small to gain and compiling it costs more than it runs.
     """
     import torch
 
+    done = []
+    if fuse_qkv:
+        pipe.fuse_qkv_projections(unet=True, vae=True)
+        done.append("fused QKV projections")
     if pipe.device.type != "cuda":
-        return []
-    done = ["cudnn.benchmark"]
+        return done
+    done.append("cudnn.benchmark")
     torch.backends.cudnn.benchmark = True
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)

@@ -135,7 +135,8 @@ def test_matches_a_direct_diffusers_img2img_call(setup, tiny_model):
     dict(max_images_per_call=1),
     dict(max_images_per_call=3, pad_calls=True, io_threads=0),  # padded calls, results built inline
     dict(max_images_per_call=2, io_threads=2),
-], ids=["per_image", "padded_inline", "two_io_threads"])
+    dict(max_images_per_call=16, fuse_qkv=True),  # one matmul for each attention's Q, K and V
+], ids=["per_image", "padded_inline", "two_io_threads", "fused_qkv"])
 def test_outputs_do_not_depend_on_batch_size_order_or_speed_settings(setup, tmp_path, speed):
     real, _, cfg = setup
     classes = schema.read_class_table(real)
@@ -143,6 +144,8 @@ def test_outputs_do_not_depend_on_batch_size_order_or_speed_settings(setup, tmp_
     one_call = DiffusionAugmenter(cfg(output=str(tmp_path / "a"), max_images_per_call=16), classes)
     one_call(table)
     per_row = DiffusionAugmenter(cfg(output=str(tmp_path / "b"), **speed), classes)
+    fused = [getattr(m, "fused_projections", False) for m in per_row.pipe.unet.modules() if hasattr(m, "to_q")]
+    assert fused and all(fused) == bool(speed.get("fuse_qkv"))
     for i in reversed(range(table.num_rows)):
         per_row(table.slice(i, 1))
     a = _rows(storage.read_parquet(str(tmp_path / "a" / "data")))

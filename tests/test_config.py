@@ -50,6 +50,12 @@ def test_bad_values_name_the_field_and_value(cls, field, value, words):
     assert words in str(err.value)
 
 
+def test_fused_qkv_is_refused_with_erasure():
+    with pytest.raises(C.ConfigError, match="'fuse_qkv'.*cannot be used with erasure"):
+        C.AugmentConfig(fuse_qkv=True, erasure="erasure/weights")
+    assert C.AugmentConfig(fuse_qkv=True).fuse_qkv
+
+
 def test_unknown_fields_and_required_fields():
     with pytest.raises(C.ConfigError, match="unknown field.*num_augs"):
         C.AugmentConfig.from_dict({"num_augs": 3})
