@@ -24,7 +24,6 @@ model at 512 px, 50 steps, the paper's t0 mix, and reports for one call after a 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from augment_overhead import write_real  # noqa: E402
 from gpu_augment import gpu_finish, gpu_setup  # noqa: E402
-from gpu_ray_job import CONFIGS, UNET_GFLOP, gemm_ceiling  # noqa: E402
+from gpu_ray_job import CONFIGS, UNET_GFLOP, gemm_ceiling, write_tokens  # noqa: E402
 
 
 class ModuleTimer:
@@ -97,8 +96,6 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    import torch
-    from safetensors.torch import save_file
 
     from ray_dafusion import models, schema, storage
     from ray_dafusion.augment import DiffusionAugmenter
@@ -109,10 +106,7 @@ def main() -> None:
     local = models.resolve_model(args.model)
     real = os.path.join(work, "real")
     write_real(real, args.num_real, args.size)
-    with open(os.path.join(local, "text_encoder", "config.json")) as f:
-        hidden = json.load(f)["hidden_size"]
-    emb = os.path.join(work, "tokens.safetensors")
-    save_file({"<cat>": torch.randn(hidden) * 0.01, "<dog>": torch.randn(hidden) * 0.01}, emb)
+    emb = write_tokens(local, os.path.join(work, "tokens.safetensors"))
     settings = {k: v for k, v in CONFIGS[args.config].items()}
     cfg = AugmentConfig(real=real, output=os.path.join(work, "synthetic"), embeddings=emb, model=args.model,
                         num_augmentations=args.m, num_inference_steps=args.steps, resolution=args.resolution,

@@ -73,6 +73,19 @@ def gemm_ceiling(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+def write_tokens(model_dir: str, path: str) -> str:
+    """Small seeded embeddings for the two classes' tokens (<cat>, <dog>), as the invert stage
+    writes them, at the width of the model's text encoder; returns `path`."""
+    import torch
+    from safetensors.torch import save_file
+
+    with open(os.path.join(model_dir, "text_encoder", "config.json")) as f:
+        hidden = json.load(f)["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    save_file({"<cat>": torch.randn(hidden, generator=g) * 0.01, "<dog>": torch.randn(hidden, generator=g) * 0.01}, path)
+    return path
+
+
 def image_gflop(strength: float, steps: int, unet_gflop: float) -> float:
     """Model GFLOP of one img2img image: guided UNet calls plus the VAE."""
     from ray_dafusion.augment import denoising_steps
@@ -231,7 +244,6 @@ def main() -> int:
 
     import ray
     import torch
-    from safetensors.torch import save_file
 
     from ray_dafusion import models
 
@@ -256,11 +268,7 @@ def main() -> int:
     record["model_build_s"] = round(time.perf_counter() - start, 1)
     real = make_real(work, args.num_real, args.size)
     eager_real = subset_real(real, os.path.join(work, "real-eager"), min(args.eager_rows, args.num_real))
-    with open(os.path.join(local, "text_encoder", "config.json")) as f:
-        hidden = json.load(f)["hidden_size"]
-    emb = os.path.join(work, "tokens.safetensors")
-    g = torch.Generator().manual_seed(0)
-    save_file({"<cat>": torch.randn(hidden, generator=g) * 0.01, "<dog>": torch.randn(hidden, generator=g) * 0.01}, emb)
+    emb = write_tokens(local, os.path.join(work, "tokens.safetensors"))
     save()
 
     record["configs"] = {}

@@ -157,12 +157,18 @@ def _transform_rows(transform: Any, image_size: int, image_bytes: Any, labels: A
     elif threads > 1 and n > 1:
         step = math.ceil(n / min(threads, n))
         parts = list(_row_pool(threads).map(part, [range(i, min(i + step, n)) for i in range(0, n, step)]))
-        drawn = tuple(torch.cat(cols) if isinstance(cols[0], torch.Tensor) else np.concatenate(cols)
-                      for cols in zip(*parts))
+        drawn = _concat_columns(parts)
     else:
         drawn = part(range(n))
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     return drawn[0], y, np.asarray(aug), np.asarray(ids), np.full(len(ids), pass_index), *drawn[1:]
+
+
+def _concat_columns(parts: list[tuple]) -> tuple:
+    """Row-aligned tuples of tensors and arrays joined column by column."""
+    import torch
+
+    return tuple(torch.cat(cols) if isinstance(cols[0], torch.Tensor) else np.concatenate(cols) for cols in zip(*parts))
 
 
 def augments_in_step(cfg: TrainConfig, device: Any) -> bool:
@@ -215,11 +221,6 @@ def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
     The remainder joins the last batch (so it holds batch_size..2*batch_size-1 rows): no row is
     dropped, and BatchNorm never sees a lone trailing sample.
     """
-    import torch
-
-    def cat(parts):
-        return tuple(torch.cat(cols) if isinstance(cols[0], torch.Tensor) else np.concatenate(cols)
-                     for cols in zip(*parts))
 
     def cut(batch, start, stop):
         return tuple(col[start:stop] for col in batch)
@@ -233,18 +234,18 @@ def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
         pending.append(chunk)
         count += len(chunk[1])
         while count >= batch_size:
-            joined = cat(pending)
+            joined = _concat_columns(pending)
             if held is not None:
                 yield held
             held = cut(joined, 0, batch_size)
             rest = cut(joined, batch_size, None)
             pending, count = ([rest] if len(rest[1]) else []), len(rest[1])
     if held is not None and count:
-        yield cat([held, *pending])
+        yield _concat_columns([held, *pending])
     elif held is not None:
         yield held
     elif count:
-        yield cat(pending)
+        yield _concat_columns(pending)
 
 
 def passes_per_epoch(num_real: int, batch_size: int, iterations_per_epoch: int) -> int:

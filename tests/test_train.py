@@ -171,15 +171,21 @@ def test_the_same_config_gives_the_same_checkpoint_bytes(ray_session, make_real,
     assert storage.read_bytes(storage.join(in_step.best_checkpoint, "model.pt")) == weights[0]
 
 
+def _random_pngs(n: int, seed: int) -> list[bytes]:
+    """n PNGs of 30 x 40 random pixels."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
 def test_rows_transform_the_same_on_any_number_of_threads():
     from ray_dafusion.train import _transform_rows
 
-    rng = np.random.default_rng(0)
-    data = []
-    for _ in range(9):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, format="PNG")
-        data.append(buf.getvalue())
+    data = _random_pngs(9, seed=0)
     tf = make_transform(24, True, rotation=30, hflip=True, randaugment=True, fill=255)
     args = (tf, 24, np.array(data, dtype=object), np.zeros(9), np.full(9, -1), np.arange(9).astype(str))
     one = _transform_rows(*args, list(range(9)), 0, threads=1)
@@ -196,12 +202,7 @@ def test_the_training_step_can_finish_the_transform():
     # finishes them on its device; on the CPU the very same tensors, through the collate and re-cutting
     from ray_dafusion.train import MixedCollate, batch_images, exact_batches
 
-    rng = np.random.default_rng(2)
-    data = []
-    for _ in range(11):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, format="PNG")
-        data.append(buf.getvalue())
+    data = _random_pngs(11, seed=2)
     batch = {"image_bytes": np.array(data, dtype=object), "label": np.arange(11) % 3, "aug_index": np.full(11, -1),
              "id": np.array([f"r{i}" for i in range(11)], dtype=object),
              "source_id": np.array([f"r{i}" for i in range(11)], dtype=object)}
