@@ -178,11 +178,18 @@ def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True, stati
         pipe.vae.to(memory_format=torch.channels_last)
         done.append("channels_last")
     if compile:
-        dynamic = not static_shapes
-        for module in (pipe.unet, pipe.vae.encoder, pipe.vae.decoder):
-            module.compile(dynamic=dynamic)
-        done.append(f"torch.compile(unet, vae.encoder, vae.decoder; {'dynamic' if dynamic else 'static'} shapes)")
+        done.append(compile_modules(pipe, static_shapes))
     return done
+
+
+def compile_modules(pipe: Any, static_shapes: bool, backend: str = "inductor") -> str:
+    """torch.compile the UNet and the VAE's encoder and decoder in place; returns what was done.
+    `backend` other than inductor is for tests: dynamo's "eager" backend captures the same graphs
+    (so graph breaks and recompiles show on CPU) without generating kernels."""
+    dynamic = not static_shapes
+    for module in (pipe.unet, pipe.vae.encoder, pipe.vae.decoder):
+        module.compile(dynamic=dynamic, backend=backend)
+    return f"torch.compile(unet, vae.encoder, vae.decoder; {'dynamic' if dynamic else 'static'} shapes)"
 
 
 def _tiny_tokenizer(extra_words: Sequence[str] = ()):

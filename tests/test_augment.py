@@ -20,6 +20,7 @@ from ray_dafusion.augment import (
     augment,
     denoising_steps,
     draw_augmentation,
+    even_chunks,
     from_model_size,
     to_model_size,
 )
@@ -158,6 +159,44 @@ def test_outputs_do_not_depend_on_batch_size_order_or_speed_settings(setup, tmp_
         assert np.abs(_pixels(a[key]["image"]) - _pixels(b[key]["image"])).max() <= PIXEL_TOLERANCE
 
 
+def test_compiled_modules_keep_one_graph_each_over_t0_levels_and_call_sizes(setup, tmp_path):
+    """The GPU's compiled settings (pad_calls + fuse_qkv + compile), on CPU with dynamo's eager
+    backend: the graphs inductor would compile are captured, so a graph break, or a recompile per
+    t0 level or per call size, shows here; the images are the uncompiled actor's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ray_dafusion.models import compile_modules
+
+    real, _, cfg = setup
+    classes = schema.read_class_table(real)
+    table = _real_rows(real)
+    speed = dict(max_images_per_call=2, pad_calls=True, fuse_qkv=True)
+    DiffusionAugmenter(cfg(output=str(tmp_path / "a"), **speed), classes)(table)
+    compiled = DiffusionAugmenter(cfg(output=str(tmp_path / "b"), **speed), classes)
+    names = [n for n, _ in compiled.pipe.unet.named_parameters()]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_modules(compiled.pipe, static_shapes=True, backend="eager")
+        # in place: the parameter names stay the checkpoint's, which erasure weights are keyed by
+        assert [n for n, _ in compiled.pipe.unet.named_parameters()] == names
+        compiled(table)
+        frames, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
+        breaks = dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    a = _rows(storage.read_parquet(str(tmp_path / "a" / "data")))
+    b = _rows(storage.read_parquet(str(tmp_path / "b" / "data")))
+    groups = [sum(1 for r in a.values() if r["strength"] == s) for s in {r["strength"] for r in a.values()}]
+    calls = {len(c) for n in groups for c in even_chunks(range(n), 2)}
+    assert len(groups) > 1 and len(calls) > 1  # several t0 levels, and calls of several sizes padded to one
+    assert (frames, graphs, breaks) == (3, 3, {})  # the UNet, the VAE encoder, the VAE decoder: compiled once
+    assert a.keys() == b.keys() and len(a) == 4 * M
+    for key in a:
+        assert np.abs(_pixels(a[key]["image"]) - _pixels(b[key]["image"])).max() <= PIXEL_TOLERANCE
+
+
 def test_draws_are_stable_uniform_and_per_image():
     strengths = [0.25, 0.5, 0.75, 1.0]
     draws = [draw_augmentation(0, f"img{i}", k, strengths, ["{}"]) for i in range(500) for k in range(4)]
@@ -169,8 +208,6 @@ def test_draws_are_stable_uniform_and_per_image():
 
 
 def test_even_chunks_cover_every_item_once_in_order():
-    from ray_dafusion.augment import even_chunks
-
     assert [len(c) for c in even_chunks(list(range(19)), 16)] == [10, 9]
     assert [len(c) for c in even_chunks(list(range(32)), 16)] == [16, 16]
     assert [len(c) for c in even_chunks(list(range(3)), 16)] == [3]
