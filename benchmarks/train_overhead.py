@@ -156,7 +156,7 @@ def _bench_loop(loop: dict) -> None:
     if ray.train.get_context().get_world_rank() == 0:  # V2 Result.metrics only carry checkpointed reports
         with open(loop["result_file"], "w") as f:
             json.dump({"samples_per_s": loop["steps"] * cfg.batch_size / timed, "seconds": timed,
-                       "torch_threads": torch.get_num_threads(), "gpu_busy": busy,
+                       "torch_threads": torch.get_num_threads(), "decode_threads": cfg.decode_threads, "gpu_busy": busy,
                        "step_s": times[loop["warmup"]:]}, f)
 
 
@@ -165,12 +165,13 @@ def run(mode: str, args, real: str, synth: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     from ray_dafusion.config import TrainConfig
-    from ray_dafusion.train import exact_split_config, streaming_data
+    from ray_dafusion.train import decode_thread_count, exact_split_config, streaming_data
 
     cfg = TrainConfig(real=real, synthetic=synth, output=args.workdir, arch=args.arch, image_size=args.image_size,
                       batch_size=args.batch_size, backbone=args.backbone, num_workers=args.workers,
                       use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, alpha=args.alpha,
                       shuffle_buffer=max(64, args.batch_size * 4), decode_threads=args.decode_threads)
+    cfg = cfg.replace(decode_threads=decode_thread_count(cfg))  # as the train stage hands its workers
     data = streaming_data(cfg, cfg.alpha)
     result_file = os.path.join(args.workdir, f"result-{mode}-{time.time_ns()}.json")
     trainer = TorchTrainer(
@@ -200,7 +201,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--decode-threads", type=int, default=1, help="train config decode_threads (rows decoded in parallel)")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="train config decode_threads (rows decoded in parallel; 0, the default: one per whole CPU)")
     p.add_argument("--backbone", default="finetune")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--m", type=int, default=4, help="synthetic images per real image")
@@ -217,6 +219,12 @@ def main() -> int:
     real, synth = make_data(os.path.join(args.workdir, "data"), num_real, args.m, args.source_size)
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
+    from ray_dafusion import plan
+
+    # as the train stage: workers that leave Ray Data no CPU for its read tasks are an error, not a hang
+    gpu = 1.0 if args.use_gpu else 0.0
+    plan.check("train_overhead", plan.Demand("training workers", args.workers, {"CPU": args.cpus_per_worker, "GPU": gpu},
+                                             size_fields={"cpus_per_worker": args.cpus_per_worker}))
     results: dict[str, list[float]] = {"stream": [], "preloaded": []}
     busy: dict[str, dict] = {}
     for _ in range(args.repeats):
@@ -227,9 +235,9 @@ def main() -> int:
             print(f"{mode:>9}: {metrics['samples_per_s']:.3f} samples/s over {args.steps} steps "
                   f"({metrics['seconds']:.1f}s; step s median {np.median(metrics['step_s']):.3f}; "
                   f"busy {metrics['gpu_busy']}; "
-                  f"torch threads {metrics['torch_threads']})", flush=True)
+                  f"torch threads {metrics['torch_threads']}, decode threads {metrics['decode_threads']})", flush=True)
     stream, preloaded = float(np.median(results["stream"])), float(np.median(results["preloaded"]))
-    summary = {"decode_threads": args.decode_threads, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+    summary = {"decode_threads": metrics["decode_threads"], "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
                "steps": args.steps, "warmup": args.warmup, "alpha": args.alpha, "m": args.m, "backbone": args.backbone,
                "stream_samples_per_s": stream, "preloaded_samples_per_s": preloaded, "ratio": stream / preloaded,
                "runs": results, "busy_last_run": busy, "use_gpu": args.use_gpu}

@@ -177,6 +177,11 @@ def augments_in_step(cfg: TrainConfig, device: Any) -> bool:
     return device.type == "cuda" if cfg.augment_in_step is None else cfg.augment_in_step
 
 
+def decode_thread_count(cfg: TrainConfig) -> int:
+    """A worker's decoding threads: `decode_threads`, or for 0 one per whole CPU it reserves."""
+    return cfg.decode_threads or max(1, int(cfg.cpus_per_worker))
+
+
 def batch_images(transform: Any, x: Any, drawn: Any, device: Any) -> Any:
     """A batch's images for the model: as the decoding threads made them, or, when they handed
     over uint8 images with each row's flip and angle (`drawn`, see `_transform_rows`), finished
@@ -917,7 +922,7 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
     worker_cfg = dataclasses.replace(
         cfg, real=absolute(cfg.real), output=absolute(cfg.output), synthetic=absolute(cfg.synthetic),
         weights=cfg.weights if cfg.weights in ("none", "imagenet") else absolute(cfg.weights),
-        debug_dir=absolute(cfg.debug_dir), decode_threads=cfg.decode_threads or max(1, int(cfg.cpus_per_worker)))
+        debug_dir=absolute(cfg.debug_dir), decode_threads=decode_thread_count(cfg))
     loop = {
         "config": worker_cfg.to_dict(), "alpha": alpha, "randaugment": randaugment, "num_classes": len(data.classes),
         "candidates": data.candidates, "classes": [dataclasses.asdict(c) for c in data.classes],
