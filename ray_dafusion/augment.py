@@ -36,7 +36,7 @@ from PIL import Image
 
 from . import models, plan, schema, storage, tokens, weights
 from .config import AugmentConfig, ConfigError, callable_stage_module
-from .configlib import config_fingerprint
+from .configlib import config_record
 from .errors import StageError
 from .modes import AUGMENT_MODES
 from .runinfo import CostMeter, max_rss_bytes, versions
@@ -598,9 +598,10 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
 
     # 3. refuse another config's output; find what a previous run already committed
     real_manifest = storage.read_manifest(cfg.real, ep) or {}
-    config_fp = config_fingerprint(cfg, **fingerprints, real={
+    made_of = config_record(cfg, **fingerprints, real={
         "config_fingerprint": real_manifest.get("config_fingerprint"), "classes": real_manifest.get("classes")})
-    done_manifest = storage.ensure_fresh_output(cfg.output, "augment", config_fp, cfg.overwrite, ep)
+    config_fp = storage.fingerprint(made_of)
+    done_manifest = storage.ensure_fresh_output(cfg.output, "augment", config_fp, cfg.overwrite, ep, made_of)
     if done_manifest is not None:
         return _already_complete(cfg, done_manifest, started)
     real_ids, train_files = _real_train_ids(cfg)

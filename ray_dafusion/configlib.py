@@ -14,7 +14,8 @@ Identity: each field says what it is to the output through its metadata ``kind``
 - ``location``: the output URI and run name: where the output is, not what it holds.
 
 :func:`identity` returns the ``output`` fields; every stage fingerprints that (plus the content
-fingerprints of its inputs) through :func:`config_fingerprint`.
+fingerprints of its inputs) through :func:`config_fingerprint`, and records it
+(:func:`config_record`) so that a refusal names what changed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "location",
     "field_kind",
     "identity",
+    "config_record",
     "config_fingerprint",
     "field_help",
     "field_default",
@@ -180,12 +182,18 @@ def identity(cfg: StageConfig) -> dict[str, Any]:
     return out
 
 
+def config_record(cfg: StageConfig, **inputs: Any) -> dict[str, Any]:
+    """What a stage's output is made of: the config's identity plus the content fingerprints of
+    its inputs (models, tokens, upstream manifests) passed as `inputs`. Stages record it beside
+    their output, so a refused re-run can name the fields that changed."""
+    return {"config": identity(cfg), **({"inputs": inputs} if inputs else {})}
+
+
 def config_fingerprint(cfg: StageConfig, **inputs: Any) -> str:
-    """Fingerprint of what a stage's output is made of: the config's identity plus the content
-    fingerprints of its inputs (models, tokens, upstream manifests) passed as `inputs`."""
+    """Fingerprint of :func:`config_record`."""
     from .storage import fingerprint
 
-    return fingerprint({"config": identity(cfg), **({"inputs": inputs} if inputs else {})})
+    return fingerprint(config_record(cfg, **inputs))
 
 
 def read_yaml(path: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import pyarrow as pa
 from . import plan, schema, storage
 from .classifier import CHECKPOINT_MODEL, decode_uint8, eval_transform, load_classifier
 from .config import EvaluateConfig, callable_stage_module
-from .configlib import config_fingerprint
+from .configlib import config_record
 from .errors import StageError
 from .runinfo import CostMeter, versions
 from .watchdog import Watchdog
@@ -232,8 +232,9 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
     # 3. an output of the same config and the same checkpoints is complete: report it again
     # (a run resumed for more epochs may have a new best checkpoint, so they are fingerprinted)
-    config_fp = config_fingerprint(cfg, checkpoints=[r["best_checkpoint"] for _, r in records])
-    if storage.ensure_fresh_output(cfg.output, "evaluate", config_fp, cfg.overwrite, ep) is not None:
+    made_of = config_record(cfg, checkpoints=[r["best_checkpoint"] for _, r in records])
+    config_fp = storage.fingerprint(made_of)
+    if storage.ensure_fresh_output(cfg.output, "evaluate", config_fp, cfg.overwrite, ep, made_of) is not None:
         previous = storage.read_json(storage.join(cfg.output, RESULTS_JSON), ep)
         log.info("%s is complete (same config and checkpoints, %d runs); nothing to do", cfg.output,
                  len(previous["runs"]))

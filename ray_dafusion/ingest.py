@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from . import schema, storage
 from .config import ConfigError, IngestConfig, callable_stage_module
-from .configlib import config_fingerprint
+from .configlib import config_record
 from .errors import StageError
 from .runinfo import CostMeter, versions
 from .tokens import class_token
@@ -430,8 +430,9 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     meter = CostMeter(cfg.cost)
     # a subset's identity includes the pool it is drawn from (its manifest's fingerprint)
     parent = (storage.read_manifest(cfg.source, cfg.endpoint_url) or {}) if cfg.format == "real" else {}
-    config_fp = config_fingerprint(cfg, **({"pool": parent.get("config_fingerprint")} if parent else {}))
-    done = storage.ensure_fresh_output(cfg.output, "ingest", config_fp, cfg.overwrite, cfg.endpoint_url)
+    made_of = config_record(cfg, **({"pool": parent.get("config_fingerprint")} if parent else {}))
+    config_fp = storage.fingerprint(made_of)
+    done = storage.ensure_fresh_output(cfg.output, "ingest", config_fp, cfg.overwrite, cfg.endpoint_url, made_of)
     if done is not None:
         log.info("%s is complete (same config); nothing to do", cfg.output)
         return IngestResult(cfg.output, [c["name"] for c in done["classes"]], done["counts"]["splits"],

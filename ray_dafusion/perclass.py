@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from . import plan, storage
-from .configlib import StageConfig, config_fingerprint
+from .configlib import StageConfig, config_record
 from .errors import StageError, one_line
 from .schema import ClassInfo
 from .watchdog import Watchdog
@@ -70,8 +70,9 @@ def plan_classes(stage: str, cfg: StageConfig, classes: Sequence[ClassInfo],
                  marker: Callable[[ClassInfo], str], **inputs: Any) -> ClassPlan:
     """Refuse an output made with another config; find the classes already done."""
     ep = cfg.endpoint_url
-    fp = config_fingerprint(cfg, **inputs)
-    complete = storage.ensure_fresh_output(cfg.output, stage, fp, cfg.overwrite, ep)
+    made_of = config_record(cfg, **inputs)
+    fp = storage.fingerprint(made_of)
+    complete = storage.ensure_fresh_output(cfg.output, stage, fp, cfg.overwrite, ep, made_of)
     done = [c for c in classes if storage.exists(marker(c), ep)]
     todo = [c for c in classes if c not in done]
     for c in done:

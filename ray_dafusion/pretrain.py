@@ -33,7 +33,7 @@ import numpy as np
 
 from . import plan, storage
 from .config import ConfigError, PretrainConfig, callable_stage_module
-from .configlib import config_fingerprint
+from .configlib import config_record
 from .logs import setup_logging
 from .runinfo import CostMeter, versions
 from .tokens import INVERSION_TEMPLATES, make_prompt
@@ -449,8 +449,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     data_fp = storage.fingerprint(sorted(m["sha256"] for m in good))
 
     # 2. refuse another config's output; skip a complete one
-    config_fp = config_fingerprint(cfg, data=data_fp)
-    done = storage.ensure_fresh_output(cfg.output, "pretrain", config_fp, cfg.overwrite, cfg.endpoint_url)
+    made_of = config_record(cfg, data=data_fp)
+    config_fp = storage.fingerprint(made_of)
+    done = storage.ensure_fresh_output(cfg.output, "pretrain", config_fp, cfg.overwrite, cfg.endpoint_url, made_of)
     if done is not None:
         log.info("%s is complete (same config and data); nothing to do", cfg.output)
         return PretrainResult(cfg.output, done["counts"]["images"], done["words"], done["counts"]["vae_steps"],

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from . import plan, schema, storage
 from .config import ScoreConfig, callable_stage_module
-from .configlib import config_fingerprint
+from .configlib import config_record
 from .errors import StageError
 from .logs import setup_logging
 from .modes import SCORERS
@@ -277,8 +277,9 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         inputs = {"synthetic": manifest.get("config_fingerprint"), "scorer": scorer,
                   "run": checkpoint if scorer == "classifier" else None,
                   "clip": cfg.clip_model if scorer == "text" else None}
-        fps[scorer] = config_fingerprint(cfg, **inputs)
-        if storage.ensure_fresh_output(out, "score", fps[scorer], cfg.overwrite, ep) is not None:
+        made_of = config_record(cfg, **inputs)
+        fps[scorer] = storage.fingerprint(made_of)
+        if storage.ensure_fresh_output(out, "score", fps[scorer], cfg.overwrite, ep, made_of) is not None:
             result.skipped[scorer] = "complete (same config)"
             result.scores[scorer] = out
             scorers.remove(scorer)

@@ -378,6 +378,7 @@ def ensure_fresh_output(
     config_fp: str,
     overwrite: bool,
     endpoint_url: Optional[str] = None,
+    made_of: Optional[dict[str, Any]] = None,
 ) -> Optional[dict[str, Any]]:
     """Decide what to do with an existing output before a stage writes to it.
 
@@ -386,7 +387,9 @@ def ensure_fresh_output(
     case it is deleted: only a directory whose record says this stage wrote it, never another
     stage's output, an unrelated directory, the current directory or a bucket. Partial output of
     the same config is left for the stage to resume; temporary files of a crashed write are
-    removed. A small ``_run.json`` records the config fingerprint at the start of a run.
+    removed. A small ``_run.json`` records the config fingerprint at the start of a run, and what
+    it was made of (`made_of`, :func:`configlib.config_record`), which a refusal compares field by
+    field to name what changed.
     """
     manifest = read_manifest(uri, endpoint_url)
     run_uri = join(uri, RUN_RECORD)
@@ -401,9 +404,11 @@ def ensure_fresh_output(
     previous = (manifest or {}).get("config_fingerprint") or (run or {}).get("config_fingerprint")
     if previous is not None and previous != config_fp:
         if not overwrite:
+            changed = _changes((run or {}).get("made_of"), made_of)
             raise StorageError(
                 f"{uri} already holds {stage} output made with a different config "
-                f"(fingerprint {previous}, now {config_fp}); choose another output or set overwrite: true"
+                + (f"({changed}; " if changed else "(") + f"fingerprint {previous}, now {config_fp}); "
+                "choose another output or set overwrite: true"
             )
         _refuse_dangerous_delete(uri, stage)
         delete_output(uri, endpoint_url)
@@ -418,8 +423,40 @@ def ensure_fresh_output(
     removed = remove_temp_files(uri, endpoint_url)
     if removed:
         log.info("%s: removed %d temporary files of an interrupted write", uri, removed)
-    write_json(run_uri, {"stage": stage, "config_fingerprint": config_fp}, endpoint_url)
+    write_json(run_uri, {"stage": stage, "config_fingerprint": config_fp,
+                         **({"made_of": made_of} if made_of is not None else {})}, endpoint_url)
     return None
+
+
+def _changes(before: Optional[dict[str, Any]], after: Optional[dict[str, Any]], most: int = 6) -> str:
+    """The fields two config records differ in, as `field: old -> new` (inputs as `input x`);
+    empty when either record is unknown (an output written before records were kept)."""
+    if before is None or after is None:
+        return ""
+
+    def flat(record: dict[str, Any]) -> dict[str, str]:
+        out: dict[str, str] = {}
+
+        def walk(name: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{name}.{k}" if name else str(k), v)
+            else:  # compared as the fingerprint sees them: JSON, anything else as str
+                out[name] = json.dumps(value, sort_keys=True, default=str)
+
+        walk("", record.get("config") or {})
+        for k, v in (record.get("inputs") or {}).items():
+            walk(f"input {k}", v)
+        return out
+
+    old, new = flat(before), flat(after)
+
+    def short(text: Optional[str]) -> str:
+        return "(none)" if text is None else text if len(text) <= 60 else text[:57] + "..."
+
+    diffs = [f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in sorted(old.keys() | new.keys())
+             if old.get(k) != new.get(k)]
+    return "; ".join(diffs[:most]) + (f"; and {len(diffs) - most} more" if len(diffs) > most else "")
 
 
 def delete_output(uri: str, endpoint_url: Optional[str] = None) -> None:

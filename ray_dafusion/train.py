@@ -51,7 +51,7 @@ from .classifier import (
     save_checkpoint,
 )
 from .config import TrainConfig, callable_stage_module
-from .configlib import config_fingerprint
+from .configlib import config_record
 from .errors import ConfigError
 from .logs import setup_logging
 from .modes import TRAIN_METHODS
@@ -865,7 +865,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     ep = cfg.endpoint_url
 
     # 1. a finished run of this config with at least these epochs: nothing to do (more epochs resume)
-    config_fp = config_fingerprint(cfg, alpha=alpha)
+    made_of = config_record(cfg, alpha=alpha)
+    config_fp = storage.fingerprint(made_of)
     done = _finished_run(run_uri, config_fp, cfg.epochs, ep)
     if done is not None:
         return done
@@ -875,7 +876,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 3. fail early on the driver: weights that cannot load, a run made with another config
     build_model(cfg.arch, len(data.classes), cfg.weights, cfg.backbone, ep)
-    storage.ensure_fresh_output(run_uri, "train", config_fp, cfg.overwrite, ep)
+    storage.ensure_fresh_output(run_uri, "train", config_fp, cfg.overwrite, ep, made_of)
 
     # 4. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
     fitting = time.time()

@@ -407,13 +407,13 @@ def test_rerun_skips_and_other_config_is_refused_unless_overwrite(ray_run, tmp_p
     # resources (and overwrite itself) don't change images: never a refusal, never a rerun
     again = augment(cfg.replace(batch_size=2, max_actors=1, min_actors=1, num_cpus=0.25, overwrite=True))
     assert again.already_complete and again.generated == 0
-    with pytest.raises(storage.StorageError, match="different config"):
+    with pytest.raises(storage.StorageError, match=r"different config \(seed: 0 -> 1; fingerprint"):
         augment(cfg.replace(seed=1))
     # overwrite replaces it (on a copy, so the module's run stays intact)
     copy = str(tmp_path / "copy")
     for f in storage.list_files(cfg.output, recursive=True):
         storage.write_bytes(storage.join(copy, os.path.relpath(f, cfg.output)), storage.read_bytes(f))
-    with pytest.raises(storage.StorageError):
+    with pytest.raises(storage.StorageError, match="different config"):  # (the copy has no _run.json record)
         augment(cfg.replace(output=copy, num_augmentations=2))
     assert storage.read_manifest(copy)["num_augmentations"] == M  # the refusal touched nothing
     replaced = augment(cfg.replace(output=copy, num_augmentations=1, overwrite=True))

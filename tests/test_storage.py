@@ -52,6 +52,26 @@ def test_changed_config_refused_unless_overwrite(root):
     assert not storage.exists(storage.join(root, "part-0.parquet"))
 
 
+def test_a_refusal_names_the_fields_and_inputs_that_changed(root):
+    from ray_dafusion.configlib import config_record
+    from ray_dafusion.config import AugmentConfig
+
+    before = AugmentConfig(real="runs/a/real", output=root, seed=0, strengths=[0.25, 0.5])
+    made_of = config_record(before, model="m1", real={"config_fingerprint": "r1", "classes": ["cat"]})
+    storage.ensure_fresh_output(root, "augment", storage.fingerprint(made_of), False, made_of=made_of)
+    after = before.replace(real="runs/b/real", strengths=[0.25, 0.75], batch_size=99)  # batch_size: a resource
+    changed = config_record(after, model="m1", real={"config_fingerprint": "r2", "classes": ["cat"]})
+    with pytest.raises(storage.StorageError) as refused:
+        storage.ensure_fresh_output(root, "augment", storage.fingerprint(changed), False, made_of=changed)
+    assert ('different config (input real.config_fingerprint: "r1" -> "r2"; real: "runs/a/real" -> "runs/b/real"; '
+            'strengths: [0.25, 0.5] -> [0.25, 0.75]; fingerprint ') in str(refused.value)
+    assert "batch_size" not in str(refused.value) and "model" not in str(refused.value)
+    # an output recorded without what it was made of (before records were kept): the fingerprints only
+    storage.write_json(storage.join(root, storage.RUN_RECORD), {"stage": "augment", "config_fingerprint": "old"})
+    with pytest.raises(storage.StorageError, match=r"different config \(fingerprint old, now "):
+        storage.ensure_fresh_output(root, "augment", storage.fingerprint(changed), False, made_of=changed)
+
+
 def test_bad_uris_are_named():
     with pytest.raises(storage.StorageError, match="unsupported URI scheme 'gs://'"):
         storage.resolve("gs://bucket/x")
