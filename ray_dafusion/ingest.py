@@ -256,12 +256,17 @@ def _coco_items(data: dict[str, Any], img_dir: str, given: Optional[str], prefix
                 errors: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Each image labelled by its largest annotation; (items, images without any annotation)."""
     categories = {c["id"]: c["name"] for c in data["categories"]}
+    image_ids = {img.get("id") for img in data["images"]}
     largest: dict[Any, tuple[float, Any]] = {}
     for ann in data["annotations"]:
         img_id, cat, area = ann.get("image_id"), ann.get("category_id"), ann.get("area")
-        if cat not in categories or not isinstance(area, (int, float)):
+        reason = (f"annotation with unknown category {cat!r} or no area"
+                  if cat not in categories or not isinstance(area, (int, float))
+                  else f"annotation of image_id {img_id!r}, which the 'images' list does not hold"
+                  if img_id not in image_ids else None)
+        if reason is not None:
             errors.append({"stage": "ingest", "item": f"{prefix}annotation {ann.get('id')}", "class_name": None,
-                           "reason": f"annotation with unknown category {cat!r} or no area"})
+                           "reason": reason})
             continue
         if img_id not in largest or area > largest[img_id][0]:
             largest[img_id] = (float(area), cat)
@@ -270,7 +275,12 @@ def _coco_items(data: dict[str, Any], img_dir: str, given: Optional[str], prefix
         if img.get("id") not in largest:
             no_objects += 1
             continue
-        fname = img["file_name"]
+        fname = img.get("file_name")
+        if not isinstance(fname, str) or not fname:
+            errors.append({"stage": "ingest", "item": f"{prefix}image {img.get('id')}",
+                           "class_name": categories[largest[img["id"]][1]],
+                           "reason": f"image entry without a file_name (got {fname!r})"})
+            continue
         items.append({"key": prefix + fname, "uri": storage.join(img_dir, fname),
                       "class_name": categories[largest[img["id"]][1]], "annotation": None, "given": given})
     return items, no_objects

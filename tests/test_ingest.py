@@ -206,6 +206,9 @@ def test_coco_largest_area_labels_the_image(tmp_path):
         anns.append({"id": 10 * i, "image_id": i, "category_id": 1, "area": 50.0 if i % 2 else 5.0})
         anns.append({"id": 10 * i + 1, "image_id": i, "category_id": 2, "area": 20.0})
     imgs.append({"id": 99, "file_name": "unlabelled.png"})
+    imgs.append({"id": 5})  # annotated, but no file to read: quarantined
+    anns.append({"id": 50, "image_id": 5, "category_id": 1, "area": 9.0})
+    anns.append({"id": 77, "image_id": 77, "category_id": 1, "area": 9.0})  # of an image not listed: quarantined
     ann_file = tmp_path / "coco" / "instances.json"
     ann_file.write_text(json.dumps({"images": imgs, "annotations": anns,
                                     "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "traffic light"}]}))
@@ -216,6 +219,10 @@ def test_coco_largest_area_labels_the_image(tmp_path):
         "0.png": "traffic light", "1.png": "person", "2.png": "traffic light", "3.png": "person"}
     assert res.skipped == {"no_objects": 1}
     assert storage.read_manifest(res.output)["classes"][1]["token"] == "<traffic_light>"
+    errors = storage.read_parquet(storage.join(res.output, "errors")).to_pylist()
+    assert sorted((e["item"], e["reason"]) for e in errors) == [
+        ("annotation 77", "annotation of image_id 77, which the 'images' list does not hold"),
+        ("image 5", "image entry without a file_name (got None)")]
 
 
 def test_unreadable_coco_json_is_a_clear_error(tmp_path):
