@@ -212,7 +212,7 @@ def _voc_image_sets(cfg: IngestConfig) -> Optional[dict[str, str]]:
 def _list_voc(cfg: IngestConfig) -> _Listing:
     ann_dir = storage.join(cfg.source, "Annotations")
     img_dir = cfg.images_dir or storage.join(cfg.source, "JPEGImages")
-    xmls = storage.list_files(ann_dir, "", cfg.endpoint_url)
+    xmls = storage.list_files(ann_dir, "", cfg.endpoint_url, skip_prefixes=(".",))
     if not xmls:
         raise FileNotFoundError(f"no annotation files under {ann_dir} (format: voc expects Annotations/*.xml, JPEGImages/)")
     image_sets = _voc_image_sets(cfg)

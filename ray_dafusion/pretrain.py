@@ -138,7 +138,7 @@ def _read_images(cfg: PretrainConfig, resolution: int) -> tuple[Any, list[dict[s
     """(Ray dataset of decoded images, their small metadata), quarantining unreadable files."""
     import ray.data
 
-    files = [f for f in storage.list_files(cfg.source, "", cfg.endpoint_url, recursive=True)
+    files = [f for f in storage.list_files(cfg.source, "", cfg.endpoint_url, recursive=True, skip_prefixes=(".",))
              if f.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {cfg.source}")

@@ -178,11 +178,12 @@ def test_voc_largest_object_labels_the_image(tmp_path):
     root = tmp_path / "voc"
     (root / "Annotations").mkdir(parents=True)
     for i in range(4):
-        _save(_png(i), str(root / "JPEGImages" / f"{i}.jpg"), fmt="JPEG")
+        stem = "_3" if i == 3 else str(i)  # a name starting with "_" is an image like any other
+        _save(_png(i), str(root / "JPEGImages" / f"{stem}.jpg"), fmt="JPEG")
         # a small cat and a large dog for images 0-1; a large cat and a small dog for 2-3
         big, small = ("dog", "cat") if i < 2 else ("cat", "dog")
-        (root / "Annotations" / f"{i}.xml").write_text(
-            _voc_xml(f"{i}.jpg", [(small, (0, 0, 4, 4)), (big, (0, 0, 10, 12))]))
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            _voc_xml(f"{stem}.jpg", [(small, (0, 0, 4, 4)), (big, (0, 0, 10, 12))]))
     _save(_png(9), str(root / "JPEGImages" / "9.jpg"), fmt="JPEG")
     (root / "Annotations" / "9.xml").write_text(_voc_xml("9.jpg", []))  # no objects: skipped
     (root / "Annotations" / "bad.xml").write_text("<annotation><object>")  # unreadable
@@ -190,7 +191,7 @@ def test_voc_largest_object_labels_the_image(tmp_path):
                               val_per_class=1, test_per_class=0))
     rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
     labels = {os.path.basename(r["source_path"]): r["class_name"] for r in rows}
-    assert labels == {"0.jpg": "dog", "1.jpg": "dog", "2.jpg": "cat", "3.jpg": "cat"}
+    assert labels == {"0.jpg": "dog", "1.jpg": "dog", "2.jpg": "cat", "_3.jpg": "cat"}
     assert res.skipped == {"no_objects": 1}
     errors = storage.read_parquet(storage.join(res.output, "errors")).to_pylist()
     assert [e["item"] for e in errors] == ["Annotations/bad.xml"]

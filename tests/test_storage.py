@@ -28,6 +28,10 @@ def test_bytes_json_parquet_roundtrip(root):
     assert back.to_pylist() == table.to_pylist()
     assert back.schema.metadata[b"huggingface"] == b"{}"
     assert storage.list_files(storage.join(root, "t"), ".parquet") == [storage.join(root, "t", "part-0.parquet")]
+    storage.write_json(storage.join(root, "t", "_run.json"), {})
+    storage.write_bytes(storage.join(root, "t", "_cat.png"), b"x")
+    assert storage.list_files(storage.join(root, "t")) == [storage.join(root, "t", "part-0.parquet")]  # records out
+    assert storage.list_files(storage.join(root, "t"), ".png", skip_prefixes=(".",)) == [storage.join(root, "t", "_cat.png")]
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(storage.join(root, "missing"))
 
