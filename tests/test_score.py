@@ -38,19 +38,21 @@ def test_the_filter_grammar_is_safe_and_names_the_column():
             parse_filter(bad, available)
 
 
-def _stored_run(root: str, real: str) -> str:
-    """A train run whose best checkpoint is a small CNN with a random head."""
+def _stored_run(root: str, real: str, classes=CLASSES) -> str:
+    """A train run on `classes` whose best checkpoint is a small CNN with a random head."""
     from ray_dafusion.classifier import build_model
 
     torch.manual_seed(0)
-    model = build_model("small_cnn", len(CLASSES))
+    model = build_model("small_cnn", len(classes))
     run = os.path.join(root, "baseline")
     ckpt = os.path.join(run, "checkpoint_000")
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     storage.write_bytes(os.path.join(ckpt, "model.pt"), buf.getvalue())
-    storage.write_json(os.path.join(ckpt, "meta.json"), {"arch": "small_cnn", "num_classes": 3, "image_size": 32})
-    storage.write_json(os.path.join(run, "train_result.json"), {"best_checkpoint": ckpt, "real": real})
+    storage.write_json(os.path.join(ckpt, "meta.json"), {"arch": "small_cnn", "num_classes": len(classes), "image_size": 32})
+    storage.write_json(os.path.join(run, "train_result.json"), {
+        "best_checkpoint": ckpt, "real": real,
+        "classes": [{"name": n, "label": i, "token": f"<{n}>"} for i, n in enumerate(classes)]})
     return run
 
 
@@ -137,11 +139,22 @@ def test_the_text_scorer_runs_with_a_clip_model(scored, tmp_path):
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(clip_dir)
     tok.save_pretrained(clip_dir)
-    assert isinstance(CLIPTokenizer.from_pretrained(clip_dir), object)
+    assert len(CLIPTokenizer.from_pretrained(clip_dir)) == len(tok)  # the saved tokenizer loads whole
     result = score(cfg.replace(scorers=["text"], clip_model=clip_dir))
     assert result.scored == {"text": 27}
     values = storage.read_parquet(storage.join(synthetic, "scores", "text", "data")).column("value").to_pylist()
-    assert all(-1.0 <= v <= 1.0 for v in values)
+    assert all(-1.0 <= v <= 1.0 for v in values) and len({round(v, 6) for v in values}) > 1
+
+
+def test_a_run_trained_on_other_classes_is_refused(scored, tmp_path):
+    from ray_dafusion.score import score
+
+    real, synthetic, _, cfg = scored
+    for classes in (CLASSES[::-1], [*CLASSES[:-1], "zebra"]):  # same classes in another label order; another class
+        other = _stored_run(str(tmp_path / "other" / classes[-1]), real, classes)
+        with pytest.raises(ValueError, match=f"run {other} was trained on classes .* but {synthetic} holds"):
+            score(cfg.replace(run=other, scorers=["classifier"]))
+    assert not storage.exists(storage.join(synthetic, "scores", "classifier"))  # refused before writing
 
 
 def test_filters_apply_at_train_time_and_fall_back_to_real(scored, tmp_path):
