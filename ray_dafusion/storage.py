@@ -139,7 +139,9 @@ def _wrap(uri: str, exc: Exception) -> Exception:
     if isinstance(exc, FileNotFoundError):
         return exc
     text = str(exc)
-    if "AWS Error ACCESS_DENIED" in text or "InvalidAccessKeyId" in text or "credentials" in text.lower():
+    # pyarrow names S3's error codes in upper snake case ("AWS Error INVALID_ACCESS_KEY_ID during ...")
+    refused = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied", "InvalidAccessKeyId")
+    if any(code in text for code in refused) or "credentials" in text.lower():
         return StorageError(f"S3 refused access to {uri}: check the AWS credentials and permissions ({text.splitlines()[0]})")
     if "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
         return StorageError(f"S3 bucket of {uri} does not exist")

@@ -249,6 +249,6 @@ def test_invert_retries_the_class_of_a_lost_node(cluster, replace_killed, make_r
     assert killed and killed[0][0].startswith("gen_")
     tensors, _ = weights.load_embeddings(out)
     assert len(tensors) == len(names)
-    placed = set(_where(cluster, "tasks", "_invert_class").values())
-    assert placed <= {"gen_a", "gen_b"}, placed
+    placed = set(_where(cluster, "tasks", "_invert_classes").values())
+    assert placed and placed <= {"gen_a", "gen_b"}, placed
     print(f"invert: node {killed[0][0]} killed while it ran a class; {outcome}; {len(tensors)} of {len(names)} tokens")

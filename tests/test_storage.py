@@ -85,11 +85,45 @@ def test_bad_uris_are_named():
         storage.resolve("")
 
 
-def test_missing_bucket_and_bad_credentials(s3_server, monkeypatch):
+def test_a_missing_bucket_is_named_without_the_secret(s3_server):
     with pytest.raises(storage.StorageError) as err:
         storage.write_bytes("s3://no-such-bucket-here/x", b"1", endpoint_url=s3_server)
     assert "no-such-bucket-here" in str(err.value)
     assert "testing-secret-value" not in str(err.value)
+
+
+def test_refused_credentials_are_named():
+    """An S3 endpoint on loopback that answers every request as S3 does for an unknown access key."""
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def _refuse(self):
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code><Message>The AWS '
+                    b'Access Key Id you provided does not exist in our records.</Message></Error>')
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for call in (lambda: storage.write_bytes("s3://bucket/x", b"1", endpoint_url=endpoint),
+                     lambda: storage.read_bytes("s3://bucket/x", endpoint_url=endpoint),
+                     lambda: storage.exists("s3://bucket/x", endpoint_url=endpoint)):
+            with pytest.raises(storage.StorageError, match="S3 refused access to s3://bucket/x: check the AWS credentials"):
+                call()
+    finally:
+        server.shutdown()
 
 
 def test_atomic_local_write_leaves_no_temp(tmp_path):
