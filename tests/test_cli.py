@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ray_dafusion import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +64,18 @@ def test_ingest_train_evaluate_job_scripts(ray_session, tmp_path, capsys):
     assert _job("evaluate").main(["--real", real, "--runs", storage.join(runs, "baseline"),
                                   "--output", results]) == 0
     assert "baseline: baseline shots 2" in capsys.readouterr().out
+    from test_train import write_synthetic
+
+    synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=2)
+    classes = storage.read_manifest(real)["classes"]
+    storage.write_manifest(synthetic, {**storage.read_manifest(synthetic), "real": real, "classes": classes})  # as augment
+    assert _job("score").main(["--synthetic", synthetic, "--run", storage.join(runs, "baseline"),
+                               "--scorers", "classifier,source_distance", "--batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"score: {synthetic}" in out and "classifier: 8 scored now" in out and "source_distance: 8 scored now" in out
+    with pytest.raises(SystemExit) as exited:  # a bad config: exit code 2 before Ray is touched
+        _job("sweep").main(["--config", str(tmp_path / "no-such-sweep.yaml")])
+    assert exited.value.code == 2 and "config file not found" in capsys.readouterr().err
     # a failure inside the stage: exit code 1 and one line naming the problem
     assert _job("ingest").main(["--source", str(tmp_path / "nothing"), "--output", str(tmp_path / "r2")]) == 1
     err = capsys.readouterr().err
