@@ -75,7 +75,7 @@ def plain_loop(cfg, classes, threads: int) -> tuple[int, float]:
         for row in rows[b : b + cfg.batch_size]:
             source = schema.decode_image(row["image"]["bytes"])
             for k in range(cfg.num_augmentations):
-                seed, strength, template = draw_augmentation(cfg.seed, row["id"], k, cfg.strengths, cfg.prompt_templates)
+                seed, strength, template = draw_augmentation(cfg.seed, row["id"], k, cfg.t0_levels(), cfg.prompt_templates)
                 groups[strength].append((source, seed, tokens.make_prompt(template, by_label[row["label"]].token)))
         for strength, group in sorted(groups.items()):
             for chunk in even_chunks(group, cfg.max_images_per_call):

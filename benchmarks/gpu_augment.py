@@ -102,8 +102,6 @@ def main() -> None:
         num_augmentations=args.m, num_inference_steps=args.steps, resolution=args.resolution,
         batch_size=args.batch_size, max_images_per_call=args.max_images_per_call, num_gpus=1,
     )
-    # (b)'s loop reads cfg.strengths; the actor draws from cfg.t0_levels() (the mode's default when unset)
-    loop_cfg = cfg.replace(strengths=cfg.t0_levels())
     classes = schema.read_class_table(real)
     n_images = args.num_real * args.m
 
@@ -130,7 +128,7 @@ def main() -> None:
         return seconds
 
     def run_b() -> float:  # loads its own pipeline (not counted); kernels are warm from the actor
-        count, seconds = plain_loop(loop_cfg, classes, threads=torch.get_num_threads())
+        count, seconds = plain_loop(cfg, classes, threads=torch.get_num_threads())
         sync()
         assert count == n_images, (count, n_images)
         print(f"(b) plain loop:     {count} images in {seconds:.1f}s = {count / seconds:.2f} images/s", flush=True)
