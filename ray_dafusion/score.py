@@ -269,9 +269,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     if manifest is None or manifest.get("stage") != "augment":
         raise FileNotFoundError(f"{cfg.synthetic} holds no complete augment output (no augment {storage.MANIFEST})")
     real = manifest.get("real") or (manifest.get("config") or {}).get("real")
-    classes = [c["name"] for c in manifest.get("classes") or []] or (
-        [c.name for c in schema.read_class_table(real, ep)] if real else [])
-    checkpoint, scorers = _check_scorers(cfg, result, classes)
+    checkpoint, scorers = _check_scorers(cfg, result, manifest, real)
     ids = storage.read_parquet(storage.join(cfg.synthetic, "data"), ep, columns=["id"]).column("id").to_pylist()
     outputs, done, fps = {}, {}, {}
     for scorer in list(scorers):
@@ -311,7 +309,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     return result
 
 
-def _check_scorers(cfg: ScoreConfig, result: ScoreResult, class_names: list[str]) -> tuple[Optional[str], list[str]]:
+def _check_scorers(cfg: ScoreConfig, result: ScoreResult, manifest: dict[str, Any],
+                   real: Optional[str]) -> tuple[Optional[str], list[str]]:
     """(the run's best checkpoint, the scorers that can run); clear errors or skips for the rest.
     The classifier must have been trained on the synthetic set's classes, in its label order:
     its probabilities are read by label."""
@@ -330,11 +329,16 @@ def _check_scorers(cfg: ScoreConfig, result: ScoreResult, class_names: list[str]
         checkpoint = record.get("best_checkpoint")
         if not checkpoint:
             raise ValueError(f"run {cfg.run} has no best checkpoint")
+        # the synthetic set's classes: its manifest's, else its real set's
+        class_names = [c["name"] for c in manifest.get("classes") or []] or (
+            [c.name for c in schema.read_class_table(real, cfg.endpoint_url)] if real else [])
         run_classes = [c["name"] for c in record.get("classes") or []]
         if run_classes != class_names:
-            raise ValueError(f"run {cfg.run} was trained on classes {run_classes[:5]}{'...' if len(run_classes) > 5 else ''}"
-                             f" but {cfg.synthetic} holds {class_names[:5]}{'...' if len(class_names) > 5 else ''}:"
-                             " score with a run trained on the same data set")
+            def named(names: list[str]) -> str:
+                return f"{names[:5]}{'...' if len(names) > 5 else ''}" if names else "no classes on record"
+
+            raise ValueError(f"run {cfg.run} was trained on classes {named(run_classes)} but {cfg.synthetic} holds "
+                             f"{named(class_names)}: score with a run trained on the same data set")
     if "text" in scorers and not cfg.clip_model:
         scorers.remove("text")
         result.skipped["text"] = "no clip_model configured"
