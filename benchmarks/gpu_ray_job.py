@@ -294,7 +294,11 @@ def main() -> int:
             record["stages"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         save()
     print(json.dumps(record, indent=2), flush=True)
-    return 0
+    failed = [n for n, r in record["configs"].items() if "error" in r]
+    failed += ["stages"] if "error" in record.get("stages", {}) else []
+    if failed:  # the figures of the others are kept above; the exit code says that not everything ran
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
