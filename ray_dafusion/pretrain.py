@@ -444,6 +444,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     bad = [m for m in meta if m["error"] is not None]
     for m in bad[:5]:
         log.warning("left out %s: %s", m["uri"], m["error"])
+    if len(bad) > 5:
+        log.warning("left out %d more unreadable images; every one with its reason goes to the manifest's left_out",
+                    len(bad) - 5)
     if len(good) < 2:
         raise ValueError(f"{cfg.source} holds {len(good)} readable images; pretraining needs many more")
     data_fp = storage.fingerprint(sorted(m["sha256"] for m in good))
@@ -534,6 +537,7 @@ def _write_output(cfg: PretrainConfig, result: Any, words: list[str], good: list
         "config_fingerprint": config_fp,
         "data_fingerprint": data_fp,
         "words": words,
+        "left_out": [{"item": m["uri"], "reason": m["error"]} for m in bad],  # unreadable images, quarantined
         "counts": {"images": len(good), "left_out": len(bad), "vae_steps": cfg.vae_steps if not cfg.init else 0,
                    "steps": cfg.steps},
         "losses": losses,

@@ -46,14 +46,18 @@ def test_the_recorded_command_trains_and_loads(ray_session, tmp_path, capsys):
     source = str(tmp_path / "unlabelled")
     write_digits(source, per_class=4, half="pretrain", labelled=False)
     assert not any(os.path.isdir(os.path.join(source, d)) for d in os.listdir(source))  # no class folders
+    with open(os.path.join(source, "broken.png"), "wb") as f:  # left out, with its reason on record
+        f.write(b"not a png")
+    Image.new("RGB", (16, 16), "gray").save(os.path.join(source, "_named_so.png"))  # an image like any other
     out = str(tmp_path / "model")
     config = os.path.join(ROOT, "jobs", "configs", "pretrain_digits.yaml")
     assert _job().main(["--config", config, "--source", source, "--output", out, "--vae_steps", "3",
                         "--steps", "4", "--checkpoint_every", "2", "--num_clusters", "6", "--batch_size", "8",
                         "--cpus_per_worker", "0.5"]) == 0
-    assert f"pretrain: pipeline {out} from 40 images" in capsys.readouterr().out
+    assert f"pretrain: pipeline {out} from 41 images" in capsys.readouterr().out
     manifest = storage.read_manifest(out)
-    assert manifest["counts"] == {"images": 40, "left_out": 0, "vae_steps": 3, "steps": 4}
+    assert manifest["counts"] == {"images": 41, "left_out": 1, "vae_steps": 3, "steps": 4}
+    assert [e["item"] for e in manifest["left_out"]] == [storage.join(source, "broken.png")] and manifest["left_out"][0]["reason"]
     assert len(manifest["words"]) == 6 and manifest["data_fingerprint"] and manifest["losses"]["unet"]
     pipe = load_pipeline(out, device="cpu", torch_dtype=torch.float32)
     assert all(w in pipe.tokenizer.get_vocab() or w + "</w>" in pipe.tokenizer.get_vocab() for w in manifest["words"])
