@@ -177,22 +177,24 @@ def _list_folder(cfg: IngestConfig) -> _Listing:
     return _Listing(items, errors, class_dirs)
 
 
-def _voc_largest(xml_bytes: bytes) -> tuple[Optional[str], Optional[str], int]:
-    """(class of the largest object by box area, image file name, number of objects)."""
+def _voc_largest(xml_bytes: bytes) -> tuple[Optional[str], Optional[str], int, int]:
+    """(class of the largest object by box area, image file name, number of objects, objects
+    without a name or a box, which cannot label the image)."""
     root = ET.fromstring(xml_bytes)
     filename = (root.findtext("filename") or "").strip() or None
-    best, best_area, n = None, -1.0, 0
+    best, best_area, n, unusable = None, -1.0, 0, 0
     for obj in root.findall("object"):
         name = (obj.findtext("name") or "").strip()
         box = obj.find("bndbox")
         if not name or box is None:
+            unusable += 1
             continue
         x0, y0, x1, y1 = (float(box.findtext(k) or 0) for k in ("xmin", "ymin", "xmax", "ymax"))
         area = max(0.0, x1 - x0) * max(0.0, y1 - y0)
         n += 1
         if area > best_area:
             best, best_area = name, area
-    return best, filename, n
+    return best, filename, n, unusable
 
 
 def _voc_image_sets(cfg: IngestConfig) -> Optional[dict[str, str]]:
@@ -216,7 +218,7 @@ def _list_voc(cfg: IngestConfig) -> _Listing:
     if not xmls:
         raise FileNotFoundError(f"no annotation files under {ann_dir} (format: voc expects Annotations/*.xml, JPEGImages/)")
     image_sets = _voc_image_sets(cfg)
-    items, errors, no_objects, not_listed = [], [], 0, 0
+    items, errors, no_objects, not_listed, unusable = [], [], 0, 0, 0
     for xml_uri in xmls:
         name = posixpath.basename(xml_uri)
         stem = os.path.splitext(name)[0]
@@ -224,18 +226,20 @@ def _list_voc(cfg: IngestConfig) -> _Listing:
             not_listed += 1
             continue
         try:
-            label, filename, n = _voc_largest(storage.read_bytes(xml_uri, cfg.endpoint_url))
+            label, filename, n, without = _voc_largest(storage.read_bytes(xml_uri, cfg.endpoint_url))
         except Exception as exc:
             errors.append({"stage": "ingest", "item": f"Annotations/{name}", "class_name": None,
                            "reason": f"unreadable annotation file ({type(exc).__name__}: {exc})"})
             continue
+        unusable += without
         if label is None:
             no_objects += 1
             continue
         filename = filename or stem + ".jpg"
         items.append({"key": f"JPEGImages/{filename}", "uri": storage.join(img_dir, filename), "class_name": label,
                       "annotation": f"Annotations/{name}", "given": image_sets[stem] if image_sets else None})
-    skipped = {"no_objects": no_objects, **({"not_in_image_sets": not_listed} if not_listed else {})}
+    skipped = {"no_objects": no_objects, **({"not_in_image_sets": not_listed} if not_listed else {}),
+               **({"objects_without_name_or_box": unusable} if unusable else {})}
     return _Listing(items, errors, skipped=skipped)
 
 

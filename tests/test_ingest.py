@@ -184,6 +184,9 @@ def test_voc_largest_object_labels_the_image(tmp_path):
         big, small = ("dog", "cat") if i < 2 else ("cat", "dog")
         (root / "Annotations" / f"{stem}.xml").write_text(
             _voc_xml(f"{stem}.jpg", [(small, (0, 0, 4, 4)), (big, (0, 0, 10, 12))]))
+    nameless = "<object><bndbox><xmin>0</xmin><ymin>0</ymin><xmax>30</xmax><ymax>30</ymax></bndbox></object>"
+    xml0 = root / "Annotations" / "0.xml"  # a larger object without a name cannot label it: counted, not used
+    xml0.write_text(xml0.read_text().replace("</annotation>", nameless + "</annotation>"))
     _save(_png(9), str(root / "JPEGImages" / "9.jpg"), fmt="JPEG")
     (root / "Annotations" / "9.xml").write_text(_voc_xml("9.jpg", []))  # no objects: skipped
     (root / "Annotations" / "bad.xml").write_text("<annotation><object>")  # unreadable
@@ -192,7 +195,7 @@ def test_voc_largest_object_labels_the_image(tmp_path):
     rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
     labels = {os.path.basename(r["source_path"]): r["class_name"] for r in rows}
     assert labels == {"0.jpg": "dog", "1.jpg": "dog", "2.jpg": "cat", "_3.jpg": "cat"}
-    assert res.skipped == {"no_objects": 1}
+    assert res.skipped == {"no_objects": 1, "objects_without_name_or_box": 1}
     errors = storage.read_parquet(storage.join(res.output, "errors")).to_pylist()
     assert [e["item"] for e in errors] == ["Annotations/bad.xml"]
     assert "unreadable annotation" in errors[0]["reason"]
