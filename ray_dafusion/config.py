@@ -394,6 +394,10 @@ class TrainConfig(StageConfig):
             raise bad("fill", self.fill, "must be a grey level in [0, 255]")
         if not 0.0 <= self.alpha <= 1.0:
             raise bad("alpha", self.alpha, "must lie in [0, 1]")
+        if self.synthetic_filter is not None:
+            from .filters import parse_filter
+
+            parse_filter(self.synthetic_filter, None)  # its form now, before any stage runs; its columns at train
 
 
 @dataclass
@@ -591,9 +595,14 @@ class PipelineConfig(StageConfig):
     """Evaluate section; output defaults to <workdir>/results."""
 
     def validate(self) -> None:
+        if not self.methods:
+            raise bad("methods", self.methods, f"needs at least one of {', '.join(TRAIN_METHODS)}")
         for m in self.methods:
             if m not in TRAIN_METHODS:
                 raise bad("methods", self.methods, f"each must be one of {', '.join(TRAIN_METHODS)}")
+        if self.real_guidance_strengths is not None and (
+                not self.real_guidance_strengths or not all(0 < s <= 1 for s in self.real_guidance_strengths)):
+            raise bad("real_guidance_strengths", self.real_guidance_strengths, "needs t0 levels in (0, 1]")
 
 
 @dataclass
@@ -626,6 +635,11 @@ class SweepConfig(StageConfig):
     """Evaluate section (scores every run on the pool's fixed test split)."""
 
     def validate(self) -> None:
+        if not self.methods:
+            raise bad("methods", self.methods, f"needs at least one of {', '.join(SWEEP_VARIANTS)}")
+        if self.train.synthetic_filter is not None:
+            raise bad("train.synthetic_filter", self.train.synthetic_filter, "would filter every method's synthetic "
+                      "images; the sweep filters only da_fusion_filtered, with its own filter: leave it unset")
         for name in self.methods:
             if name not in SWEEP_VARIANTS:
                 raise bad("methods", self.methods, f"each must be one of {', '.join(SWEEP_VARIANTS)}")

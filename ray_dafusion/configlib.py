@@ -103,10 +103,21 @@ class StageConfig:
     def __post_init__(self) -> None:
         _coerce_fields(self)
         self._check_cost()
+        self._check_seeds()
         self.validate()
 
     def validate(self) -> None:
         """Check values; subclasses extend. Raise ConfigError naming the field."""
+
+    def _check_seeds(self) -> None:
+        """Seeds (`seed`, `*_seed`, `seeds`) are >= 0: numpy's generators refuse negative ones, which
+        would otherwise stop a stage only once it draws."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "seed" or f.name.endswith("_seed"):
+                positive(self, f.name, allow_zero=True)
+            elif f.name == "seeds" and isinstance(value, list) and any(s < 0 for s in value):
+                raise bad(f.name, value, "every seed must be >= 0")
 
     def _check_cost(self) -> None:
         prices = (self.cost or {}).get("prices", {})
@@ -204,6 +215,10 @@ def read_yaml(path: str) -> dict[str, Any]:
         text = storage.read_bytes(path).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except storage.StorageError as exc:  # a directory, a refused S3 read
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -274,7 +289,12 @@ def _coerce_fields(cfg: StageConfig) -> None:
         base = base_type(tp)
         if inspect.isclass(base) and issubclass(base, StageConfig):
             if isinstance(value, dict):
-                setattr(cfg, f.name, base.from_dict(value))
+                try:
+                    setattr(cfg, f.name, base.from_dict(value))
+                except ConfigError as exc:  # name the section: several have a batch_size
+                    text = str(exc)
+                    raise ConfigError(text.replace("config field '", f"config field '{f.name}.", 1)
+                                      if text.startswith("config field '") else f"section '{f.name}': {text}") from None
             elif not isinstance(value, base):
                 raise bad(f.name, value, f"must be a mapping of {base.__name__} fields")
             continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import operator
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -65,8 +65,9 @@ class Filter:
         raise AssertionError(f"unchecked node {type(node).__name__}")  # parse_filter admits none other
 
 
-def parse_filter(text: str, available: Mapping[str, set[str]]) -> Filter:
-    """Parse `text` against the score columns `available` (scorer -> its columns)."""
+def parse_filter(text: str, available: Optional[Mapping[str, set[str]]]) -> Filter:
+    """Parse `text` against the score columns `available` (scorer -> its columns); with None,
+    only its form is checked (a config, before any scores exist)."""
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
@@ -85,10 +86,12 @@ def parse_filter(text: str, available: Mapping[str, set[str]]) -> Filter:
             continue
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             scorer, column = node.value.id, node.attr
-            if scorer not in available:
+            if available is None:
+                pass
+            elif scorer not in available:
                 raise ConfigError(f"config field 'synthetic_filter': no scores {scorer!r} for this synthetic set "
                                   f"(scored: {', '.join(sorted(available)) or 'none'}; run `ray-dafusion score`)")
-            if column not in available[scorer]:
+            elif column not in available[scorer]:
                 raise ConfigError(f"config field 'synthetic_filter': unknown column {scorer}.{column}; "
                                   f"{scorer} has {', '.join(sorted(available[scorer]))}")
             columns.setdefault(scorer, set()).add(column)

@@ -41,6 +41,15 @@ def test_defaults_match_the_method():
     (C.IngestConfig, "format", "csv", "one of folder, voc, coco"),
     (C.EraseConfig, "method", "half", "one of full, xattn"),
     (C.IngestConfig, "allow_fewer", "yes", "true or false"),
+    (C.IngestConfig, "seed", -1, "must be >= 0"),  # numpy refuses it, but only once a stage draws
+    (C.IngestConfig, "split_seed", -3, "must be >= 0"),
+    (C.TrainConfig, "seed", -1, "must be >= 0"),
+    (C.SweepConfig, "seeds", [0, -1], "every seed must be >= 0"),
+    (C.SweepConfig, "methods", [], "needs at least one of baseline"),
+    (C.PipelineConfig, "methods", [], "needs at least one of baseline"),
+    (C.PipelineConfig, "real_guidance_strengths", [1.5], "t0 levels in (0, 1]"),
+    (C.TrainConfig, "synthetic_filter", "classifier.p_label >=", "is not a filter"),
+    (C.TrainConfig, "synthetic_filter", "__import__('os')", "is not allowed in a filter"),
 ])
 def test_bad_values_name_the_field_and_value(cls, field, value, words):
     with pytest.raises(C.ConfigError) as err:
@@ -54,6 +63,20 @@ def test_fused_qkv_is_refused_with_erasure():
     with pytest.raises(C.ConfigError, match="'fuse_qkv'.*cannot be used with erasure"):
         C.AugmentConfig(fuse_qkv=True, erasure="erasure/weights")
     assert C.AugmentConfig(fuse_qkv=True).fuse_qkv
+
+
+def test_a_bad_value_in_a_section_names_the_section(tmp_path):
+    with pytest.raises(C.ConfigError, match=r"config field 'augment.batch_size': must be > 0 \(got 0\)"):
+        C.SweepConfig.from_args(None, {"source": "x", "augment.batch_size": "0"})
+    with pytest.raises(C.ConfigError, match="config field 'train.synthetic_filter': would filter every method"):
+        C.SweepConfig.from_args(None, {"source": "x", "train.synthetic_filter": "classifier.p_label >= 0.5"})
+    assert C.TrainConfig(synthetic_filter="classifier.p_label >= 0.5").synthetic_filter  # a good one passes
+    # a config path that is a directory, or not text: one ConfigError naming it (exit code 2 from the CLI)
+    with pytest.raises(C.ConfigError, match=f"config file {tmp_path} cannot be read"):
+        C.TrainConfig.from_args(str(tmp_path), {})
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(C.ConfigError, match="is not UTF-8 text"):
+        C.TrainConfig.from_args(str(tmp_path / "binary.yaml"), {})
 
 
 def test_unknown_fields_and_required_fields():
@@ -83,7 +106,7 @@ def test_pipeline_sections_nest(tmp_path):
     assert isinstance(cfg.augment, C.AugmentConfig)
     assert cfg.augment.num_augmentations == 2 and cfg.augment.strengths == [0.5]
     assert cfg.train.epochs == 1 and cfg.train.arch == "resnet18"
-    with pytest.raises(C.ConfigError, match="'alpha'"):
+    with pytest.raises(C.ConfigError, match="config field 'train.alpha'"):
         C.PipelineConfig.from_dict({"train": {"alpha": 2}})
 
 
