@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -352,6 +353,8 @@ def positive(cfg: Any, *names: str, allow_zero: bool = False) -> None:
         value = getattr(cfg, name)
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(name, value, "must be a finite number")
         if value < 0 or (value == 0 and not allow_zero):
             raise bad(name, value, "must be >= 0" if allow_zero else "must be > 0")
 

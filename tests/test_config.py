@@ -41,6 +41,8 @@ def test_defaults_match_the_method():
     (C.IngestConfig, "format", "csv", "one of folder, voc, coco"),
     (C.EraseConfig, "method", "half", "one of full, xattn"),
     (C.IngestConfig, "allow_fewer", "yes", "true or false"),
+    (C.TrainConfig, "learning_rate", float("inf"), "must be a finite number"),
+    (C.TrainConfig, "learning_rate", float("nan"), "must be a finite number"),
     (C.IngestConfig, "seed", -1, "must be >= 0"),  # numpy refuses it, but only once a stage draws
     (C.IngestConfig, "split_seed", -3, "must be >= 0"),
     (C.TrainConfig, "seed", -1, "must be >= 0"),
