@@ -131,6 +131,22 @@ def _score(cfg: EvaluateConfig, checkpoint_uris: list[str], files: list[str]) ->
     return labels, [{r["id"]: int(r[c]) for r in rows} for c in cols]
 
 
+def unique_names(names: list[str]) -> list[str]:
+    """The runs' names, a repeated one (the same run name under two outputs) as name-2, name-3, ...:
+    the first such name no other run has, so no two runs share a row or a confusion plot."""
+    taken: set[str] = set()
+    suffix: Counter = Counter()
+    out = []
+    for base in names:
+        name = base
+        while name in taken:
+            suffix[base] += 1
+            name = f"{base}-{suffix[base] + 1}"
+        taken.add(name)
+        out.append(name)
+    return out
+
+
 def _examples_per_class(real: str, endpoint_url: Optional[str]) -> Optional[int]:
     """From the ingest manifest's config when recorded, else the most common train count per class."""
     manifest = storage.read_manifest(real, endpoint_url) or {}
@@ -320,15 +336,11 @@ def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], 
     ids = sorted(labels)
     y = np.array([labels[i] for i in ids], np.int64)
     runs: list[dict[str, Any]] = []
-    names_used: Counter = Counter()
-    for (run_uri, record), preds in zip(records, predictions):
+    names = unique_names([record.get("name") or posixpath.basename(run_uri.rstrip("/")) for run_uri, record in records])
+    for (run_uri, record), preds, name in zip(records, predictions, names):
         # shots of the real set the run trained on (few-shot subsets share val/test with cfg.real)
         shots = _examples_per_class(record["real"], ep) if record.get("real") else None
         shots = shots if shots is not None else default_shots
-        name = record.get("name") or posixpath.basename(run_uri.rstrip("/"))
-        names_used[name] += 1
-        if names_used[name] > 1:  # the same run name under two outputs
-            name = f"{name}-{names_used[name]}"
         runs.append({
             "name": name, "run": run_uri, "method": record["method"], "alpha": record["alpha"],
             "examples_per_class": shots, "best_checkpoint": record["best_checkpoint"],

@@ -12,7 +12,7 @@ import torch
 
 from ray_dafusion import storage
 from ray_dafusion.config import EvaluateConfig
-from ray_dafusion.evaluate import class_metrics, evaluate
+from ray_dafusion.evaluate import class_metrics, evaluate, unique_names
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -50,6 +50,13 @@ def _constant_run(root: str, name: str, method: str, predicts: int, real: str, a
         "real": real, "classes": [{"name": n, "label": i, "token": f"<{n}>"} for i, n in enumerate(CLASSES)],
     })
     return run
+
+
+def test_repeated_run_names_get_the_first_free_suffix():
+    assert unique_names(["a", "a", "a"]) == ["a", "a-2", "a-3"]
+    # a run really named x-2 keeps its name; the second x skips to x-3
+    assert unique_names(["x", "x-2", "x", "x"]) == ["x", "x-2", "x-3", "x-4"]
+    assert unique_names(["b", "c"]) == ["b", "c"]
 
 
 def test_results_table_and_plots(ray_session, make_real, tmp_path):
