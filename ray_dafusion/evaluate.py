@@ -202,8 +202,15 @@ def _shots_plot(runs: list[dict[str, Any]], uri: str, endpoint_url: Optional[str
     # runs of the same method and shots (e.g. several seeds) are averaged
     points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        points[r["method"]][r["examples_per_class"] or 0].append(r["mean_class_acc"])
+        if r["examples_per_class"]:
+            points[r["method"]][r["examples_per_class"]].append(r["mean_class_acc"])
+    unknown = [r["name"] for r in runs if not r["examples_per_class"]]
+    if unknown:  # no place on a shots axis; the table has them
+        log.warning("%s leaves out %d run(s) whose real set records no examples_per_class (%s); results.md has them",
+                    posixpath.basename(uri), len(unknown), ", ".join(unknown[:5]))
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    if unknown:
+        ax.set_title(f"{len(unknown)} run(s) of unknown shots left out (see results.md)", fontsize=8)
     for method, by_shots in sorted(points.items()):
         xs = sorted(by_shots)
         ax.plot(xs, [float(np.mean(by_shots[x])) for x in xs], marker="o", label=method)

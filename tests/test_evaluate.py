@@ -59,6 +59,16 @@ def test_repeated_run_names_get_the_first_free_suffix():
     assert unique_names(["b", "c"]) == ["b", "c"]
 
 
+def test_the_shots_plot_says_which_runs_it_leaves_out(tmp_path, caplog):
+    from ray_dafusion.evaluate import _shots_plot
+
+    runs = [{"name": "a", "method": "baseline", "examples_per_class": 2, "mean_class_acc": 0.5},
+            {"name": "b", "method": "baseline", "examples_per_class": None, "mean_class_acc": 0.4}]
+    _shots_plot(runs, str(tmp_path / "accuracy_vs_shots.png"), None)
+    assert (tmp_path / "accuracy_vs_shots.png").stat().st_size > 0
+    assert "leaves out 1 run(s) whose real set records no examples_per_class (b)" in caplog.text
+
+
 def test_results_table_and_plots(ray_session, make_real, tmp_path):
     real4 = make_real(class_names=CLASSES, per_split={"train": 4, "val": 1, "test": 2}, size=32)
     real1 = make_real(class_names=CLASSES, per_split={"train": 1, "val": 1, "test": 2}, size=32)
