@@ -334,11 +334,8 @@ def _check_scorers(cfg: ScoreConfig, result: ScoreResult, manifest: dict[str, An
             [c.name for c in schema.read_class_table(real, cfg.endpoint_url)] if real else [])
         run_classes = [c["name"] for c in record.get("classes") or []]
         if run_classes != class_names:
-            def named(names: list[str]) -> str:
-                return f"{names[:5]}{'...' if len(names) > 5 else ''}" if names else "no classes on record"
-
-            raise ValueError(f"run {cfg.run} was trained on classes {named(run_classes)} but {cfg.synthetic} holds "
-                             f"{named(class_names)}: score with a run trained on the same data set")
+            raise ValueError(f"run {cfg.run} was trained on classes {_shown(run_classes)} but {cfg.synthetic} holds "
+                             f"{_shown(class_names)}: score with a run trained on the same data set")
     if "text" in scorers and not cfg.clip_model:
         scorers.remove("text")
         result.skipped["text"] = "no clip_model configured"
@@ -348,6 +345,10 @@ def _check_scorers(cfg: ScoreConfig, result: ScoreResult, manifest: dict[str, An
 
         resolve_model(cfg.clip_model, cfg.cache_dir, cfg.endpoint_url, marker="config.json")
     return checkpoint, scorers
+
+
+def _shown(names: list[str]) -> str:
+    return f"{names[:5]}{'...' if len(names) > 5 else ''}" if names else "no classes on record"
 
 
 def _run(cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str], done: dict[str, list[str]],

@@ -433,35 +433,36 @@ def ensure_fresh_output(
     return None
 
 
+def _flat_record(record: dict[str, Any]) -> dict[str, str]:
+    """A config record (configlib.config_record) as dotted field -> JSON value; inputs as `input x`."""
+    out: dict[str, str] = {}
+
+    def walk(name: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{name}.{k}" if name else str(k), v)
+        else:  # compared as the fingerprint sees them: JSON, anything else as str
+            out[name] = json.dumps(value, sort_keys=True, default=str)
+
+    walk("", record.get("config") or {})
+    for k, v in (record.get("inputs") or {}).items():
+        walk(f"input {k}", v)
+    return out
+
+
 def _changes(before: Optional[dict[str, Any]], after: Optional[dict[str, Any]], most: int = 6) -> str:
-    """The fields two config records differ in, as `field: old -> new` (inputs as `input x`);
-    empty when either record is unknown (an output written before records were kept)."""
+    """The fields two config records differ in, as `field: old -> new`; empty when either record is
+    unknown (an output written before records were kept)."""
     if before is None or after is None:
         return ""
-
-    def flat(record: dict[str, Any]) -> dict[str, str]:
-        out: dict[str, str] = {}
-
-        def walk(name: str, value: Any) -> None:
-            if isinstance(value, dict) and value:
-                for k, v in value.items():
-                    walk(f"{name}.{k}" if name else str(k), v)
-            else:  # compared as the fingerprint sees them: JSON, anything else as str
-                out[name] = json.dumps(value, sort_keys=True, default=str)
-
-        walk("", record.get("config") or {})
-        for k, v in (record.get("inputs") or {}).items():
-            walk(f"input {k}", v)
-        return out
-
-    old, new = flat(before), flat(after)
-
-    def short(text: Optional[str]) -> str:
-        return "(none)" if text is None else text if len(text) <= 60 else text[:57] + "..."
-
-    diffs = [f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in sorted(old.keys() | new.keys())
+    old, new = _flat_record(before), _flat_record(after)
+    diffs = [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(old.keys() | new.keys())
              if old.get(k) != new.get(k)]
     return "; ".join(diffs[:most]) + (f"; and {len(diffs) - most} more" if len(diffs) > most else "")
+
+
+def _short(text: Optional[str]) -> str:
+    return "(none)" if text is None else text if len(text) <= 60 else text[:57] + "..."
 
 
 def delete_output(uri: str, endpoint_url: Optional[str] = None) -> None:
