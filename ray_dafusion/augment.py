@@ -520,13 +520,6 @@ def _committed_pairs(output: str, endpoint_url: Optional[str]) -> pa.Table:
     return storage.read_parquet(data_dir, endpoint_url, columns=["source_id", "aug_index"])
 
 
-def _quarantined(output: str, endpoint_url: Optional[str]) -> set[str]:
-    errors_dir = storage.join(output, ERRORS_DIR)
-    if not storage.list_files(errors_dir, ".parquet", endpoint_url):
-        return set()
-    return set(storage.read_parquet(errors_dir, endpoint_url, columns=["item"]).column("item").to_pylist())
-
-
 def _actor_plan(cfg: AugmentConfig) -> tuple[int, dict[str, float]]:
     """(actors to start, custom resources pinning them to generation nodes), checked against the
     cluster so that Ray Data's read and write tasks keep a CPU (else the job would hang)."""
@@ -709,7 +702,7 @@ def _progress(cfg: AugmentConfig, real_ids: list[str]) -> _Progress:
     present: dict[str, set[int]] = defaultdict(set)
     for sid, k in zip(committed.column("source_id").to_pylist(), committed.column("aug_index").to_pylist()):
         present[sid].add(k)
-    quarantined = _quarantined(cfg.output, cfg.endpoint_url)
+    quarantined = schema.quarantined_items(cfg.output, cfg.endpoint_url)
     finished = {sid for sid, ks in present.items() if len(ks) >= cfg.num_augmentations} | quarantined
     partial = {sid: sorted(ks) for sid, ks in present.items() if sid not in finished}
     return _Progress(finished, partial, sum(1 for i in real_ids if i not in finished),
@@ -778,7 +771,7 @@ def _verify(cfg: AugmentConfig, real_ids: list[str]) -> tuple[list[tuple[str, in
     ep = cfg.endpoint_url
     data_dir = storage.join(cfg.output, DATA_DIR)
     files = storage.list_files(data_dir, ".parquet", ep)
-    quarantined = _quarantined(cfg.output, ep)
+    quarantined = schema.quarantined_items(cfg.output, ep)
     where: dict[tuple[str, int], list[str]] = defaultdict(list)
     for uri in files:
         t = storage.read_parquet(uri, ep, columns=["source_id", "aug_index"])

@@ -121,6 +121,16 @@ def error_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=error_schema())
 
 
+def quarantined_items(output: str, endpoint_url: Optional[str] = None) -> set[str]:
+    """The `item` of every row a stage quarantined under ``<output>/errors/`` (empty when none)."""
+    from . import storage
+
+    errors_dir = storage.join(output, "errors")
+    if not storage.list_files(errors_dir, ".parquet", endpoint_url):
+        return set()
+    return set(storage.read_parquet(errors_dir, endpoint_url, columns=["item"]).column("item").to_pylist())
+
+
 # ---- image cells ------------------------------------------------------------------------
 
 

@@ -366,9 +366,11 @@ class _LocalSession:
         self.rank, self.world = 0, 1
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
         try:
-            self.records: list[dict[str, Any]] = storage.read_json(storage.join(run_uri, self.RECORD), cfg.endpoint_url)
+            records = storage.read_json(storage.join(run_uri, self.RECORD), cfg.endpoint_url)
         except FileNotFoundError:
-            self.records = []
+            records = []
+        # a run killed while pruning may leave records of deleted checkpoints: resume from those still there
+        self.records: list[dict[str, Any]] = [r for r in records if storage.exists(r["path"], cfg.endpoint_url)]
 
     def shard(self, name: str) -> Any:
         return self.datasets[name]
@@ -383,7 +385,7 @@ class _LocalSession:
             return
         uri = self.records[-1]["path"]
         if not storage.is_s3(uri):
-            yield uri
+            yield storage.resolve(uri)[1]  # a local path or a file:// URI: the path torch.load reads
             return
         with tempfile.TemporaryDirectory() as d:
             storage.download_dir(uri, d, self.cfg.endpoint_url)
@@ -397,11 +399,13 @@ class _LocalSession:
         latest = self.records[-1]
         best = sorted(self.records[:-1], key=lambda r: (r["metrics"]["val_mean_class_acc"], r["metrics"]["epoch"]),
                       reverse=True)[: self.cfg.num_to_keep]
-        for r in self.records:
-            if r is not latest and r not in best:
-                storage.delete(r["path"], ep)
+        dropped = [r for r in self.records if r is not latest and r not in best]
         self.records = sorted(best, key=lambda r: r["metrics"]["epoch"]) + [latest]
+        # the record first, then the deletions: a kill between them leaves unrecorded files, never a
+        # record of a deleted checkpoint
         storage.write_json(storage.join(self.run_uri, self.RECORD), self.records, ep)
+        for r in dropped:
+            storage.delete(r["path"], ep)
 
 
 def _train_loop(loop: dict[str, Any], session: Optional[Any] = None) -> None:
@@ -715,6 +719,7 @@ def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int],
     wrong = [(s, lbl) for s, lbl in zip(meta["source_id"], meta["label"]) if real_labels[s] != lbl]
     if wrong:
         raise ValueError(f"synthetic images carry a label different from their source's, e.g. {wrong[:3]}")
+    _check_coverage(cfg, real_labels, set(meta["source_id"]))
     keep = np.ones(len(meta["id"]), dtype=bool)
     report: dict[str, Any] = {}
     if cfg.synthetic_filter:
@@ -722,11 +727,30 @@ def _synthetic_candidates(cfg: TrainConfig, real_labels: dict[str, int],
     sids = [s for s, k in zip(meta["source_id"], keep) if k]
     augs = [a for a, k in zip(meta["aug_index"], keep) if k]
     candidates = mixing.candidate_table(sids, augs)
+    without = sum(1 for s in real_labels if s not in candidates)
     if cfg.synthetic_filter:
-        report["sources_without_synthetic"] = sum(1 for s in real_labels if s not in candidates)
+        report["sources_without_synthetic"] = without
         log.info("synthetic_filter %r keeps %d of %d synthetic images; %d real images keep no synthetic version "
-                 "and stay real", cfg.synthetic_filter, report["kept"], len(keep), report["sources_without_synthetic"])
+                 "and stay real", cfg.synthetic_filter, report["kept"], len(keep), without)
+    elif without:
+        log.info("%d of %d real images have no synthetic version (augment quarantined them) and stay real",
+                 without, len(real_labels))
     return files, candidates, report
+
+
+def _check_coverage(cfg: TrainConfig, real_labels: dict[str, int], sources: set[str]) -> None:
+    """Every real train image has synthetic versions or was quarantined by augment: a synthetic set
+    made from a smaller real set (fewer shots) would leave the rest real and quietly lower alpha."""
+    uncovered = [s for s in real_labels if s not in sources]
+    if not uncovered:
+        return
+    unexplained = sorted(set(uncovered) - schema.quarantined_items(cfg.synthetic, cfg.endpoint_url))
+    if unexplained:
+        raise ValueError(
+            f"synthetic set {cfg.synthetic} has no images of {len(unexplained)} of the {len(real_labels)} images in "
+            f"{cfg.real}/train, and augment did not quarantine them (e.g. {unexplained[:3]}); it was made from "
+            "another real set (fewer shots?): augment this real set"
+        )
 
 
 def _apply_filter(cfg: TrainConfig, meta: dict[str, list], class_names: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -933,6 +957,7 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
     }
     hint = (f"{cfg.num_workers} workers reserve cpus_per_worker {cfg.cpus_per_worker:g}"
             + (" and a GPU each" if cfg.use_gpu else "") + "; lower them, or add nodes")
+    _check_same_runner(cfg, run_uri)
     with Watchdog("train", "epoch", cfg.stall_warning, cfg.stall_timeout, hint=hint,
                   probe=lambda: len(storage.list_dirs(run_uri, cfg.endpoint_url)), poll_seconds=5.0):
         if cfg.num_workers == 0:
@@ -945,6 +970,25 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
             result = _ray_train(cfg, name, data, loop, cache).fit()
     best = [(_checkpoint_uri(cfg, c), m) for c, m in (result.best_checkpoints or [])]
     return _FitOutcome(_checkpoint_uri(cfg, result.checkpoint) if result.checkpoint is not None else None, best)
+
+
+def _check_same_runner(cfg: TrainConfig, run_uri: str) -> None:
+    """An unfinished run resumes only on the runner that started it: the local loop (num_workers 0)
+    keeps its checkpoints in _local_checkpoints.json, Ray Train its own (checkpoint_<time>), and
+    neither reads the other's, so a switch would retrain the finished epochs."""
+    ep = cfg.endpoint_url
+    if cfg.num_workers == 0 and any(d.startswith("checkpoint_") and not d[len("checkpoint_"):].isdigit()
+                                    for d in storage.list_dirs(run_uri, ep)):
+        started = "Ray Train (num_workers >= 1)"
+    elif cfg.num_workers > 0 and storage.exists(storage.join(run_uri, _LocalSession.RECORD), ep):
+        started = "num_workers 0"
+    else:
+        return
+    raise ConfigError(
+        f"train run {run_uri} was started with {started} and holds its checkpoints; it resumes only on the same "
+        f"runner, not with num_workers {cfg.num_workers}: set num_workers back to resume it, or delete {run_uri} to "
+        "start it again"
+    )
 
 
 def _ray_train(cfg: TrainConfig, name: str, data: StreamingData, loop: dict[str, Any], cache: bool) -> Any:

@@ -16,6 +16,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from PIL import Image
@@ -24,7 +25,7 @@ from ray_dafusion import schema, storage
 from ray_dafusion.config import ConfigError, EvaluateConfig, TrainConfig
 from ray_dafusion.evaluate import evaluate
 from ray_dafusion.classifier import build_model, make_transform
-from ray_dafusion.train import exact_batches, train
+from ray_dafusion.train import _synthetic_candidates, exact_batches, train
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -50,9 +51,10 @@ def write_synthetic(real: str, out: str, m: int = 3, skip_sources=(), complete: 
     half = len(rows) // 2  # two files in nested folders: the reader must find both
     storage.write_parquet(table.slice(0, half), storage.join(out, "data", "a", "part-0.parquet"), endpoint_url)
     storage.write_parquet(table.slice(half), storage.join(out, "data", "b", "part-1.parquet"), endpoint_url)
-    # augment quarantines bad rows under errors/ with another schema: not synthetic images
-    storage.write_parquet(schema.error_table([{"stage": "augment", "item": "x", "class_name": "cat", "reason": "r"}]),
-                          storage.join(out, "errors", "part-0.parquet"), endpoint_url)
+    # augment quarantines bad rows under errors/ with another schema: not synthetic images; the
+    # skipped sources are quarantined there, as augment would
+    errors = [{"stage": "augment", "item": sid, "class_name": "cat", "reason": "r"} for sid in ("x", *skip_sources)]
+    storage.write_parquet(schema.error_table(errors), storage.join(out, "errors", "part-0.parquet"), endpoint_url)
     if complete:
         storage.write_manifest(out, {"stage": "augment", "mode": mode, "counts": {"synthetic": len(rows)}},
                                endpoint_url)
@@ -377,6 +379,22 @@ def test_clear_errors_before_training(make_real, tmp_path):
                                        pa.array(["elsewhere"] * t.num_rows)), foreign + "/data/a/part-0.parquet")
     with pytest.raises(ValueError, match="not in"):
         train(TrainConfig(**{**base, "real": other}, method="da_fusion", synthetic=foreign))
+    # a synthetic set made from fewer shots covers part of the real train set: refused, unless augment
+    # quarantined the rest
+    fewer = write_synthetic(real, str(tmp_path / "fewer"))
+    t = storage.read_parquet(fewer + "/data/b/part-1.parquet")
+    gone = sorted(set(t.column("source_id").to_pylist()) - set(storage.read_parquet(
+        fewer + "/data/a/part-0.parquet").column("source_id").to_pylist()))
+    storage.write_parquet(t.filter(pc.invert(pc.is_in(t.column("source_id"), pa.array(gone)))),
+                          fewer + "/data/b/part-1.parquet")
+    with pytest.raises(ValueError, match=f"no images of {len(gone)} of the 6 images .* augment this real set"):
+        train(TrainConfig(**base, method="da_fusion", synthetic=fewer))
+    storage.write_parquet(schema.error_table([{"stage": "augment", "item": s, "class_name": None, "reason": "r"}
+                                              for s in gone]), fewer + "/errors/part-1.parquet")
+    _, candidates, _ = _synthetic_candidates(TrainConfig(**base, method="da_fusion", synthetic=fewer),
+                                             {r["id"]: r["label"] for r in storage.read_parquet(
+                                                 real + "/train", columns=["id", "label"]).to_pylist()}, list(CLASSES))
+    assert len(candidates) == 6 - len(gone) and not set(gone) & set(candidates)
     # a synthetic set of another mode than the method names is refused
     guided = write_synthetic(real, str(tmp_path / "guided"), mode="real_guidance")
     with pytest.raises(ConfigError, match="made in mode 'real_guidance'"):
@@ -391,6 +409,29 @@ def test_clear_errors_before_training(make_real, tmp_path):
         build_model("resnet18", 3, junk)
     with pytest.raises(ConfigError, match="no such"):
         build_model("resnet18", 3, str(tmp_path / "missing.pt"))
+
+
+def test_local_runner_resumes_from_file_uris_and_keeps_to_its_runner(ray_session, make_real, tmp_path):
+    """num_workers 0 resumes from its own record (file:// outputs too), skips records of checkpoints a
+    killed prune deleted, and a switch to Ray Train is refused rather than retraining finished epochs."""
+    real = make_real(class_names=CLASSES, per_split={"train": 2, "val": 1, "test": 1}, size=32)
+    cfg = TrainConfig(real=real, output=f"file://{tmp_path}/runs", method="baseline", arch="resnet18", image_size=32,
+                      epochs=1, batch_size=3, iterations_per_epoch=2, num_workers=0, num_to_keep=1)
+    first = train(cfg)
+    resumed = train(cfg.replace(epochs=3))
+    assert [m["epoch"] for m in resumed.metrics] == [0, 1, 2] and resumed.metrics[0] == first.metrics[0]
+    run = tmp_path / "runs" / "baseline"
+    record = json.loads((run / "_local_checkpoints.json").read_text())
+    assert all(os.path.isdir(r["path"][len("file://"):]) for r in record)  # pruned after the record was written
+    # a record naming a checkpoint that is gone (a kill between record and delete in older runs) is skipped
+    (run / "manifest.json").unlink()
+    gone = {"path": f"file://{run}/checkpoint_000009", "metrics": {**record[-1]["metrics"], "epoch": 9}}
+    (run / "_local_checkpoints.json").write_text(json.dumps(record + [gone]))
+    again = train(cfg.replace(epochs=3))
+    assert again.metrics == resumed.metrics
+    (run / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="started with num_workers 0 .* not with num_workers 1"):
+        train(cfg.replace(epochs=3, num_workers=1, cpus_per_worker=0.5))
 
 
 def test_exact_batches_recut_without_loss():
