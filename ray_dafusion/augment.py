@@ -656,10 +656,35 @@ def _prepare_conditioning(cfg: AugmentConfig, classes: list[schema.ClassInfo]) -
             )
         if missing:
             log.warning("classes without a token (their rows go to errors/): %s", ", ".join(missing))
+        embeddings_dir = cfg.embeddings.rsplit("/", 1)[0] if cfg.embeddings.endswith(".safetensors") else cfg.embeddings
+        made = storage.read_manifest(embeddings_dir, ep) or {}
+        if made.get("stage") == "invert":
+            _check_same_model(cfg, "embeddings", made.get("model_fingerprint"), fingerprints["model"])
     if cfg.erasure:
         erasure = weights.ErasureWeights(cfg.erasure, endpoint_url=ep)
+        _check_same_model(cfg, "erasure", erasure.model_fingerprint, fingerprints["model"])
+        erased = set(erasure.classes())
+        missing = [c.name for c in classes if c.name not in erased]
+        if len(missing) == len(classes):
+            raise ConfigError(
+                f"config field 'erasure': {cfg.erasure} erased none of this data set's classes "
+                f"({', '.join(c.name for c in classes)}); was it made from another data set?"
+            )
+        if missing:
+            log.warning("classes without an erasure (their rows go to errors/): %s", ", ".join(missing))
         fingerprints["erasure"] = {c: erasure.fingerprint(c) for c in erasure.classes()}
     return fingerprints, token_set
+
+
+def _check_same_model(cfg: AugmentConfig, field: str, made_with: Optional[str], model_fp: str) -> None:
+    """Tokens and erasures belong to the model they were made on: on another model of the same
+    shape the tokens mean nothing, and a `full` erasure would swap in that model's whole UNet while
+    every row's lineage named this one."""
+    if made_with and made_with != model_fp:
+        raise ConfigError(
+            f"config field '{field}': {getattr(cfg, field)} was made on another model (fingerprint {made_with}) "
+            f"than augment's model {cfg.model!r} ({model_fp}); use the same `model` in every stage"
+        )
 
 
 def _already_complete(cfg: AugmentConfig, manifest: dict[str, Any], started: float) -> AugmentResult:

@@ -603,6 +603,7 @@ class PipelineConfig(StageConfig):
         if self.real_guidance_strengths is not None and (
                 not self.real_guidance_strengths or not all(0 < s <= 1 for s in self.real_guidance_strengths)):
             raise bad("real_guidance_strengths", self.real_guidance_strengths, "needs t0 levels in (0, 1]")
+        _one_model(self, self.methods, ["invert"] + (["erase"] if self.run_erase else []))
 
 
 @dataclass
@@ -648,6 +649,21 @@ class SweepConfig(StageConfig):
             raise bad("shots", self.shots, "needs one or more shot counts >= 1")
         if not self.seeds:
             raise bad("seeds", self.seeds, "needs at least one seed")
+        _one_model(self, [SWEEP_VARIANTS[m].method for m in self.methods], ["invert"])
+
+
+def _one_model(cfg: Any, methods: list[str], sections: list[str]) -> None:
+    """Tokens (and erasures) are made for one diffusion model: when a method augments with tokens,
+    the sections that make them must name augment's model (augment checks the fingerprints too,
+    but only after they were made)."""
+    modes = {TRAIN_METHODS[m].synthetic_mode for m in methods} - {None}
+    if not any(AUGMENT_MODES[mode].needs_tokens for mode in modes):
+        return
+    for name in sections:
+        model = getattr(cfg, name).model
+        if model != cfg.augment.model:
+            raise bad(f"{name}.model", model, f"differs from augment.model {cfg.augment.model!r}: tokens and "
+                      "erasures work only on the model they were made on; name the same model in each section")
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ class ErasureWeights:
         self.uri = uri
         self.endpoint_url = endpoint_url
         self.method: str = manifest["method"]
+        self.model_fingerprint: str = manifest.get("model_fingerprint") or ""  # the model it was made on
         self.max_cached = max_cached
         self.max_cache_bytes = max_cache_bytes
         self._classes: dict[str, dict[str, Any]] = dict(manifest.get("classes") or {})

@@ -577,6 +577,39 @@ def test_erasure_is_applied_per_class_group(setup, tmp_path):
     assert (summary["rows"], summary["errors"]) == (2 * M, 2)
 
 
+def test_tokens_and_erasures_of_another_model_or_data_set_are_refused(setup, tmp_path):
+    """Tokens learned, or classes erased, on another model of the same shape pass every shape check:
+    the invert and erase manifests' model fingerprints must be augment's model's."""
+    import shutil
+
+    from ray_dafusion.augment import _prepare_conditioning
+    from ray_dafusion.models import model_fingerprint, resolve_model
+
+    real, emb, cfg = setup
+    classes = schema.read_class_table(real)
+    tiny = model_fingerprint(resolve_model("tiny"))
+    inverted = tmp_path / "invert"
+    inverted.mkdir()
+    shutil.copy(emb, inverted / weights.EMBEDDINGS_FILE)
+    for where in (str(inverted), str(inverted / weights.EMBEDDINGS_FILE)):  # the directory or its file
+        storage.write_manifest(str(inverted), {"stage": "invert", "model_fingerprint": "elsewhere"})
+        with pytest.raises(ConfigError, match="'embeddings': .* made on another model .*elsewhere"):
+            augment(cfg(embeddings=where))
+        storage.write_manifest(str(inverted), {"stage": "invert", "model_fingerprint": tiny})
+        assert _prepare_conditioning(cfg(embeddings=where), classes)[0]["model"] == tiny
+    erase = _erasure(str(tmp_path / "erase"), {"cat": 1.0})
+    manifest = storage.read_manifest(erase)
+    storage.write_manifest(erase, {**manifest, "model_fingerprint": "elsewhere"})
+    with pytest.raises(ConfigError, match="'erasure': .* made on another model"):
+        augment(cfg(erasure=erase))
+    storage.write_manifest(erase, {**manifest, "model_fingerprint": tiny})
+    assert set(_prepare_conditioning(cfg(erasure=erase), classes)[0]["erasure"]) == {"cat"}
+    zebra = _erasure(str(tmp_path / "erase-zebra"), {"zebra": 1.0})
+    with pytest.raises(ConfigError, match="erased none of this data set's classes"):
+        augment(cfg(erasure=zebra))
+    assert not storage.exists(cfg().output)
+
+
 def test_command_line_and_job_script_refuse_a_leaking_prompt(setup, ray_session, capsys):
     import importlib.util
 

@@ -67,6 +67,19 @@ def test_fused_qkv_is_refused_with_erasure():
     assert C.AugmentConfig(fuse_qkv=True).fuse_qkv
 
 
+def test_the_sections_that_make_tokens_name_augments_model():
+    with pytest.raises(C.ConfigError, match="'invert.model': differs from augment.model 'tiny'.*got 'digits'"):
+        C.PipelineConfig.from_dict({"invert": {"model": "digits"}})
+    with pytest.raises(C.ConfigError, match="'erase.model': differs from augment.model 'digits'"):
+        C.PipelineConfig.from_dict({"run_erase": True, **{s: {"model": "digits"} for s in ("invert", "augment")}})
+    with pytest.raises(C.ConfigError, match="'invert.model': differs from augment.model 'digits'"):
+        C.SweepConfig.from_dict({"source": "x", "augment": {"model": "digits"}})
+    # only where a method uses tokens, and erase only when it runs
+    assert C.PipelineConfig.from_dict({"invert": {"model": "digits"}, "methods": ["baseline", "standard"]})
+    assert C.PipelineConfig.from_dict({"erase": {"model": "digits"}}).erase.model == "digits"
+    assert C.SweepConfig.from_dict({"source": "x", "augment": {"model": "digits"}, "methods": ["baseline"]})
+
+
 def test_a_bad_value_in_a_section_names_the_section(tmp_path):
     with pytest.raises(C.ConfigError, match=r"config field 'augment.batch_size': must be > 0 \(got 0\)"):
         C.SweepConfig.from_args(None, {"source": "x", "augment.batch_size": "0"})
