@@ -720,6 +720,8 @@ class _Progress:
     todo_rows: int
     skipped: int
     """Images committed earlier."""
+    files: int
+    """Data files committed earlier."""
 
 
 def _progress(cfg: AugmentConfig, real_ids: list[str]) -> _Progress:
@@ -730,8 +732,9 @@ def _progress(cfg: AugmentConfig, real_ids: list[str]) -> _Progress:
     quarantined = schema.quarantined_items(cfg.output, cfg.endpoint_url)
     finished = {sid for sid, ks in present.items() if len(ks) >= cfg.num_augmentations} | quarantined
     partial = {sid: sorted(ks) for sid, ks in present.items() if sid not in finished}
+    files = len(storage.list_files(storage.join(cfg.output, DATA_DIR), ".parquet", cfg.endpoint_url))
     return _Progress(finished, partial, sum(1 for i in real_ids if i not in finished),
-                     sum(len(ks) for ks in present.values()))
+                     sum(len(ks) for ks in present.values()), files)
 
 
 def _generate(cfg: AugmentConfig, classes: list[schema.ClassInfo], train_files: list[str], progress: _Progress,
@@ -828,7 +831,9 @@ def _write_manifest(cfg: AugmentConfig, classes: list[schema.ClassInfo], real_id
                     meter: CostMeter) -> AugmentResult:
     ep = cfg.endpoint_url
     wall = time.time() - started
-    generated = sum(s["rows"] for s in summaries)
+    # the verified pairs less those committed before this run: a batch whose actor crashed after its
+    # commit returns no summary, and its retry finds the file and generates nothing, yet this run made it
+    generated = len(pairs) - progress.skipped
     counts = {
         "real_rows": len(real_ids),
         "synthetic_rows": len(pairs),
@@ -867,7 +872,7 @@ def _write_manifest(cfg: AugmentConfig, classes: list[schema.ClassInfo], real_id
         output=cfg.output, real_rows=len(real_ids), synthetic_rows=len(pairs), generated=generated,
         skipped_as_done=progress.skipped, errors=len(quarantined), wall_seconds=wall,
         images_per_second=manifest["timings"]["images_per_second"],
-        files_written=sum(1 for s in summaries if s["rows"]),
+        files_written=counts["files"] - progress.files,
     )
 
 

@@ -518,6 +518,9 @@ def test_crashed_actor_is_restarted_and_its_batch_retried(tmp_path, make_real, t
     assert os.path.exists(marker)
     _check_complete(cfg.output, ids)
     assert result.synthetic_rows == len(ids) * M
+    # the crashed call's images were made by this run: counted, though its retry generated nothing
+    assert result.generated == len(ids) * M and result.files_written == len(ids) // 2
+    assert storage.read_manifest(cfg.output)["counts"]["generated"] == len(ids) * M
 
 
 def test_s3_input_and_output(s3_bucket, s3_server, tmp_path, tiny_model, ray_session):
