@@ -900,6 +900,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 3. fail early on the driver: weights that cannot load, a run made with another config
     build_model(cfg.arch, len(data.classes), cfg.weights, cfg.backbone, ep)
+    if cfg.backbone == "linear_probe" and cfg.weights == "none":
+        log.warning("backbone linear_probe with weights none trains a linear head on a frozen, randomly initialised "
+                    "%s: give pretrained weights (imagenet, or a state-dict file) or set backbone: finetune", cfg.arch)
     storage.ensure_fresh_output(run_uri, "train", config_fp, cfg.overwrite, ep, made_of)
 
     # 4. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading

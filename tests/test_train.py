@@ -411,13 +411,15 @@ def test_clear_errors_before_training(make_real, tmp_path):
         build_model("resnet18", 3, str(tmp_path / "missing.pt"))
 
 
-def test_local_runner_resumes_from_file_uris_and_keeps_to_its_runner(ray_session, make_real, tmp_path):
+def test_local_runner_resumes_from_file_uris_and_keeps_to_its_runner(ray_session, make_real, tmp_path, caplog):
     """num_workers 0 resumes from its own record (file:// outputs too), skips records of checkpoints a
     killed prune deleted, and a switch to Ray Train is refused rather than retraining finished epochs."""
     real = make_real(class_names=CLASSES, per_split={"train": 2, "val": 1, "test": 1}, size=32)
     cfg = TrainConfig(real=real, output=f"file://{tmp_path}/runs", method="baseline", arch="resnet18", image_size=32,
                       epochs=1, batch_size=3, iterations_per_epoch=2, num_workers=0, num_to_keep=1)
     first = train(cfg)
+    # the default backbone without pretrained weights trains a head on random features: said once, as a warning
+    assert "linear head on a frozen, randomly initialised resnet18" in caplog.text
     resumed = train(cfg.replace(epochs=3))
     assert [m["epoch"] for m in resumed.metrics] == [0, 1, 2] and resumed.metrics[0] == first.metrics[0]
     run = tmp_path / "runs" / "baseline"
