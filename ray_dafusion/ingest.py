@@ -385,8 +385,8 @@ def split_class(keys: list[str], given: dict[str, Optional[str]], cfg: IngestCon
     - train: the first k of the `seed`-permuted pool, so train(k) is a prefix of train(2k) and no
       train image of any k or seed is ever in val or test.
 
-    Returns {"train", "val", "test", "unused"}: unused are pool images beyond k and holdout
-    images beyond explicit val/test sizes (counted, never dropped silently).
+    Returns {"train", "val", "test", "unused"}: unused are pool images beyond k, and holdout or
+    source-given val/test images beyond explicit val/test sizes (counted, never dropped silently).
     """
     by_given: dict[Optional[str], list[str]] = defaultdict(list)
     for key in keys:
@@ -401,14 +401,18 @@ def split_class(keys: list[str], given: dict[str, Optional[str]], cfg: IngestCon
         pool = list(by_given["train"])
         holdout = _draw(by_given["holdout"], cfg.split_seed)
         n_val = min(_size(cfg.val_per_class, len(holdout) // 2), len(holdout))
-        out["val"] = _take(by_given["val"], cfg.val_per_class, cfg.split_seed) if "val" in by_given \
-            else holdout[:n_val]
+        if "val" in by_given:
+            out["val"], left = _take(by_given["val"], cfg.val_per_class, cfg.split_seed)
+            out["unused"] += left
+        else:
+            out["val"] = holdout[:n_val]
         rest = holdout[n_val:]
         if "test" in by_given:
-            out["test"] = _take(by_given["test"], cfg.test_per_class, cfg.split_seed)
+            out["test"], left = _take(by_given["test"], cfg.test_per_class, cfg.split_seed)
         else:
             n_test = min(_size(cfg.test_per_class, len(rest)), len(rest))
-            out["test"], out["unused"] = rest[:n_test], rest[n_test:]
+            out["test"], left = rest[:n_test], rest[n_test:]
+        out["unused"] += left
         for split in ("val", "test"):  # a split the source lacks is drawn from its train split
             if split not in by_given and not holdout:
                 order = _draw(pool, cfg.split_seed + (0 if split == "val" else 1))
@@ -426,9 +430,12 @@ def _size(explicit: Optional[int], default: int) -> int:
     return default if explicit is None else explicit
 
 
-def _take(keys: list[str], n: Optional[int], seed: int) -> list[str]:
-    """All of a given split, or `n` of them drawn by `seed`."""
-    return sorted(keys) if n is None else _draw(keys, seed)[:n]
+def _take(keys: list[str], n: Optional[int], seed: int) -> tuple[list[str], list[str]]:
+    """All of a given split, or `n` of them drawn by `seed`; and the ones not taken."""
+    if n is None:
+        return sorted(keys), []
+    order = _draw(keys, seed)
+    return order[:n], order[n:]
 
 
 def split_fingerprint(ids: list[str]) -> str:
@@ -471,8 +478,8 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     plan = _plan_splits(cfg, classes, by_class, digest_of, {i["key"]: i.get("given") for i in listing.items})
     if plan.unused:
         listing.skipped["unused"] = plan.unused
-        log.info("%d usable images are in no split (train pool beyond examples_per_class=%d, or holdout beyond "
-                 "val/test sizes); counted as skipped 'unused'", plan.unused, cfg.examples_per_class)
+        log.info("%d usable images are in no split (train pool beyond examples_per_class=%s, or holdout or given "
+                 "val/test beyond val/test sizes); counted as skipped 'unused'", plan.unused, cfg.examples_per_class)
 
     # 4. write each split as bounded shards, in parallel; quarantined files to errors/
     files = _write_splits(cfg, decoded, plan, classes, meter)

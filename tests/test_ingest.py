@@ -336,6 +336,23 @@ def test_source_given_splits_are_kept(tmp_path):
     assert not val_a & {r["source_path"] for r in _read_split(b.output, "train")}
 
 
+def test_given_val_and_test_beyond_their_sizes_are_counted_unused(tmp_path):
+    root = tmp_path / "given"
+    seed = 500
+    for split, n in (("train", 6), ("val", 4), ("test", 4)):
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                seed += 1
+                _save(_png(seed), str(root / split / cls / f"{i}.png"))
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=2,
+                              val_per_class=1, test_per_class=1))
+    assert res.counts == {"train": 4, "val": 2, "test": 2}
+    # per class: 4 of the train pool beyond k, 3 given val and 3 given test beyond their sizes
+    assert res.skipped == {"unused": 20}
+    counts = storage.read_manifest(res.output)["counts"]
+    assert sum(counts["splits"].values()) + counts["skipped"]["unused"] == 28  # every source image
+
+
 def test_voc_image_sets_and_coco_holdout_give_val_and_test(tmp_path):
     root = tmp_path / "voc"
     (root / "Annotations").mkdir(parents=True)
