@@ -50,10 +50,12 @@ def cluster_summary() -> str:
                                                                                         "object_store"))):
         parts.append(f"{key} {free.get(key, 0):g} free of {total[key]:g}")
     summary = "cluster: " + ", ".join(parts)
-    try:  # the state API needs the dashboard; without it, the resources above are what there is
+    address = _dashboard_url()
+    if address is None:  # the state API is served by the dashboard; without one, the resources are what there is
+        return summary
+    try:
         from ray.util.state import list_actors, list_tasks
 
-        address = ray.get_runtime_context().gcs_address  # this driver's cluster, whatever else runs here
         waiting = list_tasks(address=address, filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], limit=100,
                              raise_on_missing_output=False)
         alive = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000,
@@ -66,6 +68,23 @@ def cluster_summary() -> str:
     except Exception:
         pass
     return summary
+
+
+def _dashboard_url() -> Optional[str]:
+    """The dashboard of this driver's own cluster, or None when it runs none.
+
+    Ray's state API, given this cluster's address, asks it where its dashboard is and hears
+    127.0.0.1:8265 even when it runs none: there it may find another Ray cluster on this machine
+    and list that one's tasks as ours."""
+    import ray
+
+    try:
+        url = ray._private.worker.global_worker.node.address_info.get("webui_url")
+    except Exception:  # a Ray Client driver holds no node; it cannot tell
+        return None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
 
 
 class Watchdog:

@@ -82,3 +82,27 @@ def test_a_stalled_stage_says_why_and_can_fail_instead_of_waiting(ray_session, m
     with pytest.raises(StageError, match="stalled: no batch finished for"):
         augment(AugmentConfig(**base, output=str(tmp_path / "stuck"), stall_warning=1.0, stall_timeout=3.0),
                 _faults={"sleep_seconds": 60})
+
+
+def test_the_stall_summary_lists_tasks_only_from_this_clusters_own_dashboard(ray_session, monkeypatch):
+    import types
+
+    import ray
+    import ray.util.state
+
+    from ray_dafusion.watchdog import cluster_summary
+
+    asked = []
+
+    def listing(*args, address=None, **kwargs):
+        asked.append(address)
+        return [types.SimpleNamespace(name="foreign")]
+
+    monkeypatch.setattr(ray.util.state, "list_tasks", listing)
+    monkeypatch.setattr(ray.util.state, "list_actors", listing)
+    # the session's Ray runs no dashboard: 127.0.0.1:8265 may be another cluster's, so nothing is asked
+    summary = cluster_summary()
+    assert asked == [] and summary.startswith("cluster: CPU") and "actors" not in summary
+    monkeypatch.setattr(ray._private.worker.global_worker.node, "_webui_url", "10.1.2.3:8265")
+    summary = cluster_summary()
+    assert asked == ["http://10.1.2.3:8265"] * 3 and "1 actors alive" in summary and "(foreign)" in summary
