@@ -103,6 +103,8 @@ def resolve_model(uri: str, cache_dir: Optional[str] = None, endpoint_url: Optio
         return target
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
+    if uri.startswith("~"):  # a home-relative directory, as storage paths take them; never a hub id
+        uri = os.path.expanduser(uri)
     if os.path.isdir(uri):
         if not os.path.exists(os.path.join(uri, marker)):
             raise ValueError(f"{uri} is not {what} directory: it has no {marker}")

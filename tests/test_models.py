@@ -52,6 +52,16 @@ def test_local_directory_and_file_uri(tiny_model, tmp_path, model_cache):
     assert models.model_fingerprint(local) == models.model_fingerprint(tiny_model)
 
 
+def test_a_home_relative_model_directory_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    local = tmp_path / "models" / "sd"
+    local.mkdir(parents=True)
+    (local / "model_index.json").write_text("{}")
+    assert models.resolve_model("~/models/sd", cache_dir=str(tmp_path / "cache")) == str(local)
+    with pytest.raises(FileNotFoundError, match=f"not found: {tmp_path}/models/none"):
+        models.resolve_model("~/models/none", cache_dir=str(tmp_path / "cache"))
+
+
 def test_s3_prefix_is_staged_once_per_node(tiny_model, tmp_path, s3_bucket):
     bucket = s3_bucket("models")
     storage.upload_dir(tiny_model, f"{bucket}/sd-tiny")
