@@ -3,7 +3,9 @@
 ``classifier.p_label >= 0.5 and source_distance.value >= 0.05`` is parsed with Python's own
 parser into a syntax tree, and only these nodes are accepted: ``and``, ``or``, ``not``,
 parentheses, comparisons (``< <= > >= == !=``, chained too), numbers, and column names written
-``scorer.column``. Nothing is evaluated by Python: the tree is walked over numpy columns.
+``scorer.column``. ``and``, ``or``, ``not`` and the whole filter take conditions (comparisons or
+and/or/not of them), never a bare column or number, which would keep every nonzero (and NaN)
+value. Nothing is evaluated by Python: the tree is walked over numpy columns.
 A bad filter is a ConfigError that names what is wrong (an unknown column: the columns there are).
 """
 
@@ -23,6 +25,8 @@ _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
     ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
     ast.Eq: operator.eq, ast.NotEq: operator.ne,
 }
+# operators as written: ast.unparse shows an operator node alone as ''
+_REFUSED_OPERATORS = {ast.In: "in", ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
 
 
 class Filter:
@@ -98,12 +102,39 @@ def parse_filter(text: str, available: Optional[Mapping[str, set[str]]]) -> Filt
             continue
         if isinstance(node, ast.Name):  # the scorer part of scorer.column, checked above
             continue
-        raise ConfigError(f"config field 'synthetic_filter': {ast.unparse(node) if hasattr(ast, 'unparse') else node!r} "
-                          f"is not allowed in a filter (only scorer.column, numbers, comparisons, and/or/not)")
+        what = f"operator {_REFUSED_OPERATORS.get(type(node), type(node).__name__)!r}" \
+            if isinstance(node, (ast.cmpop, ast.operator, ast.unaryop, ast.boolop)) else repr(ast.unparse(node))
+        raise ConfigError(f"config field 'synthetic_filter': {what} is not allowed in a filter "
+                          f"(only scorer.column, numbers, comparisons, and/or/not)")
     if not columns:
         raise ConfigError(f"config field 'synthetic_filter': {text!r} names no score column")
     for node in ast.walk(tree):  # a bare name not part of scorer.column
         if isinstance(node, ast.Name) and not any(isinstance(p, ast.Attribute) and p.value is node
                                                   for p in ast.walk(tree)):
             raise ConfigError(f"config field 'synthetic_filter': {node.id!r} is not a column; write scorer.column")
+    _check_condition(tree.body)  # type: ignore[attr-defined]
     return Filter(text, tree, columns)
+
+
+def _check_condition(node: ast.AST) -> None:
+    """A condition is a comparison of values, or and/or/not of conditions."""
+    if isinstance(node, ast.BoolOp):
+        for value in node.values:
+            _check_condition(value)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        _check_condition(node.operand)
+    elif isinstance(node, ast.Compare):
+        for side in (node.left, *node.comparators):
+            _check_value(side)
+    else:  # numpy would take it as true wherever it is nonzero, NaN included
+        raise ConfigError(f"config field 'synthetic_filter': {ast.unparse(node)!r} is not a condition; and, or, not "
+                          "and the whole filter take comparisons, e.g. source_distance.value > 0.05")
+
+
+def _check_value(node: ast.AST) -> None:
+    """A value is scorer.column, a number, or minus a value."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        _check_value(node.operand)
+    elif not isinstance(node, (ast.Attribute, ast.Constant)):
+        raise ConfigError(f"config field 'synthetic_filter': {ast.unparse(node)!r} is a condition where a comparison "
+                          "needs a scorer.column or a number")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -36,6 +37,25 @@ def test_the_filter_grammar_is_safe_and_names_the_column():
                 "classifier.p_label + 1 > 2", "p_label > 0.5", "classifier.p_label >="):
         with pytest.raises(ConfigError, match="synthetic_filter"):
             parse_filter(bad, available)
+
+
+def test_the_filter_names_a_refused_operator_and_refuses_bare_values_as_conditions():
+    available = {"classifier": {"p_label"}, "source_distance": {"value"}}
+    for op in ("in", "not in", "is", "is not"):
+        with pytest.raises(ConfigError, match=f"operator '{op}' is not allowed in a filter"):
+            parse_filter(f"classifier.p_label {op} 1", available)
+    # a bare column or number as a condition would keep every nonzero value, NaN included
+    for bad, what in (("classifier.p_label > 0.5 or source_distance.value", "source_distance.value"),
+                      ("source_distance.value", "source_distance.value"),
+                      ("not classifier.p_label", "classifier.p_label"),
+                      ("classifier.p_label > 0.5 and 1", "1")):
+        with pytest.raises(ConfigError, match=rf"'synthetic_filter': '{re.escape(what)}' is not a condition"):
+            parse_filter(bad, available)
+    with pytest.raises(ConfigError, match="is a condition where a comparison needs a scorer.column or a number"):
+        parse_filter("(classifier.p_label > 0.5) == (source_distance.value > 1)", available)
+    kept = parse_filter("classifier.p_label > 0.5 or not source_distance.value <= -0.5", available)
+    values = {"classifier.p_label": np.array([0.9, 0.1, 0.1]), "source_distance.value": np.array([0.0, np.nan, -1.0])}
+    assert kept.mask(values).tolist() == [True, True, False]
 
 
 def _stored_run(root: str, real: str, classes=CLASSES) -> str:
