@@ -37,7 +37,7 @@ from PIL import Image
 from . import models, plan, schema, storage, tokens, weights
 from .config import AugmentConfig, ConfigError, callable_stage_module
 from .configlib import config_record
-from .errors import StageError
+from .errors import StageError, one_line
 from .modes import AUGMENT_MODES
 from .runinfo import CostMeter, max_rss_bytes, versions
 from .watchdog import Watchdog
@@ -789,7 +789,7 @@ def _drain(ds: Any, summaries: list[dict[str, Any]], cfg: AugmentConfig, hint: s
         executor = getattr(ds, "_current_executor", None)
         if executor is not None:
             executor.shutdown(force=True)
-        return f"{type(exc).__name__}: {exc}"
+        return one_line(exc)  # the traceback is in the log above
     return None
 
 

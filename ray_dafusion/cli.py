@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .config import STAGES, StageConfig
 from .configlib import base_type, field_default, field_help
-from .errors import ORDINARY_FAILURES, ConfigError, one_line
+from .errors import ConfigError, one_line, ordinary_failures
 from .logs import setup_logging
 
 __all__ = ["main", "run_job", "connect_ray", "build_parser", "parse_args", "stage_function"]
@@ -159,7 +159,7 @@ def _run(stage: str, argv: Sequence[str], report: Callable[[Any], None]) -> int:
     except KeyboardInterrupt:
         print(f"ray-dafusion {stage}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except ORDINARY_FAILURES as exc:
+    except ordinary_failures() as exc:
         if show_traceback:
             traceback.print_exc()
         code = 2 if isinstance(exc, ConfigError) else 1

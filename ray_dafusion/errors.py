@@ -6,12 +6,17 @@
   is inconsistent, a loss became non-finite. The message says what failed and what to do.
 
 Other ordinary failures (a missing file, an S3 error, a bad input value) keep their own types
-and are reported the same way as StageError by the command line and the job scripts.
+and are reported the same way as StageError by the command line and the job scripts; so are
+Ray's errors (:func:`ordinary_failures`): a stage's error raised inside a Ray Data task or actor
+reaches the driver wrapped (``RayTaskError(UserCodeException)``, ``ActorDiedError``), and
+:func:`one_line` digs the original message out of the remote traceback.
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "StageError", "ORDINARY_FAILURES", "one_line"]
+import re
+
+__all__ = ["ConfigError", "StageError", "ORDINARY_FAILURES", "ordinary_failures", "one_line"]
 
 
 class ConfigError(ValueError):
@@ -28,15 +33,28 @@ ORDINARY_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
+def ordinary_failures() -> tuple[type[BaseException], ...]:
+    """ORDINARY_FAILURES and Ray's own errors (a stage's error from a worker arrives as one of them)."""
+    from ray.exceptions import RayError  # here, so that importing this module does not import Ray
+
+    return ORDINARY_FAILURES + (RayError,)
+
+
+# Between the parts of a chained traceback: the first part ends with the original error's line.
+_CHAINED = re.compile(r"^(The above exception was the direct cause of the following exception:|"
+                      r"During handling of the above exception, another exception occurred:)$", re.MULTILINE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def one_line(exc: BaseException) -> str:
     """The message of `exc` without a traceback: Ray wraps task errors with the remote traceback,
-    so the last non-empty line (``SomeError: message``) is what the user needs."""
+    so the last non-empty line (``SomeError: message``) of its first part is what the user needs
+    (Ray Data puts its own UserCodeException, with a hint about retries, after the original)."""
     cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError carries the original
-    if isinstance(cause, BaseException) and cause is not exc:
+    if isinstance(cause, BaseException) and cause is not exc and not _CHAINED.search(str(exc)):
         return one_line(cause)
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = _CHAINED.split(_ANSI.sub("", str(exc)), maxsplit=1)[0]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    if len(lines) == 1:
-        return lines[0]
     return lines[-1]

@@ -39,6 +39,35 @@ def test_a_failed_stage_is_one_line_and_exit_code_1(tmp_path):
     assert "Traceback (most recent call last)" in _cli("gallery", missing, env={"RAY_DAFUSION_TRACEBACK": "1"}).stderr
 
 
+def test_an_error_raised_in_a_ray_worker_is_one_line_too(ray_session):
+    """Ray Data wraps a worker's error (RayTaskError(UserCodeException), with a hint about retries
+    on its last line; ActorDiedError when an actor's constructor fails): still an ordinary failure,
+    and its one line is the original error's."""
+    import ray.data
+
+    from ray_dafusion.errors import one_line, ordinary_failures
+
+    def task(batch):
+        raise FileNotFoundError("no parquet files under runs/real/train")
+
+    class Call:
+        def __call__(self, batch):
+            raise FileNotFoundError("no parquet files under runs/real/train")
+
+    class Start:
+        def __init__(self):
+            raise FileNotFoundError("no parquet files under runs/real/train")
+
+        def __call__(self, batch):
+            return batch
+
+    pool = {"compute": ray.data.ActorPoolStrategy(size=1), "num_cpus": 0.25}
+    for udf, kw in ((task, {"num_cpus": 0.25}), (Call, pool), (Start, pool)):
+        with pytest.raises(ordinary_failures()) as err:
+            ray.data.range(2).map_batches(udf, **kw).materialize()
+        assert one_line(err.value) == "FileNotFoundError: no parquet files under runs/real/train", udf
+
+
 def test_a_bad_config_is_exit_code_2():
     proc = _cli("train", "--alpha", "2")
     assert proc.returncode == 2 and "'alpha'" in proc.stderr and "Traceback" not in proc.stderr
