@@ -169,7 +169,7 @@ def demo(cfg: Optional[PipelineConfig] = None) -> PipelineResult:
     cfg = cfg if cfg is not None else PipelineConfig.from_dict(DEMO_CONFIG)
     if not cfg.ingest.source:
         source = storage.join(cfg.workdir, "sample", "digits")
-        counts = write_digits(source, half="experiment")
+        counts = write_digits(source, half="experiment", endpoint_url=cfg.endpoint_url)
         log.info("%d scanned handwritten digits (scikit-learn, the half the digits model never saw) written to %s",
                  sum(counts.values()), source)
         cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, source=source))

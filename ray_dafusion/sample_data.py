@@ -13,7 +13,7 @@ down) goes to pretraining.
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Optional
 
 import numpy as np
@@ -41,18 +41,22 @@ def digit_halves() -> dict[str, np.ndarray]:
 
 
 def write_digits(root: str, size: int = 32, per_class: Optional[int] = None, half: Optional[str] = None,
-                 labelled: bool = True) -> dict[str, int]:
-    """Write the digits as an image folder (idempotent); returns images written per class.
+                 labelled: bool = True, endpoint_url: Optional[str] = None) -> dict[str, int]:
+    """Write the digits as an image folder under `root` (a local path, file:// or s3:// URI;
+    idempotent: images already there are kept); returns images written per class.
 
     `half` keeps only one of the fixed halves (see digit_halves); `labelled=False` writes
     `root/<index>.png` with no class folders (the pretraining half is used without labels).
     """
     from sklearn.datasets import load_digits
 
+    from . import storage
+
     if half is not None and half not in HALVES:
         raise ValueError(f"half must be one of {HALVES} or None, got {half!r}")
     digits = load_digits()
     keep = set(digit_halves()[half].tolist()) if half else None
+    there = set(storage.list_files(root, ".png", endpoint_url, recursive=True))
     counts: dict[str, int] = {}
     for index, (pixels, target) in enumerate(zip(digits.images, digits.target)):
         if keep is not None and index not in keep:
@@ -60,11 +64,12 @@ def write_digits(root: str, size: int = 32, per_class: Optional[int] = None, hal
         name = DIGIT_NAMES[int(target)]
         if per_class is not None and counts.get(name, 0) >= per_class:
             continue
-        path = os.path.join(root, name, f"{index:04d}.png") if labelled else os.path.join(root, f"{index:04d}.png")
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        uri = storage.join(root, name, f"{index:04d}.png") if labelled else storage.join(root, f"{index:04d}.png")
+        if uri not in there:
             # scans hold 0..16 ink levels; invert to dark ink on white paper like a real scan
             gray = (255 - pixels / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
-            Image.fromarray(gray).resize((size, size), Image.BICUBIC).save(path)
+            png = io.BytesIO()
+            Image.fromarray(gray).resize((size, size), Image.BICUBIC).save(png, format="PNG")
+            storage.write_bytes(uri, png.getvalue(), endpoint_url)
         counts[name] = counts.get(name, 0) + 1
     return counts

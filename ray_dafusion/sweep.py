@@ -373,10 +373,8 @@ def sweep(cfg: SweepConfig) -> SweepResult:
 def _write_digits(cfg: SweepConfig) -> str:
     from .sample_data import write_digits
 
-    if "://" in cfg.workdir and not cfg.workdir.startswith("file://"):
-        raise ValueError("source 'digits' writes the sample under a local workdir; give a local workdir or a source URI")
     root = storage.join(cfg.workdir, "sample", "digits-experiment")
-    counts = write_digits(root.removeprefix("file://"), half="experiment")
+    counts = write_digits(root, half="experiment", endpoint_url=cfg.endpoint_url)
     log.info("source digits: the experiment half of scikit-learn's digits (%d images) in %s", sum(counts.values()), root)
     return root
 

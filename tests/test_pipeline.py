@@ -68,12 +68,16 @@ def _small(workdir: str, source: str, model: str, **extra) -> PipelineConfig:
 
 @pytest.mark.slow
 def test_pipeline_with_every_uri_on_s3(ray_session, tiny_model, tmp_path, s3_bucket, s3_server, capfd):
-    from ray_dafusion.sample_data import write_digits
+    from ray_dafusion.sample_data import DIGIT_NAMES, write_digits
 
     bucket = s3_bucket("pipeline")
-    local = str(tmp_path / "digits")
-    write_digits(local, size=32, per_class=6)
-    storage.upload_dir(local, f"{bucket}/digits")
+    # the sample writer writes to any URI (the demo and the sweep write it under their workdir)
+    assert write_digits(f"{bucket}/digits", size=32, per_class=6, endpoint_url=s3_server) == {
+        name: 6 for name in DIGIT_NAMES}
+    assert len(storage.list_files(f"{bucket}/digits", ".png", s3_server, recursive=True)) == 60
+    before = storage.read_bytes(f"{bucket}/digits/zero/0000.png", s3_server)
+    assert write_digits(f"{bucket}/digits", size=16, per_class=6, endpoint_url=s3_server)["zero"] == 6
+    assert storage.read_bytes(f"{bucket}/digits/zero/0000.png", s3_server) == before  # kept, not rewritten
     result = pipeline(_small(f"{bucket}/work", f"{bucket}/digits", tiny_model, endpoint_url=s3_server))
 
     # outputs are readable afterwards with pyarrow and pandas straight from S3
