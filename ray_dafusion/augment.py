@@ -847,7 +847,7 @@ def _write_manifest(cfg: AugmentConfig, classes: list[schema.ClassInfo], real_id
         "config": cfg.to_dict(),
         "config_fingerprint": config_fp,
         "mode": cfg.mode,
-        "real": cfg.real,
+        "real": storage.absolute(cfg.real),  # as a path that works from any directory
         "model": cfg.model,
         "model_fingerprint": fingerprints["model"],
         "embeddings_fingerprint": fingerprints["embeddings"],

@@ -158,7 +158,7 @@ def _write_manifest(cfg: EraseConfig, plan: perclass.ClassPlan, start: float, me
         "method": cfg.method,
         "config": cfg.to_dict(),
         "config_fingerprint": plan.config_fingerprint,
-        "real": cfg.real,
+        "real": storage.absolute(cfg.real),  # as a path that works from any directory
         "model": cfg.model,
         "model_fingerprint": ",".join(sorted({r["model_fingerprint"] for r in records})),
         "prompt_template": ERASE_TEMPLATE,

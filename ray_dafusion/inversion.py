@@ -144,7 +144,7 @@ def _write_combined(cfg: InvertConfig, plan: perclass.ClassPlan, start: float, m
         "stage": "invert",
         "config": cfg.to_dict(),
         "config_fingerprint": plan.config_fingerprint,
-        "real": cfg.real,
+        "real": storage.absolute(cfg.real),  # as a path that works from any directory
         "model": cfg.model,
         "model_fingerprint": _one_value(r.get("model_fingerprint") for r in records),
         "embeddings": {"file": EMBEDDINGS_FILE, "fingerprint": file_fingerprint(data), "tokens": sorted(combined)},

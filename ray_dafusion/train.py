@@ -1045,7 +1045,8 @@ def _write_results(cfg: TrainConfig, name: str, run_uri: str, data: StreamingDat
     n_real = len(data.real_labels)
     storage.write_json(storage.join(run_uri, RESULT_FILE), {
         **dataclasses.asdict(out), "config": cfg.to_dict(), "randaugment": randaugment,
-        "classes": [dataclasses.asdict(c) for c in data.classes], "real": cfg.real, "synthetic": cfg.synthetic,
+        "classes": [dataclasses.asdict(c) for c in data.classes], "real": storage.absolute(cfg.real),
+        "synthetic": cfg.synthetic and storage.absolute(cfg.synthetic),
         "num_real_train": n_real, "num_synthetic": data.num_synthetic, "synthetic_filter": data.filtered,
     }, ep)
     storage.write_manifest(run_uri, {

@@ -352,8 +352,10 @@ def ray_run(tmp_path_factory, tiny_model, ray_session):
     root = tmp_path_factory.mktemp("ray-run")
     real = write_real_dataset(str(root / "real"))
     _bad_rows(real)
-    cfg = AugmentConfig(real=real, output=str(root / "out"), embeddings=_embeddings(root / "t.safetensors"),
-                        batch_size=1, min_actors=2, max_actors=2, num_cpus=0.5, **FAST)
+    # `real` relative to this directory, as a user types it: the manifest records it absolute
+    cfg = AugmentConfig(real=os.path.relpath(real), output=str(root / "out"),
+                        embeddings=_embeddings(root / "t.safetensors"), batch_size=1, min_actors=2, max_actors=2,
+                        num_cpus=0.5, **FAST)
     return cfg, augment(cfg)
 
 
@@ -366,6 +368,7 @@ def test_ray_job_output_contract(ray_run):
     manifest = storage.read_manifest(cfg.output)
     assert manifest["counts"]["synthetic_rows"] == 4 * M and manifest["counts"]["errors"] == 2
     assert manifest["model_fingerprint"] and manifest["embeddings_fingerprint"]
+    assert manifest["real"] == os.path.abspath(cfg.real) != cfg.real  # score and gallery work from anywhere
     assert manifest["timings"]["images_per_second"] > 0 and manifest["config"]["num_augmentations"] == M
     # lineage
     real = {r["id"]: r for r in _real_rows(cfg.real).to_pylist()}
