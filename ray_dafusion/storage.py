@@ -513,8 +513,8 @@ class _Lease:
         self.started = time.time()
         self.depth = 0
         self.lost: Optional[str] = None
-        self.made_dir: Optional[str] = None
-        """A local output directory the lease itself created: removed at release when still empty."""
+        self.made_dirs: list[str] = []
+        """Local directories the lease itself created, deepest first: removed at release while empty."""
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -558,11 +558,11 @@ class _Lease:
                 delete(self.path, self.endpoint_url)
         except FileNotFoundError:
             pass
-        if self.made_dir is not None:  # a stage refused before writing leaves no empty output behind
+        for made in self.made_dirs:  # a stage refused before writing leaves no empty output behind
             try:
-                os.rmdir(self.made_dir)
-            except OSError:
-                pass
+                os.rmdir(made)
+            except OSError:  # not empty: the stage wrote there
+                break
 
 
 def _holder_alive(holder: dict[str, Any], ttl: float) -> bool:
@@ -606,8 +606,10 @@ def lease(uri: str, stage: str, endpoint_url: Optional[str] = None, ttl: float =
         delete(path, endpoint_url)
     fs, local_path = resolve(path, endpoint_url)
     if isinstance(fs, pafs.LocalFileSystem):  # an exclusive create: exactly one driver succeeds
-        if not os.path.isdir(os.path.dirname(local_path)):
-            mine.made_dir = os.path.dirname(local_path)
+        missing = os.path.dirname(local_path)
+        while not os.path.isdir(missing) and missing != os.path.dirname(missing):
+            mine.made_dirs.append(missing)
+            missing = os.path.dirname(missing)
         os.makedirs(os.path.dirname(local_path), exist_ok=True)
         try:
             fd = os.open(local_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -224,6 +224,18 @@ def test_a_second_driver_is_refused_while_the_first_lives_then_takes_over(where,
         storage.read_json(storage.join(uri, "_lease.json"))
 
 
+def test_a_lease_removes_the_empty_directories_it_made(tmp_path):
+    """A stage refused before writing leaves no empty output behind, however deep; a directory
+    that was there, or that the stage wrote in, stays."""
+    (tmp_path / "there").mkdir()
+    with storage.lease(str(tmp_path / "there" / "a" / "b" / "c"), "augment"):
+        assert (tmp_path / "there" / "a" / "b" / "c" / "_lease.json").exists()
+    assert os.listdir(tmp_path / "there") == []
+    with storage.lease(str(tmp_path / "there" / "a" / "b"), "augment"):
+        storage.write_bytes(str(tmp_path / "there" / "a" / "b" / "x.bin"), b"x")
+    assert os.listdir(tmp_path / "there" / "a" / "b") == ["x.bin"]
+
+
 def test_a_lease_from_another_host_lives_by_its_heartbeat(tmp_path):
     import time
 
