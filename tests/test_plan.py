@@ -9,7 +9,7 @@ import pytest
 from ray_dafusion import plan
 from ray_dafusion.errors import ConfigError, StageError
 
-TWO_CPUS = plan.ClusterCapacity(now={"CPU": 2.0}, most={"CPU": 2.0}, autoscaling=False)
+TWO_CPUS = plan.ClusterCapacity(nodes=[{"CPU": 2.0}])
 
 
 def _actors(count, cpus, gpus=0.0):
@@ -27,16 +27,115 @@ def test_a_plan_that_starves_ray_data_is_lowered_or_refused(caplog):
     workers = plan.Demand("training workers", 2, {"CPU": 0.9}, size_fields={"cpus_per_worker": 0.9})
     with pytest.raises(ConfigError, match="cpus_per_worker to at most 0.5"):
         plan.check("train", workers, TWO_CPUS)
-    with pytest.raises(ConfigError, match="1 GPU but the cluster has 0"):
+    with pytest.raises(ConfigError, match=r"no node has that much.*Set num_gpus to 0 \(now 1\) or add GPU nodes"):
         plan.check("augment", _actors(1, 0.5, gpus=1.0), TWO_CPUS)
     # tasks that queue (per-class) only need to fit one at a time
     tasks = plan.Demand("per-class task", 10, {"CPU": 1.0}, size_fields={"num_cpus": 1.0}, needs_data_tasks=False)
     assert plan.check("invert", tasks, TWO_CPUS) == 10
 
 
-def test_an_autoscaling_cluster_may_grow_into_the_plan():
-    scaling = plan.ClusterCapacity(now={"CPU": 4.0}, most={"CPU": 68.0, "GPU": 8.0, "gen_gpu": 8.0}, autoscaling=True)
+def _tasks(count, cpus):
+    return plan.Demand("per-class tasks", count, {"CPU": cpus, "GPU": 0.0},
+                       size_fields={"num_cpus": cpus, "num_gpus": 0.0}, needs_data_tasks=False)
+
+
+def test_the_plan_is_packed_node_by_node_not_against_the_clusters_sum(caplog):
+    caplog.set_level(logging.WARNING, logger="ray_dafusion")
+    four_of_two = plan.ClusterCapacity(nodes=[{"CPU": 2.0}] * 4)  # 8 CPUs, none of them 3 on one node
+    with pytest.raises(ConfigError, match=r"invert: 2 per-class tasks x \(CPU 3, GPU 0\): no node has that much.*"
+                                          r"nodes now: 4 x \(CPU 2, GPU 0\)\. Set num_cpus to at most 2 \(now 3\)"):
+        plan.check("invert", _tasks(2, 3.0), four_of_two)
+    assert plan.check("invert", _tasks(2, 2.0), four_of_two) == 2
+    # four 0.75-CPU actors on two 2-CPU nodes leave 0.5 CPU on each: Ray Data's read task never starts
+    two_of_two = plan.ClusterCapacity(nodes=[{"CPU": 2.0}] * 2)
+    fixed = plan.Demand("diffusion actors", 4, {"CPU": 0.75, "GPU": 0.0}, count_field="max_actors", min_count=4,
+                        size_fields={"num_cpus": 0.75, "num_gpus": 0.0})
+    with pytest.raises(ConfigError, match=r"4 diffusion actors x \(CPU 0.75, GPU 0\): however they are placed, no node "
+                                          r"keeps 1 CPU free.*nodes now: 2 x \(CPU 2, GPU 0\)\. "
+                                          r"Set num_cpus to at most 0.66 \(now 0.75\); or lower max_actors \(now 4\) to 3"):
+        plan.check("augment", fixed, two_of_two)
+    assert plan.check("augment", _actors(4, 0.75), two_of_two) == 3  # two on one node, one beside the read task
+    assert "max_actors 4 -> 3" in caplog.text and "nodes now: 2 x (CPU 2, GPU 0)" in caplog.text
+    assert plan.check("augment", _actors(4, 0.5), two_of_two) == 4  # 2 CPUs on one node, 1 left on the other
+    # a node that cannot hold a worker can still run the read tasks
+    small_and_big = plan.ClusterCapacity(nodes=[{"CPU": 1.0}, {"CPU": 4.0}])
+    assert plan.check("augment", _actors(2, 2.0), small_and_big) == 2
+    assert plan.check("augment", _actors(3, 2.0), small_and_big) == 2
+    # pinned work goes only to nodes with the custom resource; the read tasks may run anywhere
+    pinned = plan.ClusterCapacity(nodes=[{"CPU": 1.0}, {"CPU": 1.0, "gen_gpu": 1.0}, {"CPU": 1.0, "gen_gpu": 1.0}])
+    pin = plan.node_pinning("gen_gpu", 0.0, pinned)
+    two_pinned = plan.Demand("diffusion actors", 4, {"CPU": 0.5, "GPU": 0.0, **pin}, count_field="max_actors",
+                             size_fields={"num_cpus": 0.5, "num_gpus": 0.0})
+    assert plan.check("augment", two_pinned, pinned) == 4
+    gpu_actors = plan.Demand("diffusion actors", 2, {"CPU": 0.5, "GPU": 1.0, "gen_gpu": 1.0},
+                             size_fields={"num_cpus": 0.5, "num_gpus": 1.0})
+    gpu_nodes = plan.ClusterCapacity(nodes=[{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0, "gen_gpu": 1.0}])
+    with pytest.raises(ConfigError, match=r"at most 1 of them fit on the nodes at once.*"
+                                          r"nodes now: 1 x \(CPU 4, GPU 1, gen_gpu 1\), 1 x \(CPU 4, GPU 1, gen_gpu 0\)"):
+        plan.check("augment", gpu_actors, gpu_nodes)
+
+
+def test_placeable_fills_nodes_and_keeps_the_reserve_where_it_costs_least():
+    unit = {"CPU": 0.75}
+    assert plan._placeable(unit, [({"CPU": 2.0}, 2)]) == 4
+    assert plan._placeable(unit, [({"CPU": 2.0}, 2)], reserve=1.0) == 3
+    assert plan._placeable(unit, [({"CPU": 0.5}, 1)], reserve=1.0) == 0  # no node can keep the reserve
+    assert plan._placeable(unit, [({"CPU": 2.0}, 1), ({"CPU": 1.0}, 1)], reserve=1.0) == 2  # the 1-CPU node keeps it
+    assert plan._placeable(unit, [({"CPU": 8.0}, None)], reserve=1.0) == float("inf")
+    assert plan._placeable({}, [({"CPU": 1.0}, 1)], reserve=1.0) == float("inf")
+
+
+def test_the_autoscalers_node_types_count_less_the_nodes_already_up():
+    head, cpu, gen = {"CPU": 0.0}, {"CPU": 16.0}, {"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0}
+    alive = [dict(head), {"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0, "memory": 3e10}]
+    assert plan._can_add(alive, [(head, 1), (cpu, 8), (gen, 8)]) == [(cpu, 8), (gen, 7)]
+    assert plan._can_add(alive, [(gen, None)]) == [(gen, None)]  # no limit stays no limit
+    assert plan._can_add([dict(gen)] * 3, [(gen, 2)]) == []  # nodes beyond max_workers: none to add
+
+
+def test_capacity_reads_the_alive_nodes_and_the_autoscaler_config(monkeypatch):
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import autoscaler_pb2
+
+    monkeypatch.setattr(ray, "nodes", lambda: [
+        {"Alive": True, "Resources": {"CPU": 0.0, "node:10.0.0.1": 1.0, "node:__internal_head__": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0, "node:10.0.0.2": 1.0}},
+        {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0, "node:10.0.0.3": 1.0}},
+    ])
+    monkeypatch.setattr(state, "get_cluster_config", lambda: None)
+    cap = plan.capacity()
+    assert cap.nodes == [{"CPU": 0.0}, {"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0}] and not cap.autoscaling
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 0}, max_count=1),
+        autoscaler_pb2.NodeGroupConfig(name="gen-gpu", resources={"CPU": 8, "GPU": 1, "gen_gpu": 1}, max_count=8),
+    ])
+    monkeypatch.setattr(state, "get_cluster_config", lambda: config)
+    cap = plan.capacity()
+    assert cap.autoscaling and cap.can_add == [({"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0}, 7)]
+    actors = _actors(8, 4.0, gpus=1.0)
+    assert plan.check("augment", actors, cap) == 8  # one GPU node now, seven more to come
+    with pytest.raises(ConfigError, match=r"nodes now: 1 x \(CPU 8, GPU 1\), 1 x \(CPU 0, GPU 0\); "
+                                          r"the autoscaler can add 7 x \(CPU 8, GPU 1\)"):
+        plan.check("augment", plan.Demand("diffusion actors", 9, {"CPU": 4.0, "GPU": 1.0}, min_count=9,
+                                          count_field="max_actors"), cap)
+
+
+def test_capacity_of_the_session_cluster(ray_session):
+    cap = plan.capacity()
+    assert cap.nodes and cap.nodes[0]["CPU"] == 2.0 and not cap.autoscaling
+    assert not any(k.startswith("node:") for k in cap.nodes[0])
+
+
+def test_an_autoscaling_cluster_may_grow_into_the_plan(caplog):
+    caplog.set_level(logging.INFO, logger="ray_dafusion")
+    scaling = plan.ClusterCapacity(nodes=[{"CPU": 4.0}], can_add=[({"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0}, 8)],
+                                   autoscaling=True)
     assert plan.check("augment", _actors(8, 4.0, gpus=1.0), scaling) == 8
+    assert "8 diffusion actors fit once the autoscaler adds nodes" in caplog.text
+    assert plan.check("augment", _actors(9, 4.0, gpus=1.0), scaling) == 8  # the node type's max_workers
+    with pytest.raises(ConfigError, match="no node can have that much"):
+        plan.check("augment", _actors(1, 4.0, gpus=2.0), scaling)
     assert plan.node_pinning("gen_gpu", 1.0, scaling) == {"gen_gpu": 1.0}
     assert plan.node_pinning("gen_gpu", 0.0, scaling) == {"gen_gpu": plan.PIN_AMOUNT}
     assert plan.node_pinning("gen_gpu", 1.0, TWO_CPUS) == {}  # a laptop: no node types, run anywhere
