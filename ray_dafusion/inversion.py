@@ -377,23 +377,28 @@ def _to_tensor(image: Any, resolution: int) -> Any:
 
 
 def _read_class_images(real: str, class_name: str, endpoint_url: Optional[str]) -> list[Any]:
-    """Decoded train images of one class (few-shot: a handful of rows)."""
+    """Decoded train images of one class (few-shot: a handful of rows), in `id` order."""
     import pyarrow.parquet as pq
 
     train = storage.join(real, "train")
     files = storage.parquet_files(train, endpoint_url)
     if not files:
         raise FileNotFoundError(f"no parquet files under {train}; run `ray-dafusion ingest` first")
-    images = []
+    rows = []
     for uri in files:
         fs, path = storage.resolve(uri, endpoint_url)
-        rows = pq.read_table(path, filesystem=fs, columns=["id", "image", "class_name"],
-                             filters=[("class_name", "=", class_name)]).to_pylist()
-        for row in rows:
-            try:
-                images.append(schema.decode_image((row["image"] or {}).get("bytes")))
-            except ValueError as exc:
-                raise ValueError(f"train row {row['id']} of class {class_name!r} in {uri}: {exc}") from None
+        table = pq.read_table(path, filesystem=fs, columns=["id", "image", "class_name"],
+                              filters=[("class_name", "=", class_name)])
+        rows += [(row["id"], uri, row["image"]) for row in table.to_pylist()]
+    # the draws index images by position: ordered by id, the token does not depend on how ingest
+    # split the rows into files (rows_per_file), nor on the order the files are listed in
+    rows.sort(key=lambda row: row[0])
+    images = []
+    for row_id, uri, image in rows:
+        try:
+            images.append(schema.decode_image((image or {}).get("bytes")))
+        except ValueError as exc:
+            raise ValueError(f"train row {row_id} of class {class_name!r} in {uri}: {exc}") from None
     if not images:
         raise ValueError(f"class {class_name!r} has no train images under {train}")
     return images

@@ -254,6 +254,29 @@ def test_a_failing_class_is_named_and_the_others_are_kept(ray_session, make_real
     assert [os.path.basename(u) for u in done] == ["cat.safetensors", "dog.safetensors"]  # ...but nothing lost
 
 
+def test_the_images_a_token_learns_from_do_not_depend_on_the_file_layout(make_real):
+    # rows_per_file never changes the output: the same rows in other files, in another order,
+    # reach training in the same order (the draws pick images by position)
+    import pyarrow.parquet as pq
+
+    from ray_dafusion.inversion import _read_class_images
+
+    one_file = make_real(class_names=("cat", "dog"), per_split={"train": 4, "val": 1, "test": 1})
+    table = pq.read_table(storage.join(one_file, "train", "part-00000.parquet"))
+    rows = table.take(list(range(len(table) - 1, -1, -1)))  # reversed
+    two_files = make_real(class_names=("cat", "dog"), per_split={"train": 4, "val": 1, "test": 1})
+    storage.delete(storage.join(two_files, "train"))
+    storage.write_parquet(rows.slice(0, 3), storage.join(two_files, "train", "part-00000.parquet"))
+    storage.write_parquet(rows.slice(3), storage.join(two_files, "train", "part-00001.parquet"))
+
+    def pixels(real):
+        return [np.asarray(img) for img in _read_class_images(real, "cat", None)]
+
+    first, second = pixels(one_file), pixels(two_files)
+    assert len(first) == 4 and all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert not np.array_equal(first[0], first[1])  # the images differ, so the order is seen
+
+
 def test_per_class_seeds_are_hashed_not_added():
     from ray_dafusion.perclass import class_seed
 
