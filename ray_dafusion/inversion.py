@@ -33,11 +33,12 @@ from typing import Any, Optional, Sequence
 
 from . import perclass, schema, storage
 from .config import InvertConfig
+from .errors import ConfigError
 from .logs import setup_logging
 from .models import file_fingerprint
 from .runinfo import CostMeter, max_rss_bytes, versions
 from .schema import ClassInfo
-from .tokens import INVERSION_TEMPLATES, make_prompt
+from .tokens import INVERSION_TEMPLATES, case_collision, make_prompt
 from .weights import EMBEDDINGS_FILE
 
 __all__ = ["InvertResult", "LearnedToken", "invert", "learn_token", "learn_tokens", "class_file_name"]
@@ -272,25 +273,13 @@ def learn_tokens(pipe: Any, classes: dict[str, Sequence[Any]], cfg: InvertConfig
     use_amp = device.type == "cuda"
 
     # 1. the new tokens, initialised from the initializer word's embedding
-    init_ids = tokenizer.encode(cfg.initializer_token, add_special_tokens=False)
-    if len(init_ids) != 1:
-        raise ValueError(
-            f"initializer_token {cfg.initializer_token!r} is {len(init_ids)} tokens for this tokenizer; "
-            "it must be exactly one (e.g. 'the')"
-        )
-    # diffusers' multi-vector convention: "<tok>", "<tok>_1", ... (load_textual_inversion expands prompts)
-    names = {token: [token] + [f"{token}_{i}" for i in range(1, cfg.num_vectors)] for token in classes}
-    every = [n for group in names.values() for n in group]
-    taken = [n for n in every if n in tokenizer.get_vocab()]
-    if taken:
-        raise ValueError(f"token(s) {taken} already exist in the tokenizer; pick another class token")
-    tokenizer.add_tokens(every)
-    token_ids = {token: tokenizer.convert_tokens_to_ids(group) for token, group in names.items()}
+    names = _token_names(classes, cfg.num_vectors)
+    init_id, token_ids = _add_class_tokens(tokenizer, names, cfg.initializer_token)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     embeddings = text_encoder.get_input_embeddings().weight
     new_rows = [i for ids in token_ids.values() for i in ids]
     with torch.no_grad():
-        embeddings[new_rows] = embeddings[init_ids[0]].clone()
+        embeddings[new_rows] = embeddings[init_id].clone()
 
     # 2. freeze everything but the embedding matrix; remember the rows that must not move
     for module in (vae, unet, text_encoder):
@@ -358,6 +347,40 @@ def learn_tokens(pipe: Any, classes: dict[str, Sequence[Any]], cfg: InvertConfig
         out.append(LearnedToken(token=token, embedding=learned[0] if cfg.num_vectors == 1 else learned,
                                 losses=[round(v, 6) for v in curve], seconds=seconds, device=str(device)))
     return out
+
+
+def _token_names(tokens: Sequence[str], num_vectors: int) -> dict[str, list[str]]:
+    """Each token's names in the tokenizer; diffusers' multi-vector convention: "<tok>", "<tok>_1", ...
+    (load_textual_inversion expands prompts)."""
+    return {token: [token] + [f"{token}_{i}" for i in range(1, num_vectors)] for token in tokens}
+
+
+def _add_class_tokens(tokenizer: Any, names: dict[str, list[str]],
+                      initializer_token: str) -> tuple[int, dict[str, list[int]]]:
+    """Add every token's names to `tokenizer`, refusing any that would not read back as its own ids.
+    Returns (the initializer word's id, {token: ids of its names})."""
+    init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+    if len(init_ids) != 1:
+        raise ConfigError(
+            f"config field 'initializer_token': {initializer_token!r} is {len(init_ids)} tokens for this "
+            "tokenizer; it must be exactly one (e.g. 'the')"
+        )
+    every = [n for group in names.values() for n in group]
+    clash = case_collision(every)
+    if clash:
+        raise ValueError(f"tokens {clash[0]!r} and {clash[1]!r} differ only in case: CLIP's tokenizer lowercases "
+                         "prompts, so both would read as one token; rename one of their classes")
+    taken = [n for n in every if n in tokenizer.get_vocab()]
+    if taken:
+        raise ValueError(f"token(s) {taken} already exist in the tokenizer; pick another class token")
+    tokenizer.add_tokens(every)
+    token_ids = {token: tokenizer.convert_tokens_to_ids(group) for token, group in names.items()}
+    for token, group in names.items():
+        read = tokenizer.encode(" ".join(group), add_special_tokens=False)
+        if read != token_ids[token]:
+            raise ValueError(f"token {token!r} reads back as {tokenizer.convert_ids_to_tokens(read)} with this "
+                             "tokenizer, not as itself; rename its class")
+    return init_ids[0], token_ids
 
 
 def _to_tensor(image: Any, resolution: int) -> Any:

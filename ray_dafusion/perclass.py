@@ -52,11 +52,15 @@ def class_seed(seed: int, class_name: str) -> int:
 def select_classes(table: Sequence[ClassInfo], wanted: Optional[Sequence[str]],
                    file_name: Callable[[ClassInfo], str]) -> list[ClassInfo]:
     """The classes to work on (`wanted`, default all), refusing names whose files would collide."""
-    files = [file_name(c) for c in table]
-    dupes = sorted({f for f in files if files.count(f) > 1})
-    if dupes:
-        raise ValueError(f"class names collide as file names {dupes}: class names must differ in more than "
-                         "spacing or punctuation; rename the classes")
+    first: dict[str, ClassInfo] = {}
+    clashes = []
+    for c in table:  # ignoring case: macOS and Windows filesystems hold only one of Cat.x and cat.x
+        other = first.setdefault(file_name(c).lower(), c)
+        if other is not c:
+            clashes.append(f"{other.name!r} and {c.name!r} ({file_name(other)}, {file_name(c)})")
+    if clashes:
+        raise ValueError(f"classes would share a file: {'; '.join(clashes)}. File names are compared ignoring "
+                         "case; class names must differ in more than case, spacing or punctuation: rename the classes")
     if wanted is None:
         return list(table)
     names = {c.name for c in table}

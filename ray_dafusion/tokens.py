@@ -8,10 +8,11 @@ carries a class name as plain words.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 __all__ = [
     "class_token",
+    "case_collision",
     "INVERSION_TEMPLATES",
     "make_prompt",
     "LeakageError",
@@ -43,6 +44,17 @@ def class_token(class_name: str) -> str:
     if not name:
         raise ValueError("class name is empty")
     return f"<{name}>"
+
+
+def case_collision(words: Iterable[str]) -> Optional[tuple[str, str]]:
+    """The first two of `words` that are equal ignoring case, or None. CLIP's tokenizer lowercases a
+    prompt before it looks for added tokens, so `<Cat>` and `<cat>` would read as one token."""
+    seen: dict[str, str] = {}
+    for word in words:
+        if word.lower() in seen:
+            return seen[word.lower()], word
+        seen[word.lower()] = word
+    return None
 
 
 def make_prompt(template: str, word: str) -> str:

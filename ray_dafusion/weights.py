@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from . import storage
 from .models import file_fingerprint
+from .tokens import case_collision
 
 __all__ = [
     "EMBEDDINGS_FILE",
@@ -57,6 +58,10 @@ def load_embeddings(uri: str, endpoint_url: Optional[str] = None) -> tuple[dict[
         raise EmbeddingsError(f"token embeddings file {path} is not valid safetensors: {exc}") from None
     if not tensors:
         raise EmbeddingsError(f"token embeddings file {path} holds no tokens")
+    clash = case_collision(tensors)
+    if clash:
+        raise EmbeddingsError(f"tokens {clash[0]!r} and {clash[1]!r} in {path} differ only in case: CLIP's tokenizer "
+                              "lowercases prompts, so both would read as one token")
     for token, tensor in tensors.items():
         if tensor.ndim not in (1, 2) or not tensor.is_floating_point():
             raise EmbeddingsError(
@@ -75,19 +80,24 @@ def add_tokens(pipe: Any, embeddings: dict[str, Any]) -> None:
                 f"token {token!r} has dimension {tensor.shape[-1]} but the model's text encoder uses {dim}: "
                 "the embeddings were learned on another model"
             )
-    tokens, vectors = [], []
+    tokens, vectors, names = [], [], {}
     for token, tensor in embeddings.items():
-        if token in pipe.tokenizer.get_vocab():
-            continue  # already added (an actor reused for a second batch)
         rows = tensor if tensor.ndim == 2 else tensor[None]
         # multi-vector tokens follow diffusers' "<tok>", "<tok>_1", ... convention
-        names = [token] + [f"{token}_{i}" for i in range(1, rows.shape[0])]
-        tokens.extend(names)
+        names[token] = [token] + [f"{token}_{i}" for i in range(1, rows.shape[0])]
+        if token in pipe.tokenizer.get_vocab():
+            continue  # already added (an actor reused for a second batch)
+        tokens.extend(names[token])
         vectors.extend(rows)
     if tokens:
         pipe.load_textual_inversion(
             [v.detach() for v in vectors], token=tokens, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
         )
+    for token, group in names.items():  # the tokenizer lowercases prompts: <Cat> would read as an earlier <cat>
+        read = pipe.tokenizer.encode(" ".join(group), add_special_tokens=False)
+        if read != pipe.tokenizer.convert_tokens_to_ids(group):
+            raise EmbeddingsError(f"token {token!r} reads back as {pipe.tokenizer.convert_ids_to_tokens(read)} with "
+                                  "this model's tokenizer, not as itself: it collides with a token the model has")
 
 
 class ErasureWeights:

@@ -234,6 +234,17 @@ def test_erasure_weights_refuse_missing_or_changed_output(tmp_path):
         ErasureWeights(out).apply(torch.nn.Linear(2, 2), "cat")
 
 
+def test_class_names_that_differ_only_in_case_are_refused():
+    # Cat.safetensors and cat.safetensors are one file on macOS and Windows filesystems
+    from ray_dafusion.erasure import class_file_name
+    from ray_dafusion.perclass import select_classes
+    from ray_dafusion.schema import ClassInfo
+
+    table = [ClassInfo("Leafy Spurge", 0, "<Leafy_Spurge>"), ClassInfo("leafy spurge", 1, "<leafy_spurge>")]
+    with pytest.raises(ValueError, match=r"'Leafy Spurge' and 'leafy spurge' \(Leafy_Spurge.safetensors"):
+        select_classes(table, None, lambda c: class_file_name(c.name))
+
+
 def test_erase_yaml_parses():
     cfg = EraseConfig.from_yaml(os.path.join(ROOT, "jobs", "configs", "erase.yaml"))
     assert (cfg.iterations, cfg.learning_rate, cfg.negative_guidance, cfg.start_guidance) == (1000, 1e-5, 1.0, 3.0)

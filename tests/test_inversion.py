@@ -116,6 +116,26 @@ def test_initializer_must_be_one_token(tiny_model):
         learn_token(_pipe(tiny_model), "<cat>", _images(), _cfg(initializer_token="zebra crossing"), seed=0)
 
 
+def test_tokens_that_differ_only_in_case_are_refused(tiny_model):
+    # CLIP's tokenizer lowercases prompts: "<Cat>" reads as "<cat>", so two classes would share one row
+    with pytest.raises(ValueError, match="'<Cat>' and '<cat>' differ only in case"):
+        learn_tokens(_pipe(tiny_model), {"<Cat>": _images(), "<cat>": _images()}, _cfg(steps=1), {"<Cat>": 0, "<cat>": 1})
+    pipe = _pipe(tiny_model)
+    learn_token(pipe, "<cat>", _images(), _cfg(steps=1), seed=0)
+    with pytest.raises(ValueError, match=r"'<Cat>' reads back as \['<cat>'\]"):  # not its own new row
+        learn_token(pipe, "<Cat>", _images(), _cfg(steps=1), seed=0)
+
+
+def test_classes_whose_files_differ_only_in_case_are_refused():
+    from ray_dafusion.perclass import select_classes
+    from ray_dafusion.schema import ClassInfo
+
+    table = [ClassInfo("Cat", 0, "<Cat>"), ClassInfo("dog", 1, "<dog>"), ClassInfo("cat", 2, "<cat>")]
+    with pytest.raises(ValueError, match=r"'Cat' and 'cat' \(Cat.safetensors, cat.safetensors\)"):
+        select_classes(table, None, lambda c: class_file_name(c.token))
+    assert select_classes(table[:2], None, lambda c: class_file_name(c.token)) == table[:2]
+
+
 def test_invert_outputs_load_and_rerun_skips(ray_session, make_real, tiny_model, tmp_path):
     real = make_real(class_names=("cat", "leafy spurge"))
     out = str(tmp_path / "tokens")
@@ -224,6 +244,18 @@ def test_missing_or_malformed_embeddings_are_clear_errors(tmp_path, tiny_model):
     tensors, _ = weights.load_embeddings(str(tmp_path / "wide.safetensors"))
     with pytest.raises(weights.EmbeddingsError, match="another model"):
         weights.add_tokens(_pipe(tiny_model), tensors)
+
+
+def test_embeddings_that_differ_only_in_case_are_refused(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    save_file({"<Cat>": torch.zeros(32), "<cat>": torch.ones(32)}, str(tmp_path / "both.safetensors"))
+    with pytest.raises(weights.EmbeddingsError, match="'<Cat>' and '<cat>' in .* differ only in case"):
+        weights.load_embeddings(str(tmp_path / "both.safetensors"))
+    pipe = _pipe(tiny_model)
+    weights.add_tokens(pipe, {"<cat>": torch.zeros(32)})
+    with pytest.raises(weights.EmbeddingsError, match="'<Cat>' reads back as"):  # a file's token vs the model's
+        weights.add_tokens(pipe, {"<Cat>": torch.ones(32)})
 
 
 def test_invert_yaml_parses():
