@@ -91,7 +91,8 @@ def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Calla
     cfg's num_cpus / num_gpus; the task returns one record per class of `infos`.
 
     Returns each class's record. Every task runs even when one fails; failures are then raised
-    together as one StageError that names each class and its reason. Finished classes stay.
+    together as one StageError that names each class and its reason. Finished classes stay. When
+    the wait ends early (stall_timeout, Ctrl-C), the tasks still running are cancelled.
     """
     import ray
 
@@ -110,22 +111,26 @@ def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Calla
     failures: dict[str, str] = {}
     hint = f"each class task reserves num_cpus {cfg.num_cpus:g} and num_gpus {cfg.num_gpus:g}; lower them or add nodes"
     with Watchdog(stage, "class", cfg.stall_warning, cfg.stall_timeout, hint=hint) as watchdog:
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            watchdog.progress()
-            group = pending.pop(ref)
-            try:
-                done = ray.get(ref)
-            except Exception as exc:  # keep the other classes going; report every failure at the end
-                for info in group:
-                    failures[info.name] = one_line(exc)
-                    log.warning("%s: FAILED %s", info.name, failures[info.name])
-                continue
-            for info, record in zip(group, done):
-                records[info.name] = record
-                if meter is not None:  # a record's seconds are its class's share of the task's
-                    meter.add_task_seconds(record["seconds"], cfg.num_cpus, cfg.num_gpus, record.get("max_rss_bytes", 0))
-                log.info("%s: %s", info.name, describe(record))
+        try:
+            while pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                watchdog.progress()
+                group = pending.pop(ref)
+                try:
+                    done = ray.get(ref)
+                except Exception as exc:  # keep the other classes going; report every failure at the end
+                    for info in group:
+                        failures[info.name] = one_line(exc)
+                        log.warning("%s: FAILED %s", info.name, failures[info.name])
+                    continue
+                for info, record in zip(group, done):
+                    records[info.name] = record
+                    if meter is not None:  # a record's seconds are its class's share of the task's
+                        meter.add_task_seconds(record["seconds"], cfg.num_cpus, cfg.num_gpus,
+                                               record.get("max_rss_bytes", 0))
+                    log.info("%s: %s", info.name, describe(record))
+        finally:  # left early (a stall, Ctrl-C, an error here): the tasks would go on holding GPUs for nothing
+            _cancel(pending, log)
     if failures:
         raise StageError(
             f"{stage} failed for {len(failures)} of {len(todo)} classes: "
@@ -133,3 +138,17 @@ def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Calla
             + f". Finished classes are kept in {cfg.output}; re-run the same command to retry only the failed ones."
         )
     return records
+
+
+def _cancel(pending: dict[Any, list[ClassInfo]], log: logging.Logger) -> None:
+    """Stop the tasks of `pending` (force: a task inside a long torch call never looks for a cancel)."""
+    import ray
+
+    if pending:
+        log.warning("cancelling %d class task(s) still running: %s", len(pending),
+                    ", ".join(info.name for group in pending.values() for info in group))
+    for ref in pending:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception as exc:  # the error that stopped the stage is the one to report
+            log.warning("could not cancel a class task: %s", one_line(exc))

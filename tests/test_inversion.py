@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 
 import numpy as np
 import pytest
@@ -307,6 +308,36 @@ def test_the_images_a_token_learns_from_do_not_depend_on_the_file_layout(make_re
     first, second = pixels(one_file), pixels(two_files)
     assert len(first) == 4 and all(np.array_equal(a, b) for a, b in zip(first, second))
     assert not np.array_equal(first[0], first[1])  # the images differ, so the order is seen
+
+
+def test_a_stage_that_stops_early_cancels_its_running_class_tasks(ray_session, tmp_path):
+    from ray_dafusion.perclass import run_class_tasks
+    from ray_dafusion.schema import ClassInfo
+
+    def task(cfg, infos):  # cat returns at once; dog marks itself finished after 8 s
+        import pathlib
+        import time
+
+        name = infos[0].name
+        (pathlib.Path(cfg.output) / f"started-{name}").touch()
+        if name == "dog":
+            time.sleep(8)
+            (pathlib.Path(cfg.output) / f"finished-{name}").touch()
+        return [{"seconds": 0.0}]
+
+    def ctrl_c_once_dog_runs(record):  # the user's Ctrl-C (a stall_timeout is one too), dog in mid-training
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started-dog").exists():
+            assert time.monotonic() < deadline, "the dog task never started"
+            time.sleep(0.1)
+        raise KeyboardInterrupt
+
+    cfg = InvertConfig(real="unused", output=str(tmp_path), num_cpus=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        run_class_tasks("invert", cfg, [ClassInfo("cat", 0, "<cat>"), ClassInfo("dog", 1, "<dog>")], task,
+                        ctrl_c_once_dog_runs)
+    time.sleep(10)  # long enough for a dog task left running to finish
+    assert sorted(os.listdir(tmp_path)) == ["started-cat", "started-dog"]
 
 
 def test_per_class_seeds_are_hashed_not_added():
