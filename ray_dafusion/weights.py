@@ -58,7 +58,7 @@ def load_embeddings(uri: str, endpoint_url: Optional[str] = None) -> tuple[dict[
         raise EmbeddingsError(f"token embeddings file {path} is not valid safetensors: {exc}") from None
     if not tensors:
         raise EmbeddingsError(f"token embeddings file {path} holds no tokens")
-    clash = case_collision(tensors)
+    clash = case_collision(sorted(tensors))  # sorted: safetensors keeps no order
     if clash:
         raise EmbeddingsError(f"tokens {clash[0]!r} and {clash[1]!r} in {path} differ only in case: CLIP's tokenizer "
                               "lowercases prompts, so both would read as one token")
