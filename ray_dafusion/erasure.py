@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import perclass, schema, storage
+from . import models, perclass, schema, storage
 from .config import EraseConfig
 from .logs import setup_logging
 from .modes import class_word
@@ -113,9 +113,12 @@ def erase(cfg: EraseConfig) -> EraseResult:
     start = time.time()
     meter = CostMeter(cfg.cost)
 
-    # 1. classes to erase; refuse another config's output, skip classes already erased
+    # 1. classes to erase; the model checked once here, not in every task, before the output records this config
     classes = perclass.select_classes(schema.read_class_table(cfg.real, cfg.endpoint_url), cfg.classes,
                                       lambda c: class_file_name(c.name))
+    models.load_tokenizer_and_schedule(cfg.model, cfg.cache_dir, cfg.endpoint_url)
+
+    # 2. refuse another config's output, skip classes already erased
     plan = perclass.plan_classes("erase", cfg, classes, lambda c: _record_uri(cfg.output, c))
     if plan.complete is not None and not plan.todo:  # finished with this config: leave it untouched
         log.info("%s is complete (same config); nothing to do", cfg.output)
@@ -124,10 +127,10 @@ def erase(cfg: EraseConfig) -> EraseResult:
             skipped=[c.name for c in plan.done], seconds=round(time.time() - start, 3),
         )
 
-    # 2. one task per class name
+    # 3. one task per class name
     records = perclass.run_class_tasks("erase", cfg, plan.todo, _erase_classes, _describe, meter)
 
-    # 3. manifest (last): every class file of this config, with its fingerprint and loss curve
+    # 4. manifest (last): every class file of this config, with its fingerprint and loss curve
     result = _write_manifest(cfg, plan, start, meter)
     result.seconds_per_class = {name: r["seconds"] for name, r in records.items()}
     log.info("%s: %d classes erased (%s; %d now, %d earlier) in %.1fs", cfg.output, result.num_classes,

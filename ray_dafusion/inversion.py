@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from . import perclass, schema, storage
+from . import models, perclass, schema, storage
 from .config import InvertConfig
 from .errors import ConfigError
 from .logs import setup_logging
@@ -44,6 +44,8 @@ from .weights import EMBEDDINGS_FILE
 __all__ = ["InvertResult", "LearnedToken", "invert", "learn_token", "learn_tokens", "class_file_name"]
 
 CLASSES_DIR = "classes"
+_PREDICTION_TYPES = ("epsilon", "v_prediction")
+"""What the model may predict: the loss targets the noise or the velocity."""
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,12 @@ def invert(cfg: InvertConfig) -> InvertResult:
     start = time.time()
     meter = CostMeter(cfg.cost)
 
-    # 1. classes to learn; refuse another config's output, skip classes already learned
+    # 1. classes to learn; the model checked once here, not in every task, before the output records this config
     classes = perclass.select_classes(schema.read_class_table(cfg.real, cfg.endpoint_url), cfg.classes,
                                       lambda c: class_file_name(c.token))
+    _check_model(cfg, [c.token for c in classes])
+
+    # 2. refuse another config's output, skip classes already learned
     plan = perclass.plan_classes("invert", cfg, classes, lambda c: _class_uri(cfg.output, c))
     if plan.complete is not None and not plan.todo:  # finished with this config: leave it untouched
         log.info("%s is complete (same config); nothing to do", cfg.output)
@@ -111,16 +116,29 @@ def invert(cfg: InvertConfig) -> InvertResult:
             skipped=[c.name for c in plan.done], seconds=round(time.time() - start, 3),
         )
 
-    # 2. one task per class (or group of classes); each reads its own rows and writes its classes' files
+    # 3. one task per class (or group of classes); each reads its own rows and writes its classes' files
     records = perclass.run_class_tasks("invert", cfg, plan.todo, _invert_classes, _describe, meter,
                                        classes_per_task=cfg.classes_per_task)
 
-    # 3. every class file under this config -> the combined file, then the manifest (last)
+    # 4. every class file under this config -> the combined file, then the manifest (last)
     result = _write_combined(cfg, plan, start, meter)
     result.seconds_per_class = {name: r["seconds"] for name, r in records.items()}
     log.info("%s: %d tokens in %s (%d learned now, %d earlier) in %.1fs", cfg.output, result.num_classes,
              EMBEDDINGS_FILE, len(result.trained), len(result.skipped), result.seconds)
     return result
+
+
+def _check_model(cfg: InvertConfig, tokens: list[str]) -> None:
+    """The model loads, its noise schedule is one we train, the initializer word is one token and
+    every class token reads back as itself: from the tokenizer and scheduler config alone."""
+    from diffusers import DDPMScheduler
+
+    tokenizer, schedule = models.load_tokenizer_and_schedule(cfg.model, cfg.cache_dir, cfg.endpoint_url)
+    prediction_type = DDPMScheduler.from_config(schedule).config.prediction_type  # with the scheduler's default
+    if prediction_type not in _PREDICTION_TYPES:
+        raise ConfigError(f"config field 'model': {cfg.model!r} predicts {prediction_type!r}; textual inversion "
+                          f"trains models that predict {' or '.join(_PREDICTION_TYPES)}")
+    _add_class_tokens(tokenizer, _token_names(tokens, cfg.num_vectors), cfg.initializer_token)
 
 
 def _class_uri(output: str, info: ClassInfo) -> str:
@@ -299,8 +317,8 @@ def learn_tokens(pipe: Any, classes: dict[str, Sequence[Any]], cfg: InvertConfig
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+    if prediction_type not in _PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r} ({' or '.join(_PREDICTION_TYPES)})")
 
     # 4. per class: images squashed to the resolution, the VAE posterior of each image and its mirror
     # (once), and its own generators: every random draw comes from them, independent of the weights

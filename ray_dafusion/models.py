@@ -20,11 +20,14 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+from .errors import ConfigError, one_line
+
 __all__ = [
     "BUILTIN_MODELS",
     "default_cache_dir",
     "resolve_model",
     "load_pipeline",
+    "load_tokenizer_and_schedule",
     "build_pipeline",
     "model_fingerprint",
     "file_fingerprint",
@@ -146,6 +149,25 @@ def load_pipeline(
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_tokenizer_and_schedule(uri: str, cache_dir: Optional[str] = None,
+                                endpoint_url: Optional[str] = None) -> tuple[Any, dict[str, Any]]:
+    """A pipeline's tokenizer and scheduler config, without its weights: what a per-class stage's
+    driver checks before every task loads the whole model. A model that does not load is a ConfigError."""
+    from diffusers import DDPMScheduler  # any scheduler class reads the config file
+    from transformers import CLIPTokenizer
+
+    try:
+        local = resolve_model(uri, cache_dir, endpoint_url)
+        tokenizer = CLIPTokenizer.from_pretrained(local, subfolder="tokenizer")
+        schedule = DDPMScheduler.load_config(local, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"config field 'model': cannot load {uri!r}: {one_line(exc)}. Offline machines need a local directory, "
+            "an s3:// prefix or model: tiny (set HF_HUB_OFFLINE=1 to fail fast on hub ids)."
+        ) from None
+    return tokenizer, schedule
 
 
 def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True, static_shapes: bool = False,

@@ -245,6 +245,20 @@ def test_class_names_that_differ_only_in_case_are_refused():
         select_classes(table, None, lambda c: class_file_name(c.name))
 
 
+def test_a_model_that_does_not_load_fails_once_before_any_task(make_real, tmp_path, monkeypatch):
+    from ray_dafusion import perclass
+    from ray_dafusion.errors import ConfigError
+
+    def no_tasks(*args, **kwargs):
+        raise AssertionError("class tasks started")
+
+    monkeypatch.setattr(perclass, "run_class_tasks", no_tasks)
+    cfg = EraseConfig(real=make_real(class_names=("cat", "dog")), output=str(tmp_path / "erased"),
+                      model=str(tmp_path / "no-model"))
+    with pytest.raises(ConfigError, match="config field 'model': cannot load .*no-model"):
+        erase(cfg)
+
+
 def test_erase_yaml_parses():
     cfg = EraseConfig.from_yaml(os.path.join(ROOT, "jobs", "configs", "erase.yaml"))
     assert (cfg.iterations, cfg.learning_rate, cfg.negative_guidance, cfg.start_guidance) == (1000, 1e-5, 1.0, 3.0)

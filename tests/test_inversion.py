@@ -117,6 +117,35 @@ def test_initializer_must_be_one_token(tiny_model):
         learn_token(_pipe(tiny_model), "<cat>", _images(), _cfg(initializer_token="zebra crossing"), seed=0)
 
 
+def test_what_would_fail_in_every_task_fails_once_before_any(make_real, tiny_model, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from ray_dafusion import perclass
+    from ray_dafusion.errors import ConfigError
+
+    def no_tasks(*args, **kwargs):
+        raise AssertionError("class tasks started")
+
+    monkeypatch.setattr(perclass, "run_class_tasks", no_tasks)
+    real = make_real(class_names=("cat", "dog", "fox"))
+    cfg = InvertConfig(real=real, output=str(tmp_path / "tokens"), model=tiny_model)
+    with pytest.raises(ConfigError, match="initializer_token") as caught:
+        invert(cfg.replace(initializer_token="zebra crossing"))
+    assert str(caught.value).count("zebra crossing") == 1  # one message, not one per class
+    with pytest.raises(ConfigError, match="config field 'model': cannot load"):
+        invert(cfg.replace(model=str(tmp_path / "no-model")))
+    sampler = str(tmp_path / "predicts-sample")
+    shutil.copytree(tiny_model, sampler)
+    path = os.path.join(sampler, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        schedule = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**schedule, "prediction_type": "sample"}, f)
+    with pytest.raises(ConfigError, match="predicts 'sample'"):
+        invert(cfg.replace(model=sampler))
+
+
 def test_tokens_that_differ_only_in_case_are_refused(tiny_model):
     # CLIP's tokenizer lowercases prompts: "<Cat>" reads as "<cat>", so two classes would share one row
     with pytest.raises(ValueError, match="'<Cat>' and '<cat>' differ only in case"):
