@@ -38,7 +38,7 @@ from .logs import setup_logging
 from .models import file_fingerprint
 from .runinfo import CostMeter, max_rss_bytes, versions
 from .schema import ClassInfo
-from .tokens import INVERSION_TEMPLATES, case_collision, make_prompt
+from .tokens import INVERSION_TEMPLATES, case_collision, make_prompt, taken_ignoring_case
 from .weights import EMBEDDINGS_FILE
 
 __all__ = ["InvertResult", "LearnedToken", "invert", "learn_token", "learn_tokens", "class_file_name"]
@@ -388,16 +388,17 @@ def _add_class_tokens(tokenizer: Any, names: dict[str, list[str]],
     if clash:
         raise ValueError(f"tokens {clash[0]!r} and {clash[1]!r} differ only in case: CLIP's tokenizer lowercases "
                          "prompts, so both would read as one token; rename one of their classes")
-    taken = [n for n in every if n in tokenizer.get_vocab()]
+    taken = taken_ignoring_case(every, tokenizer.get_vocab())
     if taken:
-        raise ValueError(f"token(s) {taken} already exist in the tokenizer; pick another class token")
+        raise ValueError(f"token(s) {list(taken)} already exist in the tokenizer (as {list(taken.values())}; case "
+                         "does not count, prompts are lowercased); pick another class token")
     tokenizer.add_tokens(every)
     token_ids = {token: tokenizer.convert_tokens_to_ids(group) for token, group in names.items()}
     for token, group in names.items():
         read = tokenizer.encode(" ".join(group), add_special_tokens=False)
         if read != token_ids[token]:
             raise ValueError(f"token {token!r} reads back as {tokenizer.convert_ids_to_tokens(read)} with this "
-                             "tokenizer, not as itself; rename its class")
+                             "tokenizer, not as itself (prompts are lowercased and normalised); rename its class")
     return init_ids[0], token_ids
 
 

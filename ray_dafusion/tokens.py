@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 __all__ = [
     "class_token",
     "case_collision",
+    "taken_ignoring_case",
     "INVERSION_TEMPLATES",
     "make_prompt",
     "LeakageError",
@@ -55,6 +56,16 @@ def case_collision(words: Iterable[str]) -> Optional[tuple[str, str]]:
             return seen[word.lower()], word
         seen[word.lower()] = word
     return None
+
+
+def taken_ignoring_case(names: Iterable[str], vocab: Iterable[str]) -> dict[str, str]:
+    """{name: the vocabulary entry it equals ignoring case} for each of `names` a tokenizer with
+    `vocab` would not tell from a token it already has. (With both `<cat>` and `<Cat>` added, which
+    id a prompt's `<cat>` gets varies from process to process.)"""
+    lowered: dict[str, str] = {}
+    for entry in vocab:
+        lowered.setdefault(entry.lower(), entry)
+    return {name: lowered[name.lower()] for name in names if name.lower() in lowered}
 
 
 def make_prompt(template: str, word: str) -> str:

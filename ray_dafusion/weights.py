@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from . import storage
 from .models import file_fingerprint
-from .tokens import case_collision
+from .tokens import case_collision, taken_ignoring_case
 
 __all__ = [
     "EMBEDDINGS_FILE",
@@ -81,23 +81,27 @@ def add_tokens(pipe: Any, embeddings: dict[str, Any]) -> None:
                 "the embeddings were learned on another model"
             )
     tokens, vectors, names = [], [], {}
+    vocab = pipe.tokenizer.get_vocab()
     for token, tensor in embeddings.items():
         rows = tensor if tensor.ndim == 2 else tensor[None]
         # multi-vector tokens follow diffusers' "<tok>", "<tok>_1", ... convention
         names[token] = [token] + [f"{token}_{i}" for i in range(1, rows.shape[0])]
-        if token in pipe.tokenizer.get_vocab():
+        if token in vocab:
             continue  # already added (an actor reused for a second batch)
         tokens.extend(names[token])
         vectors.extend(rows)
+    for name, entry in taken_ignoring_case(tokens, vocab).items():
+        raise EmbeddingsError(f"token {name!r} would read as the model's {entry!r}: the tokenizer lowercases "
+                              "prompts, so tokens must differ in more than case")
     if tokens:
         pipe.load_textual_inversion(
             [v.detach() for v in vectors], token=tokens, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
         )
-    for token, group in names.items():  # the tokenizer lowercases prompts: <Cat> would read as an earlier <cat>
+    for token, group in names.items():  # each token now reads as its own rows, and nothing else
         read = pipe.tokenizer.encode(" ".join(group), add_special_tokens=False)
         if read != pipe.tokenizer.convert_tokens_to_ids(group):
             raise EmbeddingsError(f"token {token!r} reads back as {pipe.tokenizer.convert_ids_to_tokens(read)} with "
-                                  "this model's tokenizer, not as itself: it collides with a token the model has")
+                                  "this model's tokenizer, not as itself (prompts are lowercased and normalised)")
 
 
 class ErasureWeights:
