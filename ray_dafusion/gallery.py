@@ -96,6 +96,9 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
     manifest = storage.read_manifest(cfg.synthetic, ep)
     if manifest is None:
         raise FileNotFoundError(f"{cfg.synthetic} holds no complete augment output (no {storage.MANIFEST})")
+    if manifest.get("stage") != "augment":
+        raise ValueError(f"{cfg.synthetic} is not an augment output (its {storage.MANIFEST} was written by "
+                         f"{manifest.get('stage') or 'no known stage'}): give the gallery an augment output")
     real = cfg.real or manifest.get("real") or manifest.get("config", {}).get("real")
     if not real:
         raise ValueError(f"the manifest of {cfg.synthetic} names no real data set; pass --real")

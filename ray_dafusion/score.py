@@ -11,8 +11,8 @@ Scorers (columns besides id, source_id, label, class_name):
 
 - ``classifier``: ``p_label`` (probability of the image's own label under a trained run's best
   checkpoint), ``top1``, ``p_top1``, ``top1_is_label`` (ALIA keeps images the baseline gets right).
-- ``source_distance``: ``value`` (1 - cosine similarity of the pixels, in [-1, 1], with its own real
-  source, at the source's size) and ``mse``: near copies (t0 too low) score ~0, drift scores high.
+- ``source_distance``: ``value`` (1 - cosine similarity of the pixels with its own real source, at the
+  source's size, so in [0, 2]) and ``mse``: near copies (t0 too low) score ~0, drift scores high.
 - ``text``: ``value``, cosine similarity between the image and "a photo of a <class name>" under a
   CLIP model given as ``clip_model`` (a diffusers-style local dir, s3:// prefix or hub id); skipped,
   with a message, when none is given.

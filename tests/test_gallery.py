@@ -72,3 +72,9 @@ def test_captions_keep_t0_readable_under_small_thumbnails():
     assert _fit(("t0=0.25", "0.25"), 16) == "t0=0.25"  # the 96 px default fits the long form
     assert _fit(("t0=0.25", "0.25"), 5) == "0.25"  # 32 px: the number alone, never "t0=0."
     assert _fit(("t0=0.25", "0.25"), 3) == "0.2"
+
+
+def test_gallery_refuses_an_output_that_is_not_an_augment_one(make_real):
+    real = make_real(per_split={"train": 2, "val": 1, "test": 1})
+    with pytest.raises(ValueError, match=f"{real} is not an augment output \\(its manifest.json was written by ingest\\)"):
+        gallery(GalleryConfig(synthetic=real))
