@@ -456,7 +456,7 @@ class GalleryConfig(StageConfig):
 
 @dataclass
 class ScoreConfig(StageConfig):
-    """Quality scores per synthetic image, stored beside the augment output, for filters at train time."""
+    """Quality scores per synthetic image, stored beside the augment output (<synthetic>/scores/<scorer>/, where train's synthetic_filter and gallery read them)."""
 
     synthetic: str = ""
     """URI of an augment output."""
@@ -466,8 +466,6 @@ class ScoreConfig(StageConfig):
     """classifier | source_distance | text (text needs clip_model)."""
     clip_model: Optional[str] = None
     """CLIP model (transformers CLIPModel: local dir, s3:// prefix or hub id) for the text scorer."""
-    output: Optional[str] = location(None)
-    """Where the scores go (default: <synthetic>/scores/<scorer>/)."""
     batch_size: int = resource(64)
     """Synthetic images per actor call (and per output file)."""
     min_actors: int = resource(1)

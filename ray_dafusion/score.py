@@ -70,8 +70,9 @@ class ScoreResult:
     seconds: float = 0.0
 
 
-def scores_dir(synthetic: str, scorer: str, root: Optional[str] = None) -> str:
-    return storage.join(root or storage.join(synthetic, "scores"), scorer)
+def scores_dir(synthetic: str, scorer: str) -> str:
+    """Where a scorer's table of `synthetic` lives: always beside the images, where train's filter and gallery look."""
+    return storage.join(synthetic, "scores", scorer)
 
 
 def _schema(scorer: str) -> pa.Schema:
@@ -246,16 +247,15 @@ def _committed_ids(output: str, endpoint_url: Optional[str]) -> list[str]:
     return storage.read_parquet(data, endpoint_url, columns=["id"]).column("id").to_pylist()
 
 
-def read_scores(synthetic: str, scorer: str, columns: list[str], endpoint_url: Optional[str] = None,
-                root: Optional[str] = None) -> pa.Table:
+def read_scores(synthetic: str, scorer: str, columns: list[str], endpoint_url: Optional[str] = None) -> pa.Table:
     """The complete scores table of one scorer (id plus `columns`)."""
-    out = scores_dir(synthetic, scorer, root)
+    out = scores_dir(synthetic, scorer)
     if storage.read_manifest(out, endpoint_url) is None:
         raise FileNotFoundError(f"no complete {scorer} scores in {out}; run `ray-dafusion score --synthetic {synthetic}`")
     return storage.read_parquet(storage.join(out, "data"), endpoint_url, columns=["id", *columns])
 
 
-@storage.leased("score", lambda cfg: cfg.output or (storage.join(cfg.synthetic, "scores") if cfg.synthetic else ""))
+@storage.leased("score", lambda cfg: storage.join(cfg.synthetic, "scores") if cfg.synthetic else "")
 def score(cfg: ScoreConfig) -> ScoreResult:
     """Write the requested scores of every synthetic image of `cfg.synthetic`."""
     cfg.require("synthetic")
@@ -273,7 +273,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     ids = storage.read_parquet(storage.join(cfg.synthetic, "data"), ep, columns=["id"]).column("id").to_pylist()
     outputs, done, fps = {}, {}, {}
     for scorer in list(scorers):
-        out = scores_dir(cfg.synthetic, scorer, cfg.output)
+        out = scores_dir(cfg.synthetic, scorer)
         inputs = {"synthetic": manifest.get("config_fingerprint"), "scorer": scorer,
                   "run": checkpoint if scorer == "classifier" else None,
                   "clip": cfg.clip_model if scorer == "text" else None}

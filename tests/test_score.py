@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -56,6 +57,13 @@ def test_the_filter_names_a_refused_operator_and_refuses_bare_values_as_conditio
     kept = parse_filter("classifier.p_label > 0.5 or not source_distance.value <= -0.5", available)
     values = {"classifier.p_label": np.array([0.9, 0.1, 0.1]), "source_distance.value": np.array([0.0, np.nan, -1.0])}
     assert kept.mask(values).tolist() == [True, True, False]
+
+
+def test_scores_have_one_place_where_train_and_gallery_find_them():
+    """No `output`: train's synthetic_filter and gallery read <synthetic>/scores, so scores written
+    elsewhere would never be found."""
+    with pytest.raises(ConfigError, match="unknown field\\(s\\) output"):
+        ScoreConfig.from_dict({"synthetic": "runs/demo/synthetic/da_fusion", "output": "elsewhere/scores"})
 
 
 def _stored_run(root: str, real: str, classes=CLASSES) -> str:
@@ -125,14 +133,15 @@ def test_tasks_score_like_actors(scored, tmp_path):
     """compute: tasks (a sweep's many small jobs) writes the scores an actor pool writes."""
     from ray_dafusion.score import score
 
-    _, _, _, cfg = scored
+    _, synthetic, _, cfg = scored
     rows = {}
     for compute in ("actors", "tasks"):
-        root = str(tmp_path / compute)
-        result = score(cfg.replace(scorers=["classifier", "source_distance"], compute=compute, output=root))
+        copy = str(tmp_path / compute)  # scores live beside the images: one copy of the synthetic set each
+        shutil.copytree(synthetic, copy)
+        result = score(cfg.replace(synthetic=copy, scorers=["classifier", "source_distance"], compute=compute))
         assert result.scored == {"classifier": 27, "source_distance": 27}
-        rows[compute] = {s: sorted(storage.read_parquet(storage.join(root, s, "data")).to_pylist(), key=lambda r: r["id"])
-                         for s in ("classifier", "source_distance")}
+        rows[compute] = {s: sorted(storage.read_parquet(storage.join(copy, "scores", s, "data")).to_pylist(),
+                                   key=lambda r: r["id"]) for s in ("classifier", "source_distance")}
     for scorer, actor_rows in rows["actors"].items():
         for a, t in zip(actor_rows, rows["tasks"][scorer], strict=True):
             assert {k: v for k, v in a.items() if isinstance(v, (str, bool))} == \
