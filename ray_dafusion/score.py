@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 import time
 import uuid
 from collections import defaultdict
@@ -37,7 +38,6 @@ import pyarrow as pa
 
 from . import plan, schema, storage
 from .config import ScoreConfig, callable_stage_module
-from .configlib import config_record
 from .errors import StageError
 from .logs import setup_logging
 from .modes import SCORERS
@@ -269,15 +269,12 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     if manifest is None or manifest.get("stage") != "augment":
         raise FileNotFoundError(f"{cfg.synthetic} holds no complete augment output (no augment {storage.MANIFEST})")
     real = manifest.get("real") or (manifest.get("config") or {}).get("real")
-    checkpoint, scorers = _check_scorers(cfg, result, manifest, real)
+    checkpoint, run_identity, scorers = _check_scorers(cfg, result, manifest, real)
     ids = storage.read_parquet(storage.join(cfg.synthetic, "data"), ep, columns=["id"]).column("id").to_pylist()
     outputs, done, fps = {}, {}, {}
     for scorer in list(scorers):
         out = scores_dir(cfg.synthetic, scorer)
-        inputs = {"synthetic": manifest.get("config_fingerprint"), "scorer": scorer,
-                  "run": checkpoint if scorer == "classifier" else None,
-                  "clip": cfg.clip_model if scorer == "text" else None}
-        made_of = config_record(cfg, **inputs)
+        made_of = _made_of(cfg, scorer, manifest, run_identity)
         fps[scorer] = storage.fingerprint(made_of)
         if storage.ensure_fresh_output(out, "score", fps[scorer], cfg.overwrite, ep, made_of) is not None:
             result.skipped[scorer] = "complete (same config)"
@@ -309,15 +306,40 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     return result
 
 
+def _made_of(cfg: ScoreConfig, scorer: str, manifest: dict[str, Any], run_identity: Optional[dict[str, Any]]
+             ) -> dict[str, Any]:
+    """What one scorer's values depend on, and nothing else (configlib.config_record's shape, so a
+    refusal names what changed): the synthetic set's content, by its augment fingerprint (which covers
+    the real sources source_distance compares with), the scorer, and the classifier's run or the text
+    scorer's CLIP model. Adding a scorer, changing another scorer's input, or writing the synthetic
+    path another way leaves a complete table as it is."""
+    config: dict[str, Any] = {"scorer": scorer}
+    inputs: dict[str, Any] = {"synthetic": manifest.get("config_fingerprint")}
+    if scorer == "classifier":
+        inputs["run"] = run_identity
+    elif scorer == "text":
+        config["clip_model"] = cfg.clip_model
+    return {"config": config, "inputs": inputs}
+
+
+def _run_identity(run: str, record: dict[str, Any], endpoint_url: Optional[str]) -> dict[str, Any]:
+    """A train run as the classifier scorer sees it: what it was trained from (its config fingerprint)
+    and which checkpoint is its best, not the path it is named by."""
+    manifest = storage.read_manifest(run, endpoint_url) or {}  # a run stopped before its manifest: its config
+    checkpoint = str(record.get("best_checkpoint") or "").rstrip("/")
+    return {"config_fingerprint": manifest.get("config_fingerprint") or storage.fingerprint(record.get("config")),
+            "checkpoint": posixpath.basename(checkpoint) or None}
+
+
 def _check_scorers(cfg: ScoreConfig, result: ScoreResult, manifest: dict[str, Any],
-                   real: Optional[str]) -> tuple[Optional[str], list[str]]:
-    """(the run's best checkpoint, the scorers that can run); clear errors or skips for the rest.
-    The classifier must have been trained on the synthetic set's classes, in its label order:
-    its probabilities are read by label."""
+                   real: Optional[str]) -> tuple[Optional[str], Optional[dict[str, Any]], list[str]]:
+    """(the run's best checkpoint, the run's identity, the scorers that can run); clear errors or skips
+    for the rest. The classifier must have been trained on the synthetic set's classes, in its label
+    order: its probabilities are read by label."""
     from .errors import ConfigError
 
     scorers = list(dict.fromkeys(cfg.scorers))
-    checkpoint = None
+    checkpoint, run_identity = None, None
     if "classifier" in scorers:
         if not cfg.run:
             raise ConfigError("config field 'run': the classifier scorer needs a trained run (the output of "
@@ -329,6 +351,7 @@ def _check_scorers(cfg: ScoreConfig, result: ScoreResult, manifest: dict[str, An
         checkpoint = record.get("best_checkpoint")
         if not checkpoint:
             raise ValueError(f"run {cfg.run} has no best checkpoint")
+        run_identity = _run_identity(cfg.run, record, cfg.endpoint_url)
         # the synthetic set's classes: its manifest's, else its real set's
         class_names = [c["name"] for c in manifest.get("classes") or []] or (
             [c.name for c in schema.read_class_table(real, cfg.endpoint_url)] if real else [])
@@ -344,7 +367,7 @@ def _check_scorers(cfg: ScoreConfig, result: ScoreResult, manifest: dict[str, An
         from .models import resolve_model
 
         resolve_model(cfg.clip_model, cfg.cache_dir, cfg.endpoint_url, marker="config.json")
-    return checkpoint, scorers
+    return checkpoint, run_identity, scorers
 
 
 def _shown(names: list[str]) -> str:

@@ -66,11 +66,12 @@ def test_scores_have_one_place_where_train_and_gallery_find_them():
         ScoreConfig.from_dict({"synthetic": "runs/demo/synthetic/da_fusion", "output": "elsewhere/scores"})
 
 
-def _stored_run(root: str, real: str, classes=CLASSES) -> str:
-    """A train run on `classes` whose best checkpoint is a small CNN with a random head."""
+def _stored_run(root: str, real: str, classes=CLASSES, seed: int = 0) -> str:
+    """A finished train run on `classes` whose best checkpoint is a small CNN with a random head
+    (`seed`: another config, as train's fingerprint would say)."""
     from ray_dafusion.classifier import build_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model("small_cnn", len(classes))
     run = os.path.join(root, "baseline")
     ckpt = os.path.join(run, "checkpoint_000")
@@ -81,6 +82,7 @@ def _stored_run(root: str, real: str, classes=CLASSES) -> str:
     storage.write_json(os.path.join(run, "train_result.json"), {
         "best_checkpoint": ckpt, "real": real,
         "classes": [{"name": n, "label": i, "token": f"<{n}>"} for i, n in enumerate(classes)]})
+    storage.write_manifest(run, {"stage": "train", "config_fingerprint": storage.fingerprint([list(classes), seed])})
     return run
 
 
@@ -127,6 +129,24 @@ def test_scores_are_written_once_per_image_and_resume(scored, caplog):
     again = score(cfg)
     assert again.scored == {"source_distance": rows_lost} and "classifier" in again.skipped
     assert sorted(storage.read_parquet(data, columns=["id"]).column("id").to_pylist()) == sorted(ids)
+
+
+def test_a_scorer_keeps_its_table_when_other_scorers_or_paths_change(scored, tmp_path):
+    """A scorer's identity is what its values depend on: the synthetic set's content, the scorer, the
+    classifier's run (by its config and checkpoint, not its path), not the rest of the config."""
+    from ray_dafusion.score import score
+
+    _, synthetic, run, cfg = scored
+    assert score(cfg.replace(scorers=["source_distance"])).scored == {"source_distance": 27}
+    moved = str(tmp_path / "moved" / "baseline")
+    shutil.copytree(run, moved)  # the same run elsewhere
+    again = score(cfg.replace(synthetic=synthetic + "/", run=moved, scorers=["source_distance", "classifier"]))
+    assert again.scored == {"classifier": 27} and again.skipped == {"source_distance": "complete (same config)"}
+    assert score(cfg.replace(run=run + "/", scorers=["classifier"])).skipped == {"classifier": "complete (same config)"}
+    # a run trained with another config gives other probabilities: refused, naming what changed
+    other = _stored_run(str(tmp_path / "other"), storage.read_manifest(synthetic)["real"], seed=1)
+    with pytest.raises(storage.StorageError, match=r"input run\.config_fingerprint: "):
+        score(cfg.replace(run=other, scorers=["classifier", "source_distance"]))
 
 
 def test_tasks_score_like_actors(scored, tmp_path):
