@@ -264,38 +264,57 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     ep = cfg.endpoint_url
     result = ScoreResult(cfg.synthetic)
 
-    # 1. the augment output, what each scorer needs, and which scorers are complete already
+    # 1. the augment output and the requested scorers
     manifest = storage.read_manifest(cfg.synthetic, ep)
     if manifest is None or manifest.get("stage") != "augment":
         raise FileNotFoundError(f"{cfg.synthetic} holds no complete augment output (no augment {storage.MANIFEST})")
     real = manifest.get("real") or (manifest.get("config") or {}).get("real")
-    checkpoint, run_identity, scorers = _check_scorers(cfg, result, manifest, real)
-    ids = storage.read_parquet(storage.join(cfg.synthetic, "data"), ep, columns=["id"]).column("id").to_pylist()
-    outputs, done, fps = {}, {}, {}
+    scorers = _requested(cfg, result)
+    record = _run_record(cfg) if "classifier" in scorers else None
+
+    # 2. which scorers are complete already: decided before any of their inputs is checked or loaded
+    fps, made_of = {}, {}
     for scorer in list(scorers):
         out = scores_dir(cfg.synthetic, scorer)
-        made_of = _made_of(cfg, scorer, manifest, run_identity)
-        fps[scorer] = storage.fingerprint(made_of)
-        if storage.ensure_fresh_output(out, "score", fps[scorer], cfg.overwrite, ep, made_of) is not None:
-            result.skipped[scorer] = "complete (same config)"
-            result.scores[scorer] = out
-            scorers.remove(scorer)
-            log.info("%s scores in %s are complete (same config); nothing to do", scorer, out)
-            continue
-        outputs[scorer], done[scorer] = out, _committed_ids(out, ep)
+        if scorer == "classifier" and record is None:  # the run is gone: its complete scores still stand
+            if not _complete_for_run(out, cfg.run, ep):
+                raise FileNotFoundError(f"{cfg.run} holds no train_result.json; is it a finished train run?")
+            reason = f"complete (run {cfg.run} no longer exists; its scores are kept)"
+        else:
+            identity = _run_identity(cfg.run, record, ep) if scorer == "classifier" and record else None
+            made_of[scorer] = _made_of(cfg, scorer, manifest, identity)
+            fps[scorer] = storage.fingerprint(made_of[scorer])
+            done_manifest = storage.read_manifest(out, ep)
+            if not done_manifest or done_manifest.get("stage") != "score" or \
+                    done_manifest.get("config_fingerprint") != fps[scorer]:
+                continue
+            reason = "complete (same config)"
+        result.skipped[scorer], result.scores[scorer] = reason, out
+        scorers.remove(scorer)
+        log.info("%s scores in %s are %s; nothing to do", scorer, out, reason)
 
-    # 2. the actor pool over the synthetic rows some scorer still lacks
+    # 3. the inputs of the scorers still to run; then refuse another config's output, find what is committed
+    checkpoint = _check_inputs(cfg, manifest, real, scorers, record)
+    ids = storage.read_parquet(storage.join(cfg.synthetic, "data"), ep, columns=["id"]).column("id").to_pylist()
+    outputs, done = {}, {}
+    for scorer in scorers:
+        outputs[scorer] = scores_dir(cfg.synthetic, scorer)
+        storage.ensure_fresh_output(outputs[scorer], "score", fps[scorer], cfg.overwrite, ep, made_of[scorer])
+        done[scorer] = _committed_ids(outputs[scorer], ep)
+
+    # 4. the actor pool over the synthetic rows some scorer still lacks
     summaries = _run(cfg, real, scorers, outputs, done, checkpoint, ids) if scorers else []
     meter.add_actor_seconds(sum(s["seconds"] for s in summaries), cfg.num_cpus, cfg.num_gpus)
 
-    # 3. per scorer: exactly one row per synthetic id, then its manifest, last
+    # 5. per scorer: exactly one row per synthetic id, then its manifest, last
     for scorer in scorers:
         _verify(outputs[scorer], ids, ep)
         scored = sum(s["rows"] for s in summaries if s["scorer"] == scorer)
         result.scores[scorer], result.scored[scorer] = outputs[scorer], scored
         storage.write_manifest(outputs[scorer], {
             "stage": "score", "scorer": scorer, "config": cfg.to_dict(), "config_fingerprint": fps[scorer],
-            "synthetic": cfg.synthetic, "run": checkpoint if scorer == "classifier" else None,
+            "synthetic": cfg.synthetic, "run": cfg.run if scorer == "classifier" else None,
+            "checkpoint": checkpoint if scorer == "classifier" else None,
             "columns": {k: str(v) for k, v in SCORE_COLUMNS[scorer].items()},
             "counts": {"rows": len(ids), "scored_now": scored},
             "cost": meter.report(images=scored), "versions": versions(),
@@ -304,6 +323,37 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     log.info("%s: %s", cfg.synthetic, "; ".join(
         [f"{s} {result.scored[s]} scored now" for s in result.scored] + [f"{s} {why}" for s, why in result.skipped.items()]))
     return result
+
+
+def _requested(cfg: ScoreConfig, result: ScoreResult) -> list[str]:
+    """The configured scorers, once each; text is skipped, with a message, without a CLIP model."""
+    from .errors import ConfigError
+
+    scorers = list(dict.fromkeys(cfg.scorers))
+    if "classifier" in scorers and not cfg.run:
+        raise ConfigError("config field 'run': the classifier scorer needs a trained run (the output of "
+                          "`ray-dafusion train`, e.g. runs/demo/train/baseline); or drop it from scorers")
+    if "text" in scorers and not cfg.clip_model:
+        scorers.remove("text")
+        result.skipped["text"] = "no clip_model configured"
+        log.warning("text scorer skipped: it needs a CLIP model (clip_model: a local dir, s3:// prefix or hub id)")
+    return scorers
+
+
+def _run_record(cfg: ScoreConfig) -> Optional[dict[str, Any]]:
+    """The run's train_result.json; None when there is none."""
+    try:
+        return storage.read_json(storage.join(cfg.run, "train_result.json"), cfg.endpoint_url)
+    except FileNotFoundError:
+        return None
+
+
+def _complete_for_run(output: str, run: Optional[str], endpoint_url: Optional[str]) -> bool:
+    """Whether `output` holds complete classifier scores made with the run at `run` (however it was written)."""
+    manifest = storage.read_manifest(output, endpoint_url) or {}
+    recorded = manifest.get("run")
+    return manifest.get("stage") == "score" and bool(recorded) and bool(run) and \
+        storage.absolute(recorded).rstrip("/") == storage.absolute(run).rstrip("/")
 
 
 def _made_of(cfg: ScoreConfig, scorer: str, manifest: dict[str, Any], run_identity: Optional[dict[str, Any]]
@@ -331,27 +381,17 @@ def _run_identity(run: str, record: dict[str, Any], endpoint_url: Optional[str])
             "checkpoint": posixpath.basename(checkpoint) or None}
 
 
-def _check_scorers(cfg: ScoreConfig, result: ScoreResult, manifest: dict[str, Any],
-                   real: Optional[str]) -> tuple[Optional[str], Optional[dict[str, Any]], list[str]]:
-    """(the run's best checkpoint, the run's identity, the scorers that can run); clear errors or skips
-    for the rest. The classifier must have been trained on the synthetic set's classes, in its label
-    order: its probabilities are read by label."""
-    from .errors import ConfigError
-
-    scorers = list(dict.fromkeys(cfg.scorers))
-    checkpoint, run_identity = None, None
+def _check_inputs(cfg: ScoreConfig, manifest: dict[str, Any], real: Optional[str], scorers: list[str],
+                  record: Optional[dict[str, Any]]) -> Optional[str]:
+    """What the scorers still to run need, checked on the driver before any actor starts; returns the
+    run's best checkpoint (for classifier). The classifier must have been trained on the synthetic
+    set's classes, in its label order: its probabilities are read by label."""
+    checkpoint = None
     if "classifier" in scorers:
-        if not cfg.run:
-            raise ConfigError("config field 'run': the classifier scorer needs a trained run (the output of "
-                              "`ray-dafusion train`, e.g. runs/demo/train/baseline); or drop it from scorers")
-        try:
-            record = storage.read_json(storage.join(cfg.run, "train_result.json"), cfg.endpoint_url)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{cfg.run} holds no train_result.json; is it a finished train run?") from None
+        assert record is not None  # a missing run with incomplete scores was refused when deciding completeness
         checkpoint = record.get("best_checkpoint")
         if not checkpoint:
             raise ValueError(f"run {cfg.run} has no best checkpoint")
-        run_identity = _run_identity(cfg.run, record, cfg.endpoint_url)
         # the synthetic set's classes: its manifest's, else its real set's
         class_names = [c["name"] for c in manifest.get("classes") or []] or (
             [c.name for c in schema.read_class_table(real, cfg.endpoint_url)] if real else [])
@@ -359,15 +399,11 @@ def _check_scorers(cfg: ScoreConfig, result: ScoreResult, manifest: dict[str, An
         if run_classes != class_names:
             raise ValueError(f"run {cfg.run} was trained on classes {_shown(run_classes)} but {cfg.synthetic} holds "
                              f"{_shown(class_names)}: score with a run trained on the same data set")
-    if "text" in scorers and not cfg.clip_model:
-        scorers.remove("text")
-        result.skipped["text"] = "no clip_model configured"
-        log.warning("text scorer skipped: it needs a CLIP model (clip_model: a local dir, s3:// prefix or hub id)")
-    elif "text" in scorers:  # fail here, not in every actor
+    if "text" in scorers:  # fail here, not in every actor
         from .models import resolve_model
 
         resolve_model(cfg.clip_model, cfg.cache_dir, cfg.endpoint_url, marker="config.json")
-    return checkpoint, run_identity, scorers
+    return checkpoint
 
 
 def _shown(names: list[str]) -> str:

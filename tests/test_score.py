@@ -149,6 +149,21 @@ def test_a_scorer_keeps_its_table_when_other_scorers_or_paths_change(scored, tmp
         score(cfg.replace(run=other, scorers=["classifier", "source_distance"]))
 
 
+def test_complete_scores_stand_when_their_run_is_gone(scored, tmp_path):
+    """Completeness is decided before inputs are checked: a re-run after the train run was deleted
+    has nothing to do, while incomplete scores of a missing run are still refused."""
+    from ray_dafusion.score import score
+
+    _, synthetic, run, cfg = scored
+    assert score(cfg.replace(scorers=["classifier"])).scored == {"classifier": 27}
+    shutil.rmtree(run)
+    again = score(cfg.replace(run=run + "/", scorers=["classifier"]))
+    assert again.scored == {} and again.skipped == {"classifier": f"complete (run {run}/ no longer exists; "
+                                                                  "its scores are kept)"}
+    with pytest.raises(FileNotFoundError, match="holds no train_result.json"):
+        score(cfg.replace(run=str(tmp_path / "never"), scorers=["classifier"]))
+
+
 def test_tasks_score_like_actors(scored, tmp_path):
     """compute: tasks (a sweep's many small jobs) writes the scores an actor pool writes."""
     from ray_dafusion.score import score
@@ -193,6 +208,9 @@ def test_the_text_scorer_runs_with_a_clip_model(scored, tmp_path):
     assert result.scored == {"text": 27}
     values = storage.read_parquet(storage.join(synthetic, "scores", "text", "data")).column("value").to_pylist()
     assert all(-1.0 <= v <= 1.0 for v in values) and len({round(v, 6) for v in values}) > 1
+    # complete scores need no CLIP model: a re-run after the model is gone has nothing to do
+    shutil.rmtree(clip_dir)
+    assert score(cfg.replace(scorers=["text"], clip_model=clip_dir)).skipped == {"text": "complete (same config)"}
 
 
 def test_a_run_trained_on_other_classes_is_refused(scored, tmp_path):
