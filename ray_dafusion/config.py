@@ -460,6 +460,8 @@ class ScoreConfig(StageConfig):
 
     synthetic: str = ""
     """URI of an augment output."""
+    real: Optional[str] = None
+    """URI of the ingest output the synthetic set was made from (default: the one its augment manifest records); for source_distance, e.g. when that was recorded relative to another directory."""
     run: Optional[str] = None
     """A train run (e.g. the baseline's) whose best checkpoint the classifier scorer uses."""
     scorers: list[str] = field(default_factory=lambda: ["classifier", "source_distance"])

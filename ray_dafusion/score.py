@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import posixpath
 import time
 import uuid
@@ -38,7 +39,7 @@ import pyarrow as pa
 
 from . import plan, schema, storage
 from .config import ScoreConfig, callable_stage_module
-from .errors import StageError
+from .errors import ConfigError, StageError
 from .logs import setup_logging
 from .modes import SCORERS
 from .runinfo import CostMeter, versions
@@ -104,7 +105,7 @@ _LOADED: dict[str, _ScoringModels] = {}
 """This process's models, for the score run that loaded them last (compute: tasks reuses them batch to batch)."""
 
 
-def _scoring_models(cfg: ScoreConfig, real: str, scorers: list[str], checkpoint: Optional[str],
+def _scoring_models(cfg: ScoreConfig, real: Optional[str], scorers: list[str], checkpoint: Optional[str],
                     run_id: str) -> _ScoringModels:
     """The models of one score run (`run_id`), loaded once per process: a later run, even of the same
     checkpoint path, loads afresh (the run may have been trained again since)."""
@@ -136,7 +137,7 @@ def _scoring_models(cfg: ScoreConfig, real: str, scorers: list[str], checkpoint:
     return models
 
 
-def score_batch(batch: pa.Table, cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str],
+def score_batch(batch: pa.Table, cfg: ScoreConfig, real: Optional[str], scorers: list[str], outputs: dict[str, str],
                 done: dict[str, list[str]], checkpoint: Optional[str], run_id: str) -> pa.Table:
     """One batch as a Ray Data task (compute: tasks), with this process's cached models."""
     return QualityScorer(cfg, real, scorers, outputs, done, checkpoint, run_id)(batch)
@@ -148,7 +149,7 @@ class QualityScorer:
     Loads, once: the real source images (few-shot sets are small), the run's classifier, the CLIP
     model. ``__call__`` returns one summary row per scorer (file, rows, seconds)."""
 
-    def __init__(self, cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str],
+    def __init__(self, cfg: ScoreConfig, real: Optional[str], scorers: list[str], outputs: dict[str, str],
                  done: dict[str, list[str]], checkpoint: Optional[str], run_id: str = "") -> None:
         setup_logging()
         self.cfg, self.scorers, self.outputs = cfg, scorers, outputs
@@ -268,7 +269,6 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     manifest = storage.read_manifest(cfg.synthetic, ep)
     if manifest is None or manifest.get("stage") != "augment":
         raise FileNotFoundError(f"{cfg.synthetic} holds no complete augment output (no augment {storage.MANIFEST})")
-    real = manifest.get("real") or (manifest.get("config") or {}).get("real")
     scorers = _requested(cfg, result)
     record = _run_record(cfg) if "classifier" in scorers else None
 
@@ -294,7 +294,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         log.info("%s scores in %s are %s; nothing to do", scorer, out, reason)
 
     # 3. the inputs of the scorers still to run; then refuse another config's output, find what is committed
-    checkpoint = _check_inputs(cfg, manifest, real, scorers, record)
+    checkpoint, real = _check_inputs(cfg, manifest, scorers, record)
     ids = storage.read_parquet(storage.join(cfg.synthetic, "data"), ep, columns=["id"]).column("id").to_pylist()
     outputs, done = {}, {}
     for scorer in scorers:
@@ -327,8 +327,6 @@ def score(cfg: ScoreConfig) -> ScoreResult:
 
 def _requested(cfg: ScoreConfig, result: ScoreResult) -> list[str]:
     """The configured scorers, once each; text is skipped, with a message, without a CLIP model."""
-    from .errors import ConfigError
-
     scorers = list(dict.fromkeys(cfg.scorers))
     if "classifier" in scorers and not cfg.run:
         raise ConfigError("config field 'run': the classifier scorer needs a trained run (the output of "
@@ -381,12 +379,15 @@ def _run_identity(run: str, record: dict[str, Any], endpoint_url: Optional[str])
             "checkpoint": posixpath.basename(checkpoint) or None}
 
 
-def _check_inputs(cfg: ScoreConfig, manifest: dict[str, Any], real: Optional[str], scorers: list[str],
-                  record: Optional[dict[str, Any]]) -> Optional[str]:
-    """What the scorers still to run need, checked on the driver before any actor starts; returns the
-    run's best checkpoint (for classifier). The classifier must have been trained on the synthetic
-    set's classes, in its label order: its probabilities are read by label."""
+def _check_inputs(cfg: ScoreConfig, manifest: dict[str, Any], scorers: list[str], record: Optional[dict[str, Any]]
+                  ) -> tuple[Optional[str], Optional[str]]:
+    """What the scorers still to run need, checked on the driver before any actor starts: (the run's
+    best checkpoint, for classifier; the real set as an absolute URI, for source_distance). The
+    classifier must have been trained on the synthetic set's classes, in its label order: its
+    probabilities are read by label."""
     checkpoint = None
+    needs_real = "source_distance" in scorers or ("classifier" in scorers and not manifest.get("classes"))
+    real = _real_set(cfg, manifest) if needs_real else None
     if "classifier" in scorers:
         assert record is not None  # a missing run with incomplete scores was refused when deciding completeness
         checkpoint = record.get("best_checkpoint")
@@ -403,14 +404,31 @@ def _check_inputs(cfg: ScoreConfig, manifest: dict[str, Any], real: Optional[str
         from .models import resolve_model
 
         resolve_model(cfg.clip_model, cfg.cache_dir, cfg.endpoint_url, marker="config.json")
-    return checkpoint
+    return checkpoint, real
+
+
+def _real_set(cfg: ScoreConfig, manifest: dict[str, Any]) -> str:
+    """The real data set the synthetic images came from (`real`, else the one their augment manifest
+    records), as an absolute URI: scoring actors run in another directory."""
+    real = cfg.real or manifest.get("real") or (manifest.get("config") or {}).get("real")
+    if not real:
+        raise ConfigError(f"config field 'real': the augment manifest of {cfg.synthetic} names no real data set; "
+                          "give the ingest output it was made from with --real URI")
+    uri = storage.absolute(real)
+    if not storage.parquet_files(storage.join(uri, "train"), cfg.endpoint_url):
+        where = "given as real" if cfg.real else f"as the augment manifest of {cfg.synthetic} records it"
+        relative = f", read from {os.getcwd()}" if uri != real else ""
+        raise FileNotFoundError(f"real data set {real} ({where}{relative}) has no train split ({uri}/train): give "
+                                "the ingest output the synthetic set was made from with --real URI (absolute, or "
+                                "relative to this directory)")
+    return uri
 
 
 def _shown(names: list[str]) -> str:
     return f"{names[:5]}{'...' if len(names) > 5 else ''}" if names else "no classes on record"
 
 
-def _run(cfg: ScoreConfig, real: str, scorers: list[str], outputs: dict[str, str], done: dict[str, list[str]],
+def _run(cfg: ScoreConfig, real: Optional[str], scorers: list[str], outputs: dict[str, str], done: dict[str, list[str]],
          checkpoint: Optional[str], ids: list[str]) -> list[dict[str, Any]]:
     import ray.data
     from ray.data.expressions import col

@@ -164,6 +164,32 @@ def test_complete_scores_stand_when_their_run_is_gone(scored, tmp_path):
         score(cfg.replace(run=str(tmp_path / "never"), scorers=["classifier"]))
 
 
+def test_the_real_set_is_resolved_and_checked_on_the_driver(scored, tmp_path, monkeypatch):
+    """A real set recorded relative to where augment ran is read from the driver's directory and given
+    to the actors as an absolute URI; missing, it is refused before any actor starts; `real` overrides it."""
+    from ray_dafusion.score import score
+
+    real, synthetic, _, cfg = scored
+    relative = os.path.relpath(real, tmp_path)
+    storage.write_manifest(synthetic, {**storage.read_manifest(synthetic), "real": relative})
+    moved, lost = str(tmp_path / "moved"), str(tmp_path / "lost")
+    shutil.copytree(synthetic, moved)
+    shutil.copytree(synthetic, lost)
+    cfg = cfg.replace(scorers=["source_distance"])
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"real data set {relative} (as the augment manifest of {synthetic} records it, read from "
+            f"{tmp_path / 'elsewhere'}) has no train split")):
+        score(cfg)
+    assert not storage.exists(storage.join(synthetic, "scores", "source_distance"))  # refused before writing
+    assert score(cfg.replace(synthetic=moved, real=real)).scored == {"source_distance": 27}
+    monkeypatch.chdir(tmp_path)
+    assert score(cfg).scored == {"source_distance": 27}
+    with pytest.raises(FileNotFoundError, match=re.escape(f"real data set {tmp_path / 'nope'} (given as real) has no")):
+        score(cfg.replace(synthetic=lost, real=str(tmp_path / "nope")))
+
+
 def test_tasks_score_like_actors(scored, tmp_path):
     """compute: tasks (a sweep's many small jobs) writes the scores an actor pool writes."""
     from ray_dafusion.score import score
