@@ -3,7 +3,7 @@
 Every stage writes ``cost`` into its manifest (wall seconds, CPU core-seconds, GPU-seconds, peak
 memory, images or samples per second, and a cost estimate from the config's ``cost.prices``);
 ``ray-dafusion report WORKDIR`` gathers them, sums them, and points to the gallery sheets and the
-results tables it finds.
+results tables it finds. A run that wrote several outputs (score: one per scorer) is counted once.
 """
 
 from __future__ import annotations
@@ -76,9 +76,11 @@ def report(cfg: ReportConfig) -> ReportResult:
             "rate": rate,
             "peak_memory_gib": round(cost["peak_memory_bytes"] / 2**30, 2) if cost.get("peak_memory_bytes") else None,
             "estimated_cost": cost.get("estimated_cost"),
+            "_run": cost.get("run_id"),
         })
     order = ["ingest", "pretrain", "invert", "erase", "augment", "score", "train", "evaluate"]
     rows.sort(key=lambda r: (order.index(r["stage"]) if r["stage"] in order else len(order), r["output"]))
+    _count_shared_runs_once(rows)
     totals = {k: round(sum(r[k] or 0 for r in rows), 3)
               for k in ("wall_seconds", "cpu_core_seconds", "gpu_seconds", "estimated_cost")}
     links = sorted(u for u in storage.list_files(cfg.workdir, "", ep, recursive=True)
@@ -90,6 +92,22 @@ def report(cfg: ReportConfig) -> ReportResult:
              len(rows), cfg.workdir, totals["wall_seconds"], totals["cpu_core_seconds"], totals["gpu_seconds"],
              totals["estimated_cost"], output)
     return ReportResult(output, rows, totals, links, table)
+
+
+def _count_shared_runs_once(rows: list[dict[str, Any]]) -> None:
+    """One run that wrote several outputs (score, one per scorer) records its whole cost in each, with
+    its ``run_id``: the first of its rows keeps the cost, the others point to it."""
+    first: dict[str, str] = {}
+    for r in rows:
+        run = r.pop("_run")
+        if run is None:
+            continue
+        if run not in first:
+            first[run] = r["output"]
+            continue
+        for k in ("wall_seconds", "cpu_core_seconds", "gpu_seconds", "rate", "peak_memory_gib", "estimated_cost"):
+            r[k] = None
+        r["work"] += f" (one run with {first[run]}: its cost is counted there)"
 
 
 def _fmt(value: Optional[float], digits: int = 1) -> str:

@@ -306,9 +306,13 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     summaries = _run(cfg, real, scorers, outputs, done, checkpoint, ids) if scorers else []
     meter.add_actor_seconds(sum(s["seconds"] for s in summaries), cfg.num_cpus, cfg.num_gpus)
 
-    # 5. per scorer: exactly one row per synthetic id, then its manifest, last
+    # 5. per scorer: exactly one row per synthetic id, then its manifest, last; the run's one cost goes
+    # into each, marked with the run's id, so that report counts it once
     for scorer in scorers:
         _verify(outputs[scorer], ids, ep)
+    images = len(set(ids) - set.intersection(*(set(done[s]) for s in scorers))) if scorers else 0
+    cost = {**meter.report(images=images), "run_id": uuid.uuid4().hex, "shared_by": list(scorers)}
+    for scorer in scorers:
         scored = sum(s["rows"] for s in summaries if s["scorer"] == scorer)
         result.scores[scorer], result.scored[scorer] = outputs[scorer], scored
         storage.write_manifest(outputs[scorer], {
@@ -317,7 +321,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
             "checkpoint": checkpoint if scorer == "classifier" else None,
             "columns": {k: str(v) for k, v in SCORE_COLUMNS[scorer].items()},
             "counts": {"rows": len(ids), "scored_now": scored},
-            "cost": meter.report(images=scored), "versions": versions(),
+            "cost": cost, "versions": versions(),
         }, ep)
     result.seconds = round(time.time() - started, 2)
     log.info("%s: %s", cfg.synthetic, "; ".join(

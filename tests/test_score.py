@@ -190,6 +190,23 @@ def test_the_real_set_is_resolved_and_checked_on_the_driver(scored, tmp_path, mo
         score(cfg.replace(synthetic=lost, real=str(tmp_path / "nope")))
 
 
+def test_the_report_counts_a_multi_scorer_run_once(scored):
+    from ray_dafusion.report import report
+    from ray_dafusion.score import score
+
+    _, synthetic, _, cfg = scored
+    score(cfg.replace(scorers=["classifier", "source_distance"]))
+    costs = [storage.read_manifest(storage.join(synthetic, "scores", s))["cost"] for s in ("classifier", "source_distance")]
+    assert costs[0] == costs[1] and costs[0]["shared_by"] == ["classifier", "source_distance"]
+    result = report(ReportConfig(workdir=synthetic))  # the synthetic fixture's augment manifest records no cost
+    assert costs[0]["cpu_core_seconds"] > 0
+    assert result.totals["cpu_core_seconds"] == pytest.approx(costs[0]["cpu_core_seconds"], abs=1e-3)
+    assert result.totals["wall_seconds"] == pytest.approx(costs[0]["wall_seconds"], abs=1e-3)
+    shared = [r for r in result.rows if r["stage"] == "score" and r["cpu_core_seconds"] is None]
+    assert [r["output"] for r in shared] == ["scores/source_distance"]
+    assert "its cost is counted there" in shared[0]["work"] and "scores/classifier" in shared[0]["work"]
+
+
 def test_tasks_score_like_actors(scored, tmp_path):
     """compute: tasks (a sweep's many small jobs) writes the scores an actor pool writes."""
     from ray_dafusion.score import score
