@@ -102,7 +102,7 @@ def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Calla
     groups = [list(todo[i:i + classes_per_task]) for i in range(0, len(todo), classes_per_task)]
     plan.check(stage, plan.Demand("per-class task", len(groups), {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus, **pin},
                                   size_fields={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-                                  needs_data_tasks=False), cap)
+                                  needs_data_tasks=False, all_at_once=False), cap)
     # "DEFAULT": never inside a caller's placement group (a sweep trial's), which has no room for them
     remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, scheduling_strategy="DEFAULT",
                         **({"resources": pin} if pin else {}))(task)

@@ -53,6 +53,9 @@ class Demand:
     """The config fields that size one unit, and their values, for the error message."""
     needs_data_tasks: bool = True
     """Whether Ray Data read/write tasks must run beside these workers."""
+    all_at_once: bool = True
+    """Whether the units must all run at once (an actor pool, a Ray Train worker group); tasks that
+    queue (per-class ones) need only that each fits on some node."""
 
 
 @dataclass
@@ -172,10 +175,11 @@ def check(stage: str, demand: Demand, cap: Optional[ClusterCapacity] = None) -> 
             f"{stage}: {what}: no node {'can have' if cap.autoscaling else 'has'} that much for one of them; "
             f"{_nodes_text(cap, keys)}. " + _fix(demand, cap, 1, 0.0)
         )
-    if not demand.needs_data_tasks:
+    if not demand.all_at_once:
         return demand.count
-    # 2. every unit at once, with one node keeping a CPU free for Ray Data's read and write tasks
-    need = DATA_TASK_CPUS
+    # 2. every unit at once, with one node keeping a CPU free for Ray Data's read and write tasks when
+    # they run beside the units
+    need = DATA_TASK_CPUS if demand.needs_data_tasks else 0.0
     fit = int(min(demand.count, _placeable(unit, shapes, need)))
     if fit >= demand.count:
         if cap.autoscaling and _placeable(unit, cap.shapes(now_only=True), need) < demand.count:

@@ -30,13 +30,21 @@ def test_a_plan_that_starves_ray_data_is_lowered_or_refused(caplog):
     with pytest.raises(ConfigError, match=r"no node has that much.*Set num_gpus to 0 \(now 1\) or add GPU nodes"):
         plan.check("augment", _actors(1, 0.5, gpus=1.0), TWO_CPUS)
     # tasks that queue (per-class) only need to fit one at a time
-    tasks = plan.Demand("per-class task", 10, {"CPU": 1.0}, size_fields={"num_cpus": 1.0}, needs_data_tasks=False)
+    tasks = plan.Demand("per-class task", 10, {"CPU": 1.0}, size_fields={"num_cpus": 1.0}, needs_data_tasks=False,
+                        all_at_once=False)
     assert plan.check("invert", tasks, TWO_CPUS) == 10
+    # a worker group without Ray Data beside it (train on a cached union) still starts all at once
+    group = plan.Demand("training workers", 3, {"CPU": 1.0}, size_fields={"cpus_per_worker": 1.0},
+                        needs_data_tasks=False)
+    with pytest.raises(ConfigError, match=r"at most 2 of them fit on the nodes at once.*cpus_per_worker to at most "
+                                          r"0.66 \(now 1\)"):
+        plan.check("train", group, TWO_CPUS)
+    assert plan.check("train", plan.Demand("training workers", 2, {"CPU": 1.0}, needs_data_tasks=False), TWO_CPUS) == 2
 
 
 def _tasks(count, cpus):
     return plan.Demand("per-class tasks", count, {"CPU": cpus, "GPU": 0.0},
-                       size_fields={"num_cpus": cpus, "num_gpus": 0.0}, needs_data_tasks=False)
+                       size_fields={"num_cpus": cpus, "num_gpus": 0.0}, needs_data_tasks=False, all_at_once=False)
 
 
 def test_the_plan_is_packed_node_by_node_not_against_the_clusters_sum(caplog):
