@@ -180,7 +180,11 @@ def run_trial(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
 
 
 def _trial_fingerprint(cfg: SweepConfig, trial: Trial) -> str:
-    return storage.fingerprint({k: config_fingerprint(v) for k, v in _stage_configs(cfg, trial).items()})
+    """The trial's stage configs and the pool they draw from (by its ingest fingerprint): a pool
+    ingested again from another source leaves no trial finished."""
+    pool = storage.read_manifest(_paths(cfg, trial)["pool"], cfg.endpoint_url) or {}
+    return storage.fingerprint({"pool": pool.get("config_fingerprint"),
+                                **{k: config_fingerprint(v) for k, v in _stage_configs(cfg, trial).items()}})
 
 
 def _tune_trainable(config: dict[str, Any]) -> None:

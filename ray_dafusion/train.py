@@ -888,8 +888,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     run_uri = storage.join(cfg.output, name)
     ep = cfg.endpoint_url
 
-    # 1. a finished run of this config with at least these epochs: nothing to do (more epochs resume)
-    made_of = config_record(cfg, alpha=alpha)
+    # 1. a finished run of this config and these inputs with at least these epochs: nothing to do
+    # (more epochs resume)
+    made_of = config_record(cfg, alpha=alpha, **_input_identities(cfg))
     config_fp = storage.fingerprint(made_of)
     done = _finished_run(run_uri, config_fp, cfg.epochs, ep)
     if done is not None:
@@ -918,6 +919,23 @@ def train(cfg: TrainConfig) -> TrainResult:
              "accuracy %s; run, checkpoints and %s in %s (%.1fs)", name, out.epochs_completed, out.optimizer_steps,
              len(data.real_labels), data.num_synthetic, acc, RESULT_FILE, run_uri, out.seconds)
     return out
+
+
+def _input_identities(cfg: TrainConfig) -> dict[str, Any]:
+    """What the run trains on, by content: the config fingerprints of the real set, the synthetic set
+    and, with a filter, the score tables it reads. Inputs re-made with another config (a sweep's pool
+    from another source, a synthetic set made again) make another run, never a finished one."""
+    from .filters import parse_filter
+
+    ep = cfg.endpoint_url
+    inputs: dict[str, Any] = {"real": (storage.read_manifest(cfg.real, ep) or {}).get("config_fingerprint")}
+    if cfg.synthetic and TRAIN_METHODS[cfg.method].synthetic_mode:
+        inputs["synthetic"] = (storage.read_manifest(cfg.synthetic, ep) or {}).get("config_fingerprint")
+        if cfg.synthetic_filter:
+            scores = storage.join(cfg.synthetic, "scores")
+            inputs["scores"] = {scorer: (storage.read_manifest(storage.join(scores, scorer), ep) or {}).get(
+                "config_fingerprint") for scorer in sorted(parse_filter(cfg.synthetic_filter, None).columns)}
+    return inputs
 
 
 def _finished_run(run_uri: str, config_fp: str, epochs: int, ep: Optional[str]) -> Optional[TrainResult]:

@@ -73,6 +73,21 @@ def test_the_filtered_method_scores_the_shared_synthetic_set_with_its_seeds_base
     assert filtered["train"].name == "da_fusion_filtered-k2-s3"
 
 
+def test_a_pool_ingested_again_from_another_source_leaves_no_trial_finished(tmp_path):
+    """The trials' stage configs name the pool by its path only: its ingest fingerprint (which
+    holds the source) is part of each trial's, so finished trials of another pool are not reused."""
+    from ray_dafusion.sweep import Trial, _trial_fingerprint
+
+    cfg = SweepConfig.from_dict({"source": "/data/a", "workdir": str(tmp_path)})
+    trial = Trial("da_fusion", 2, 0)
+    pool = str(tmp_path / "real" / "pool")
+    storage.write_manifest(pool, {"stage": "ingest", "config_fingerprint": "pool-of-a"})
+    of_a = _trial_fingerprint(cfg, trial)
+    assert _trial_fingerprint(cfg, trial) == of_a
+    storage.write_manifest(pool, {"stage": "ingest", "config_fingerprint": "pool-of-b"})
+    assert _trial_fingerprint(cfg.replace(source="/data/b"), trial) != of_a
+
+
 @pytest.mark.slow
 def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_path):
     from ray_dafusion.sample_data import write_digits

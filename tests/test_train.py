@@ -436,6 +436,21 @@ def test_local_runner_resumes_from_file_uris_and_keeps_to_its_runner(ray_session
         train(cfg.replace(epochs=3, num_workers=1, cpus_per_worker=0.5))
 
 
+def test_a_run_of_a_remade_input_is_not_taken_as_finished(ray_session, make_real, tmp_path):
+    """A finished run is reused only for the same inputs by content: a synthetic set made again
+    with another config (the same path) makes the re-run refuse, naming the input that changed."""
+    real = make_real(class_names=CLASSES, per_split={"train": 2, "val": 1, "test": 1}, size=32)
+    synthetic = write_synthetic(real, str(tmp_path / "synthetic"), m=1)
+    storage.write_manifest(synthetic, {**storage.read_manifest(synthetic), "config_fingerprint": "first"})
+    cfg = TrainConfig(real=real, synthetic=synthetic, output=str(tmp_path / "runs"), method="da_fusion", alpha=0.5,
+                      arch="resnet18", image_size=32, epochs=1, batch_size=3, iterations_per_epoch=2, num_workers=0)
+    first = train(cfg)
+    assert train(cfg).best_checkpoint == first.best_checkpoint  # the same inputs: finished, nothing to do
+    storage.write_manifest(synthetic, {**storage.read_manifest(synthetic), "config_fingerprint": "second"})
+    with pytest.raises(storage.StorageError, match="synthetic.*first.*second"):
+        train(cfg)
+
+
 def test_exact_batches_recut_without_loss():
     chunks = [(torch.zeros(n, 1), torch.arange(n), np.full(n, -1), np.array([f"{i}-{k}" for k in range(n)]))
               for i, n in enumerate([3, 0, 5, 1, 6])]
