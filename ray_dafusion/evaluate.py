@@ -26,6 +26,7 @@ from .classifier import CHECKPOINT_MODEL, decode_uint8, eval_transform, load_cla
 from .config import EvaluateConfig, callable_stage_module
 from .configlib import config_record
 from .errors import StageError
+from .modes import AUGMENT_MODES
 from .runinfo import CostMeter, versions
 from .watchdog import Watchdog
 
@@ -199,11 +200,11 @@ def _shots_plot(runs: list[dict[str, Any]], uri: str, endpoint_url: Optional[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # runs of the same method and shots (e.g. several seeds) are averaged
+    # runs of the same method, setting and shots (e.g. several seeds) are averaged
     points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in runs:
+    for r, label in zip(runs, _line_labels(runs)):
         if r["examples_per_class"]:
-            points[r["method"]][r["examples_per_class"]].append(r["mean_class_acc"])
+            points[label][r["examples_per_class"]].append(r["mean_class_acc"])
     unknown = [r["name"] for r in runs if not r["examples_per_class"]]
     if unknown:  # no place on a shots axis; the table has them
         log.warning("%s leaves out %d run(s) whose real set records no examples_per_class (%s); results.md has them",
@@ -211,9 +212,9 @@ def _shots_plot(runs: list[dict[str, Any]], uri: str, endpoint_url: Optional[str
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if unknown:
         ax.set_title(f"{len(unknown)} run(s) of unknown shots left out (see results.md)", fontsize=8)
-    for method, by_shots in sorted(points.items()):
+    for label, by_shots in sorted(points.items()):
         xs = sorted(by_shots)
-        ax.plot(xs, [float(np.mean(by_shots[x])) for x in xs], marker="o", label=method)
+        ax.plot(xs, [float(np.mean(by_shots[x])) for x in xs], marker="o", label=label)
     ax.set_xlabel("examples per class")
     ax.set_ylabel("mean per-class accuracy")
     ax.set_xscale("log", base=2)
@@ -350,11 +351,46 @@ def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], 
         shots = shots if shots is not None else default_shots
         runs.append({
             "name": name, "run": run_uri, "method": record["method"], "alpha": record["alpha"],
-            "examples_per_class": shots, "best_checkpoint": record["best_checkpoint"],
+            "setting": _setting(record, ep), "examples_per_class": shots, "best_checkpoint": record["best_checkpoint"],
             "best_val_mean_class_acc": record.get("best_val_mean_class_acc"),
             **class_metrics(y, np.array([preds[i] for i in ids], np.int64), num_classes),
         })
     return runs
+
+
+def _setting(record: dict[str, Any], endpoint_url: Optional[str]) -> dict[str, Any]:
+    """Besides its method, shots and seed, what a run was trained with that moves its numbers: alpha,
+    the synthetic set's t0 levels, the synthetic filter, RandAugment. A sweep's da_fusion,
+    da_fusion_k1 and da_fusion_filtered share the method and differ here."""
+    levels = None
+    if record.get("synthetic"):
+        made = storage.read_manifest(record["synthetic"], endpoint_url) or {}
+        mode = AUGMENT_MODES.get(made.get("mode") or "")
+        levels = (made.get("config") or {}).get("strengths") or (list(mode.default_strengths) if mode else None)
+    return {"alpha": record.get("alpha"), "t0": levels,
+            "filter": (record.get("config") or {}).get("synthetic_filter"), "randaugment": record.get("randaugment")}
+
+
+def _line_labels(runs: list[dict[str, Any]]) -> list[str]:
+    """One label per run for the shots plot: its method, and, where runs of one method differ in
+    setting, the parts of the setting that differ (runs of one label are one line)."""
+    settings: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if r.get("setting") not in settings[r["method"]]:
+            settings[r["method"]].append(r.get("setting"))
+    labels = []
+    for r in runs:
+        mine = settings[r["method"]]
+        differ = [k for k in (r.get("setting") or {}) if len({repr((s or {}).get(k)) for s in mine}) > 1]
+        shown = ", ".join(f"{k} {_shown_value(r['setting'][k])}" for k in differ)
+        labels.append(f"{r['method']} ({shown})" if shown else r["method"])
+    return labels
+
+
+def _shown_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "/".join(f"{v:g}" for v in value)
+    return "none" if value is None else str(value)
 
 
 def _write_outputs(cfg: EvaluateConfig, runs: list[dict[str, Any]], class_names: list[str], config_fp: str,

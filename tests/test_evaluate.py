@@ -69,6 +69,22 @@ def test_the_shots_plot_says_which_runs_it_leaves_out(tmp_path, caplog):
     assert "leaves out 1 run(s) whose real set records no examples_per_class (b)" in caplog.text
 
 
+def test_the_shots_plot_keeps_runs_of_one_method_but_other_settings_apart():
+    """A sweep's da_fusion, da_fusion_k1 and da_fusion_filtered all train method da_fusion: one line
+    each, labelled by what differs (their seeds still average into one line)."""
+    from ray_dafusion.evaluate import _line_labels
+
+    four, one = [0.25, 0.5, 0.75, 1.0], [0.5]
+    setting = {"alpha": 0.5, "t0": four, "filter": None, "randaugment": True}
+    runs = [{"method": "baseline", "setting": {**setting, "alpha": 0.0, "t0": None}},
+            {"method": "da_fusion", "setting": setting}, {"method": "da_fusion", "setting": dict(setting)},
+            {"method": "da_fusion", "setting": {**setting, "t0": one}},
+            {"method": "da_fusion", "setting": {**setting, "filter": "classifier.top1_is_label == 1"}}]
+    assert _line_labels(runs) == [
+        "baseline", "da_fusion (t0 0.25/0.5/0.75/1, filter none)", "da_fusion (t0 0.25/0.5/0.75/1, filter none)",
+        "da_fusion (t0 0.5, filter none)", "da_fusion (t0 0.25/0.5/0.75/1, filter classifier.top1_is_label == 1)"]
+
+
 def test_results_table_and_plots(ray_session, make_real, tmp_path):
     real4 = make_real(class_names=CLASSES, per_split={"train": 4, "val": 1, "test": 2}, size=32)
     real1 = make_real(class_names=CLASSES, per_split={"train": 1, "val": 1, "test": 2}, size=32)
