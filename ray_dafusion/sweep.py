@@ -28,19 +28,19 @@ import io
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import storage
+from . import schema, storage
 from .config import (
     SweepConfig,
     callable_stage_module,
 )
 from .configlib import config_fingerprint
-from .errors import StageError
+from .errors import ConfigError, StageError
 from .logs import setup_logging
 from .modes import AUGMENT_MODES, SWEEP_VARIANTS, TRAIN_METHODS
 
@@ -337,6 +337,7 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     pool_cfg = dataclasses.replace(cfg.ingest, source=cfg.source, output=storage.join(cfg.workdir, "real", "pool"),
                                    examples_per_class=None, **({"endpoint_url": ep} if ep else {}))
     ingest(pool_cfg)
+    _check_pool_holds_the_shots(cfg, pool_cfg.output)
 
     # 2. the trials not finished with this config, on Ray Tune
     done = _finished(cfg, trials)
@@ -372,6 +373,22 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     for line in _markdown(rows).splitlines()[2:2 + len(rows)]:
         log.info("%s", line)
     return SweepResult(cfg.workdir, len(trials), len(todo), rows, files, seconds)
+
+
+def _check_pool_holds_the_shots(cfg: SweepConfig, pool: str) -> None:
+    """Every class has train images for the largest shot count (checked before any trial: a
+    trial would fail on it only after the smaller shot counts had run)."""
+    if cfg.ingest.allow_fewer:
+        return
+    ep, most = cfg.endpoint_url, max(cfg.shots)
+    have = Counter(storage.read_parquet(storage.join(pool, "train"), ep, columns=["class_name"])
+                   .column("class_name").to_pylist())
+    short = {c.name: have.get(c.name, 0) for c in schema.read_class_table(pool, ep) if have.get(c.name, 0) < most}
+    if short:
+        shown = ", ".join(f"{name} {n}" for name, n in sorted(short.items(), key=lambda kv: kv[1])[:5])
+        raise ConfigError(f"config field 'shots': {most} examples per class, but the pool of {cfg.source} has fewer "
+                          f"train images for {len(short)} class(es) ({shown}); lower shots or set "
+                          "ingest.allow_fewer: true")
 
 
 def _write_digits(cfg: SweepConfig) -> str:

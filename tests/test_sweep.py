@@ -88,6 +88,20 @@ def test_a_pool_ingested_again_from_another_source_leaves_no_trial_finished(tmp_
     assert _trial_fingerprint(cfg.replace(source="/data/b"), trial) != of_a
 
 
+def test_shots_beyond_a_class_pool_are_refused_before_any_trial(make_real):
+    from ray_dafusion.config import ConfigError
+    from ray_dafusion.sweep import _check_pool_holds_the_shots
+
+    pool = make_real(per_split={"train": 2, "val": 1, "test": 1})  # 2 train images per class
+    cfg = SweepConfig.from_dict({"source": "/data/a", "shots": [1, 3]})
+    with pytest.raises(ConfigError, match=r"'shots': 3 examples per class, .* fewer train images for 2 class\(es\) "
+                                          r"\(cat 2, dog 2\)"):
+        _check_pool_holds_the_shots(cfg, pool)
+    _check_pool_holds_the_shots(cfg.replace(shots=[1, 2]), pool)
+    _check_pool_holds_the_shots(SweepConfig.from_dict({"source": "/data/a", "shots": [3],
+                                                       "ingest": {"allow_fewer": True}}), pool)
+
+
 @pytest.mark.slow
 def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_path):
     from ray_dafusion.sample_data import write_digits
