@@ -110,9 +110,10 @@ def load_image_file(data: bytes, max_size: Optional[int] = None) -> tuple[bytes,
 
 # ---- listing: folder / VOC / COCO -----------------------------------------------------------
 #
-# Each listed item is {key, uri, class_name, annotation, given}: `given` names the split the source
-# itself assigns ("train", "val", "test", or "holdout" to be divided into val and test), or is
-# None when the source has no splits of its own.
+# Each listed item is {key, uri, class_name, annotation, given}: `annotation` names the entry that
+# labels it (a VOC XML, a COCO image entry; None in a folder), `given` the split the source itself
+# assigns ("train", "val", "test", or "holdout" to be divided into val and test), or is None when
+# the source has no splits of its own.
 
 GIVEN_SPLITS = ("train", "val", "test")
 
@@ -133,6 +134,7 @@ def _list_source(cfg: IngestConfig) -> _Listing:
         listing = _list_voc(cfg)
     else:
         listing = _list_coco(cfg)
+    _quarantine_second_annotations(listing)
     if cfg.classes is not None:
         wanted = set(cfg.classes)
         missing = sorted(wanted - {i["class_name"] for i in listing.items} - set(listing.class_dirs))
@@ -144,6 +146,23 @@ def _list_source(cfg: IngestConfig) -> _Listing:
     if not listing.items:
         raise ValueError(f"no images found in {cfg.source} (format: {cfg.format})")
     return listing
+
+
+def _quarantine_second_annotations(listing: _Listing) -> None:
+    """One row per image file: two VOC XMLs with one <filename>, or two COCO entries with one
+    file_name, would give two rows one key. The first (by annotation file, or by place in the
+    'images' list) labels the image; each later one goes to the errors table."""
+    first: dict[str, dict[str, Any]] = {}
+    kept = []
+    for item in listing.items:
+        seen = first.setdefault(item["key"], item)
+        if seen is item:
+            kept.append(item)
+            continue
+        listing.errors.append({"stage": "ingest", "item": item["annotation"], "class_name": item["class_name"],
+                               "reason": f"second annotation of one image ({item['key']}; the first, "
+                                         f"{seen['annotation']}, labels it {seen['class_name']!r} and is used)"})
+    listing.items = kept
 
 
 def _list_folder(cfg: IngestConfig) -> _Listing:
@@ -286,7 +305,8 @@ def _coco_items(data: dict[str, Any], img_dir: str, given: Optional[str], prefix
                            "reason": f"image entry without a file_name (got {fname!r})"})
             continue
         items.append({"key": prefix + fname, "uri": storage.join(img_dir, fname),
-                      "class_name": categories[largest[img["id"]][1]], "annotation": None, "given": given})
+                      "class_name": categories[largest[img["id"]][1]], "annotation": f"{prefix}image {img['id']}",
+                      "given": given})
     return items, no_objects
 
 

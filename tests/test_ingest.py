@@ -229,6 +229,44 @@ def test_coco_largest_area_labels_the_image(tmp_path):
         ("image 5", "image entry without a file_name (got None)")]
 
 
+def test_an_image_annotated_twice_is_used_once_and_the_later_annotation_quarantined(tmp_path):
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    for i in range(4):
+        _save(_png(i), str(root / "JPEGImages" / f"{i}.jpg"), fmt="JPEG")
+        (root / "Annotations" / f"{i}.xml").write_text(_voc_xml(f"{i}.jpg", [("cat" if i < 2 else "dog", (0, 0, 5, 5))]))
+    (root / "Annotations" / "z.xml").write_text(_voc_xml("0.jpg", [("dog", (0, 0, 5, 5))]))  # 0.jpg again
+    res = ingest(IngestConfig(source=str(root), format="voc", output=str(tmp_path / "v"), examples_per_class=1,
+                              val_per_class=0, test_per_class=1))
+    rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
+    assert sorted((r["source_path"], r["class_name"]) for r in rows) == [
+        ("JPEGImages/0.jpg", "cat"), ("JPEGImages/1.jpg", "cat"), ("JPEGImages/2.jpg", "dog"),
+        ("JPEGImages/3.jpg", "dog")]
+    errors = storage.read_parquet(storage.join(res.output, "errors")).to_pylist()
+    assert [(e["item"], e["class_name"], e["reason"]) for e in errors] == [
+        ("Annotations/z.xml", "dog", "second annotation of one image (JPEGImages/0.jpg; the first, "
+                                     "Annotations/0.xml, labels it 'cat' and is used)")]
+    assert storage.read_manifest(res.output)["counts"]["error_reasons"] == {"second annotation of one image": 1}
+
+    images = tmp_path / "coco" / "images"
+    for i in range(4):
+        _save(_png(10 + i), str(images / f"{i}.png"))
+    imgs = [{"id": i, "file_name": f"{i}.png"} for i in range(4)] + [{"id": 9, "file_name": "1.png"}]
+    anns = [{"id": i, "image_id": i, "category_id": 1 + i // 2, "area": 5.0} for i in range(4)]
+    anns.append({"id": 9, "image_id": 9, "category_id": 1, "area": 5.0})  # the same label twice
+    ann_file = tmp_path / "coco" / "instances.json"
+    ann_file.write_text(json.dumps({"images": imgs, "annotations": anns,
+                                    "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    res = ingest(IngestConfig(source=str(ann_file), format="coco", images_dir=str(images),
+                              output=str(tmp_path / "c"), examples_per_class=1, val_per_class=0, test_per_class=1))
+    rows = [r for s in ("train", "val", "test") for r in _read_split(res.output, s)]
+    assert sorted((r["source_path"], r["class_name"]) for r in rows) == [
+        ("0.png", "a"), ("1.png", "a"), ("2.png", "b"), ("3.png", "b")]
+    errors = storage.read_parquet(storage.join(res.output, "errors")).to_pylist()
+    assert [(e["item"], e["reason"]) for e in errors] == [
+        ("image 9", "second annotation of one image (1.png; the first, image 1, labels it 'a' and is used)")]
+
+
 def test_unreadable_coco_json_is_a_clear_error(tmp_path):
     bad = tmp_path / "instances.json"
     bad.write_text("{not json")
