@@ -173,19 +173,26 @@ def _list_folder(cfg: IngestConfig) -> _Listing:
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"ingest source {cfg.source} is not a directory (format: folder expects root/<class>/*)")
-    top = storage.list_dirs(cfg.source, cfg.endpoint_url)
-    given = "train" in top and set(top) <= set(GIVEN_SPLITS)
+    top = [d for d in storage.list_dirs(cfg.source, cfg.endpoint_url) if not _ignored_folder(d)]
+    given = _given_splits(cfg.source, top)
     if given:
         log.info("%s has %s/ folders: using them as the data set's own splits", cfg.source, "/, ".join(top))
-    class_dirs = sorted({c for t in top for c in storage.list_dirs(storage.join(cfg.source, t), cfg.endpoint_url)}) \
-        if given else top
+    class_dirs = sorted({c for t in top for c in storage.list_dirs(storage.join(cfg.source, t), cfg.endpoint_url)
+                         if not _ignored_folder(c)}) if given else top
     items, errors = [], []
     depth = 3 if given else 2
+    ignored: dict[str, int] = defaultdict(int)  # ignored split or class folder -> files in it
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if entry.type != pafs.FileType.File:
-            continue
         rel = posixpath.relpath(entry.path.replace(os.sep, "/"), root.replace(os.sep, "/"))
         parts = rel.split("/")
+        is_file = entry.type == pafs.FileType.File
+        folders = parts[:-1] if is_file else parts
+        hidden = next((i for i, p in enumerate(folders[:depth - 1]) if _ignored_folder(p)), None)
+        if hidden is not None:
+            ignored["/".join(parts[:hidden + 1])] += int(is_file)
+            continue
+        if not is_file:
+            continue
         if len(parts) < depth:
             where = "a split folder, not inside a class folder" if given and len(parts) == 2 else "the top level"
             errors.append({"stage": "ingest", "item": rel, "class_name": None,
@@ -193,7 +200,38 @@ def _list_folder(cfg: IngestConfig) -> _Listing:
             continue
         items.append({"key": rel, "uri": storage.join(cfg.source, rel), "class_name": parts[depth - 2],
                       "annotation": None, "given": parts[0] if given else None})
-    return _Listing(items, errors, class_dirs)
+    skipped = {"in_ignored_folders": sum(ignored.values())} if sum(ignored.values()) else {}
+    if ignored:
+        log.info("%s: ignoring the folders %s (hidden or __MACOSX, so neither classes nor splits); the %d files in "
+                 "them are counted as skipped 'in_ignored_folders'", cfg.source,
+                 ", ".join(f"{d}/" for d in sorted(ignored)), sum(ignored.values()))
+    return _Listing(items, errors, class_dirs, skipped)
+
+
+def _ignored_folder(name: str) -> bool:
+    """Folders that tools leave beside the data (.ipynb_checkpoints, .git, macOS zip's __MACOSX)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _given_splits(source: str, top: list[str]) -> bool:
+    """Whether the top-level folders are the data set's own splits; a mix of split and class folders
+    (or val/ or test/ without train/) cannot be read either way and is refused."""
+    splits = [d for d in top if d in GIVEN_SPLITS]
+    if not splits:
+        return False
+    odd = [d for d in top if d not in GIVEN_SPLITS]
+    if odd:
+        raise ConfigError(
+            f"config field 'source': {source} has the split folders {', '.join(d + '/' for d in splits)} beside "
+            f"other folders ({', '.join(d + '/' for d in odd)}), so it is neither root/<class>/* nor "
+            "root/{train,val,test}/<class>/*; move the class folders into the split folders, or the split "
+            "folders out, or rename a class that is called train, val or test")
+    if "train" not in splits:
+        raise ConfigError(
+            f"config field 'source': {source} has {', '.join(d + '/' for d in splits)} but no train/; a source "
+            "with its own splits needs root/train/<class>/* (val/ and test/ are optional), and class folders "
+            "may not be called val or test")
+    return True
 
 
 def _voc_largest(xml_bytes: bytes) -> tuple[Optional[str], Optional[str], int, int]:

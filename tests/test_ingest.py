@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from ray_dafusion import IngestConfig, schema, storage
+from ray_dafusion.errors import ConfigError
 from ray_dafusion.ingest import ingest, load_image_file
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -372,6 +374,44 @@ def test_source_given_splits_are_kept(tmp_path):
     assert val_a == {r["source_path"] for r in _read_split(b.output, "val")} and len(val_a) == 4
     assert all(p.startswith("train/") for p in val_a)
     assert not val_a & {r["source_path"] for r in _read_split(b.output, "train")}
+
+
+def test_hidden_and_macos_folders_are_neither_classes_nor_splits(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ray_dafusion")
+    root = tmp_path / "given"
+    seed = 300
+    for split in ("train", "val", "test"):
+        for cls in ("cat", "dog"):
+            for i in range(3):
+                seed += 1
+                _save(_png(seed), str(root / split / cls / f"{i}.png"))
+    (root / ".ipynb_checkpoints").mkdir()  # empty, as Jupyter leaves it
+    _save(_png(900), str(root / "__MACOSX" / "train" / "cat" / "0.png"))
+    _save(_png(901), str(root / "train" / ".ipynb_checkpoints" / "0-checkpoint.png"))
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=1))
+    assert res.classes == ["cat", "dog"] and res.counts == {"train": 2, "val": 6, "test": 6}
+    assert res.skipped == {"in_ignored_folders": 2, "unused": 4} and res.errors == 0
+    assert storage.read_manifest(res.output)["counts"]["empty_classes"] == []
+    assert "ignoring the folders .ipynb_checkpoints/, __MACOSX/, train/.ipynb_checkpoints/" in caplog.text
+    # the same beside class folders
+    flat = _folder(tmp_path, n=4)
+    _save(_png(902), str(flat / ".git" / "x.png"))
+    res = ingest(IngestConfig(source=str(flat), output=str(tmp_path / "f"), examples_per_class=1))
+    assert res.classes == ["cat", "dog"] and res.skipped["in_ignored_folders"] == 1
+
+
+def test_split_folders_beside_class_folders_are_refused(tmp_path):
+    root = tmp_path / "given"
+    for split in ("train", "val"):
+        _save(_png(1 if split == "train" else 2), str(root / split / "cat" / "0.png"))
+    _save(_png(3), str(root / "bird" / "0.png"))
+    with pytest.raises(ConfigError, match=r"has the split folders train/, val/ beside other folders \(bird/\)"):
+        ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=1))
+    (root / "train").rename(tmp_path / "train-aside")
+    (root / "bird").rename(tmp_path / "bird-aside")
+    with pytest.raises(ConfigError, match=r"has val/ but no train/"):
+        ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=1))
+    assert not (tmp_path / "o" / "manifest.json").exists()
 
 
 def test_given_val_and_test_beyond_their_sizes_are_counted_unused(tmp_path):
