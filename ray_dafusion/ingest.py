@@ -145,7 +145,24 @@ def _list_source(cfg: IngestConfig) -> _Listing:
         listing.class_dirs = [c for c in listing.class_dirs if c in wanted]
     if not listing.items:
         raise ValueError(f"no images found in {cfg.source} (format: {cfg.format})")
+    _check_tokens(cfg.source, {i["class_name"] for i in listing.items})
     return listing
+
+
+def _check_tokens(source: str, class_names: set[str]) -> None:
+    """Each class needs a token of its own: two classes with one token would be prompted with one
+    learned embedding (and one of them lost wherever tokens are keys)."""
+    seen: dict[str, str] = {}
+    for name in sorted(class_names):
+        token = class_token(name)
+        other = seen.setdefault(token.lower(), name)
+        if other != name:
+            shared = (f"the token {token}" if class_token(other) == token else
+                      f"one token ({class_token(other)} and {token} differ only in case, and CLIP's tokenizer "
+                      "lowercases prompts)")
+            raise ValueError(
+                f"classes {other!r} and {name!r} in {source} would share {shared}: a token is the class name with "
+                "whitespace as '_'. Rename one of them, or leave one out with the config field 'classes'")
 
 
 def _quarantine_second_annotations(listing: _Listing) -> None:

@@ -168,6 +168,22 @@ def test_same_image_under_two_classes_is_quarantined(tmp_path):
     assert res.counts["train"] + res.counts["val"] + res.counts["test"] + res.skipped["unused"] == 11
 
 
+def test_two_classes_with_one_token_are_refused_before_any_image_is_read(tmp_path):
+    root = _folder(tmp_path, classes=("leafy spurge", "leafy_spurge", "cat"), n=4)
+    (root / "leafy_spurge" / "img0.png").write_bytes(b"")  # would be quarantined, if images were read
+    with pytest.raises(ValueError, match=r"classes 'leafy spurge' and 'leafy_spurge' in .* would share the token "
+                                         r"<leafy_spurge>: .*Rename one of them"):
+        ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=1))
+    assert not (tmp_path / "o" / "errors").exists() and not (tmp_path / "o" / "train").exists()
+    (root / "leafy_spurge").rename(root / "Leafy Spurge")
+    with pytest.raises(ValueError, match=r"'Leafy Spurge' and 'leafy spurge' .* one token \(<Leafy_Spurge> and "
+                                         r"<leafy_spurge> differ only in case"):
+        ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=1))
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o2"), examples_per_class=1,
+                              classes=["cat", "leafy spurge"]))
+    assert res.classes == ["cat", "leafy spurge"]
+
+
 def _voc_xml(filename, objects):
     objs = "".join(
         f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
