@@ -168,17 +168,20 @@ def _ema_update(ema: Any, model: Any, decay: float) -> None:
 
 
 def _load_shard(shard: Any) -> tuple[Any, Any]:
-    """This worker's images as float tensors (N, 3, R, R) in [-1, 1] and their clusters (N, 2)."""
+    """This worker's images as float tensors (N, 3, R, R) in [-1, 1] and their clusters (N, 2), in uri order."""
     import torch
 
-    pixels, clusters = [], []
+    uris, pixels, clusters = [], [], []
     for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+        uris += [str(u) for u in batch["uri"]]
         pixels += list(batch["pixels"])
-        clusters.append(np.stack(batch["cluster"]))
+        clusters += list(batch["cluster"])
+    # batches arrive in the order Ray Data's tasks finish; a seeded draw by index needs a fixed order
+    order = sorted(range(len(uris)), key=uris.__getitem__)
     side = int(round(math.sqrt(len(pixels[0]) / 3)))
-    images = np.stack([np.frombuffer(p, np.uint8).reshape(side, side, 3) for p in pixels])
+    images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(side, side, 3) for i in order])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x, torch.from_numpy(np.concatenate(clusters)).long()
+    return x, torch.from_numpy(np.stack([clusters[i] for i in order])).long()
 
 
 class _Denoiser:
@@ -441,7 +444,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     # 1. read and decode the images; fingerprint the data (sorted pixel hashes)
     decoded, meta = _read_images(cfg, resolution)
     good = [m for m in meta if m["error"] is None]
-    bad = [m for m in meta if m["error"] is not None]
+    bad = sorted((m for m in meta if m["error"] is not None), key=lambda m: m["uri"])
     for m in bad[:5]:
         log.warning("left out %s: %s", m["uri"], m["error"])
     if len(bad) > 5:
@@ -461,10 +464,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                               done["counts"]["steps"], done.get("final_loss"), 0.0, already_complete=True)
 
     # 3. label-free captions: clusters of the images and their mirrors
-    thumbs = np.stack([np.frombuffer(m["thumb"], np.float32).reshape(FEATURE_SIZE, FEATURE_SIZE) for m in good])
-    clusters = cluster_captions(thumbs, cfg.num_clusters, cfg.seed, cfg.mirror)
-    words = caption_words(int(clusters.max()) + 1)
-    cluster_of = {m["uri"]: clusters[i].tolist() for i, m in enumerate(good)}
+    words, cluster_of = _caption_clusters(good, cfg.num_clusters, cfg.seed, cfg.mirror)
     log.info("%d images (%d left out), %d caption clusters", len(good), len(bad), len(words))
 
     # 4. Ray Train: autoencoder, then UNet and text encoder
@@ -478,11 +478,24 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     return _write_output(cfg, result, words, good, bad, data_fp, config_fp, started, meter)
 
 
+def _caption_clusters(good: list[dict[str, Any]], k: int, seed: int,
+                      mirror: bool) -> tuple[list[str], dict[str, list[int]]]:
+    """(caption words, uri -> [cluster of the image, of its mirror]) for the readable images.
+
+    The images are clustered in uri order: k-means and its cluster numbers depend on row order, and
+    Ray Data returns rows in the order its tasks finish; a re-run (or a resumed run) must give every
+    image the caption it had."""
+    good = sorted(good, key=lambda m: m["uri"])
+    thumbs = np.stack([np.frombuffer(m["thumb"], np.float32).reshape(FEATURE_SIZE, FEATURE_SIZE) for m in good])
+    clusters = cluster_captions(thumbs, k, seed, mirror)  # (N, 2)
+    return caption_words(int(clusters.max()) + 1), {m["uri"]: clusters[i].tolist() for i, m in enumerate(good)}
+
+
 def _attach_clusters(batch: Any, cluster_of: dict[str, list[int]]) -> Any:
     import pyarrow as pa
 
     uris = batch.column("uri").to_pylist()
-    return pa.table({"pixels": batch.column("pixels"),
+    return pa.table({"uri": batch.column("uri"), "pixels": batch.column("pixels"),
                      "cluster": pa.array([cluster_of[u] for u in uris], pa.list_(pa.int64()))})
 
 

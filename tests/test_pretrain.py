@@ -31,6 +31,41 @@ def test_caption_words_are_made_up_and_clusters_cover_mirrors():
     assert clusters.shape == (10, 2) and len(set(clusters[:, 0])) == 1 and set(clusters[:, 0]) != set(clusters[:, 1])
 
 
+def test_captions_do_not_depend_on_the_order_ray_data_returns_the_images():
+    """k-means numbers its clusters by row order; the same images in another order get the same captions."""
+    from ray_dafusion.pretrain import _caption_clusters
+
+    rng = np.random.default_rng(0)
+    good = [{"uri": f"s3://b/img{i:02d}.png", "thumb": rng.random((8, 8), dtype=np.float32).tobytes()}
+            for i in range(40)]
+    words, cluster_of = _caption_clusters(good, 4, seed=0, mirror=True)
+    for order in range(3):
+        shuffled = [good[i] for i in np.random.default_rng(order).permutation(len(good))]
+        assert _caption_clusters(shuffled, 4, seed=0, mirror=True) == (words, cluster_of)
+
+
+def test_a_workers_images_are_in_uri_order_whatever_order_its_batches_arrive_in():
+    """Batches are drawn by index: the shard's row order must not be the order Ray Data's tasks finished."""
+    from ray_dafusion.pretrain import _load_shard
+
+    rng = np.random.default_rng(0)
+    rows = [(f"img{i}.png", rng.integers(0, 256, (2, 2, 3), dtype=np.uint8).tobytes(), [i, i + 10]) for i in range(6)]
+
+    class Shard:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def iter_batches(self, batch_size, batch_format):
+            for batch in self.batches:
+                yield {"uri": np.array([r[0] for r in batch]), "pixels": np.array([r[1] for r in batch], dtype=object),
+                       "cluster": np.array([r[2] for r in batch])}
+
+    x, clusters = _load_shard(Shard([rows[3:], rows[:3]]))
+    assert clusters[:, 0].tolist() == list(range(6)) and x.shape == (6, 3, 2, 2)
+    same_x, same_clusters = _load_shard(Shard([rows[:3], rows[3:]]))
+    assert torch.equal(x, same_x) and torch.equal(clusters, same_clusters)
+
+
 def _job():
     spec = importlib.util.spec_from_file_location("pretrain_job", os.path.join(ROOT, "jobs", "pretrain.py"))
     module = importlib.util.module_from_spec(spec)
