@@ -513,7 +513,7 @@ class PretrainConfig(StageConfig):
     output: str = location("")
     """Output: a diffusers pipeline directory (give it to `model`), manifest.json, and _checkpoints/ to resume."""
     init: Optional[str] = None
-    """Continue from this pipeline (a model URI; its VAE is kept frozen) instead of starting from scratch."""
+    """Continue from this pipeline (a model URI; its VAE is kept frozen, so vae_steps must be 0) instead of starting from scratch."""
     shape: str = "small32"
     """Architecture from models.PRETRAIN_SHAPES (small32: 32 px, 8x8x4 latents, 8.6 MB)."""
     num_clusters: int = 32
@@ -523,7 +523,7 @@ class PretrainConfig(StageConfig):
     mirror: bool = True
     """Also train on mirror images (textual inversion flips its images by default); off where a mirror is another class (digits)."""
     vae_steps: int = 1500
-    """Autoencoder steps (0 with `init`: keep the init's VAE)."""
+    """Autoencoder steps when training from scratch; 0 with `init`, whose VAE is kept as it is."""
     vae_batch_size: int = 32
     """Images per autoencoder step (global)."""
     vae_learning_rate: float = 2e-3
@@ -567,6 +567,9 @@ class PretrainConfig(StageConfig):
             raise bad("ema_decay", self.ema_decay, "must lie in [0, 1)")
         if self.vae_steps == 0 and not self.init:
             raise bad("vae_steps", self.vae_steps, "must be > 0 when training from scratch (no init)")
+        if self.vae_steps and self.init:  # the denoiser keeps the init's latent scale, which fits only its own VAE
+            raise bad("vae_steps", self.vae_steps, f"must be 0 with init {self.init!r}, whose VAE is kept frozen "
+                      "(set vae_steps: 0, or leave init out to train a VAE from scratch)")
 
 
 @dataclass

@@ -59,6 +59,7 @@ class PretrainResult:
     words: list[str] = field(default_factory=list)
     """The caption word of each cluster."""
     vae_steps: int = 0
+    """Autoencoder steps taken (0 with `init`, whose VAE is kept)."""
     steps: int = 0
     final_loss: Optional[float] = None
     """Mean UNet loss over the last logged window."""
@@ -231,7 +232,7 @@ def _pretrain_loop(loop: dict[str, Any]) -> None:
     vae, unet, text = vae.to(device), unet.to(device), text.to(device)
     state = _resume(vae, unet, text, rank)
 
-    # 2. the autoencoder, then 3. the denoiser; both checkpoint and resume
+    # 2. the autoencoder (from scratch only: an init's VAE is kept), then 3. the denoiser; both checkpoint and resume
     if state["phase"] == "vae" and cfg.vae_steps > 0:
         _train_vae(cfg, vae, x, rank, world, device, state)
     _train_denoiser(cfg, loop, vae, unet, text, tokenizer, x, clusters, rank, world, device, state)
@@ -551,8 +552,7 @@ def _write_output(cfg: PretrainConfig, result: Any, words: list[str], good: list
         "data_fingerprint": data_fp,
         "words": words,
         "left_out": [{"item": m["uri"], "reason": m["error"]} for m in bad],  # unreadable images, quarantined
-        "counts": {"images": len(good), "left_out": len(bad), "vae_steps": cfg.vae_steps if not cfg.init else 0,
-                   "steps": cfg.steps},
+        "counts": {"images": len(good), "left_out": len(bad), "vae_steps": cfg.vae_steps, "steps": cfg.steps},
         "losses": losses,
         "final_loss": final,
         "seconds": seconds,

@@ -66,6 +66,17 @@ def test_a_workers_images_are_in_uri_order_whatever_order_its_batches_arrive_in(
     assert torch.equal(x, same_x) and torch.equal(clusters, same_clusters)
 
 
+def test_init_keeps_its_vae_so_vae_steps_must_be_zero():
+    """The docs promise an init's VAE is kept frozen (and its latent scale is kept): training it is refused."""
+    from ray_dafusion.config import ConfigError, PretrainConfig
+
+    with pytest.raises(ConfigError, match=r"'vae_steps': must be 0 with init 'digits', whose VAE is kept frozen.*1500"):
+        PretrainConfig(source="s", output="o", init="digits")  # the default vae_steps
+    assert PretrainConfig(source="s", output="o", init="digits", vae_steps=0).vae_steps == 0
+    with pytest.raises(ConfigError, match="'vae_steps': must be > 0 when training from scratch"):
+        PretrainConfig(source="s", output="o", vae_steps=0)
+
+
 def _job():
     spec = importlib.util.spec_from_file_location("pretrain_job", os.path.join(ROOT, "jobs", "pretrain.py"))
     module = importlib.util.module_from_spec(spec)
