@@ -177,6 +177,8 @@ def _load_shard(shard: Any) -> tuple[Any, Any]:
         uris += [str(u) for u in batch["uri"]]
         pixels += list(batch["pixels"])
         clusters += list(batch["cluster"])
+    if not uris:
+        raise RuntimeError("this worker's shard holds no images (pretrain splits them into one block per worker)")
     # batches arrive in the order Ray Data's tasks finish; a seeded draw by index needs a fixed order
     order = sorted(range(len(uris)), key=uris.__getitem__)
     side = int(round(math.sqrt(len(pixels[0]) / 3)))
@@ -451,8 +453,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     if len(bad) > 5:
         log.warning("left out %d more unreadable images; every one with its reason goes to the manifest's left_out",
                     len(bad) - 5)
-    if len(good) < 2:
-        raise ValueError(f"{cfg.source} holds {len(good)} readable images; pretraining needs many more")
+    _check_images(cfg, good)
     data_fp = storage.fingerprint(sorted(m["sha256"] for m in good))
 
     # 2. refuse another config's output; skip a complete one
@@ -469,14 +470,22 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     log.info("%d images (%d left out), %d caption clusters", len(good), len(bad), len(words))
 
     # 4. Ray Train: autoencoder, then UNet and text encoder
-    images = decoded.filter(lambda row: row["error"] is None).map_batches(
-        _attach_clusters, fn_kwargs={"cluster_of": cluster_of}, batch_format="pyarrow")
+    images = _training_images(decoded, cluster_of, cfg.num_workers)
     fitting = time.time()
     result = _fit(cfg, images, words, config_fp)
     meter.add_actor_seconds((time.time() - fitting) * cfg.num_workers, cfg.cpus_per_worker, 1.0 if cfg.use_gpu else 0.0)
 
     # 5. the pipeline from the last checkpoint into output/, then the manifest, last
     return _write_output(cfg, result, words, good, bad, data_fp, config_fp, started, meter)
+
+
+def _check_images(cfg: PretrainConfig, good: list[dict[str, Any]]) -> None:
+    """Enough readable images to train on, and at least one for every worker."""
+    if len(good) < 2:
+        raise ValueError(f"{cfg.source} holds {len(good)} readable images; pretraining needs many more")
+    if len(good) < cfg.num_workers:
+        raise ConfigError(f"config field 'num_workers': {cfg.num_workers} workers for {len(good)} readable images under "
+                          f"{cfg.source}; every worker needs an image: set num_workers to at most {len(good)}")
 
 
 def _caption_clusters(good: list[dict[str, Any]], k: int, seed: int,
@@ -492,6 +501,13 @@ def _caption_clusters(good: list[dict[str, Any]], k: int, seed: int,
     return caption_words(int(clusters.max()) + 1), {m["uri"]: clusters[i].tolist() for i, m in enumerate(good)}
 
 
+def _training_images(decoded: Any, cluster_of: dict[str, list[int]], num_workers: int) -> Any:
+    """The readable images with their clusters, in one block per worker: split whole blocks without
+    dropping rows (exact_split_config), every worker gets one block, none is left empty."""
+    return decoded.filter(lambda row: row["error"] is None).map_batches(
+        _attach_clusters, fn_kwargs={"cluster_of": cluster_of}, batch_format="pyarrow").repartition(num_workers)
+
+
 def _attach_clusters(batch: Any, cluster_of: dict[str, list[int]]) -> Any:
     import pyarrow as pa
 
@@ -503,6 +519,8 @@ def _attach_clusters(batch: Any, cluster_of: dict[str, list[int]]) -> Any:
 def _fit(cfg: PretrainConfig, images: Any, words: list[str], config_fp: str) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from .train import exact_split_config
 
     cap = plan.capacity()
     pin = plan.node_pinning(cfg.node_resource, 1.0 if cfg.use_gpu else 0.0, cap, "pretrain")
@@ -520,6 +538,7 @@ def _fit(cfg: PretrainConfig, images: Any, words: list[str], config_fp: str) -> 
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets={"images": images},
+        dataset_config=exact_split_config(),  # Ray Train's default split drops up to num_workers - 1 images
     )
     run_dir = storage.join(cfg.output, CHECKPOINTS)
     with Watchdog("pretrain", "checkpoint", cfg.stall_warning, cfg.stall_timeout, poll_seconds=10.0,

@@ -77,6 +77,47 @@ def test_init_keeps_its_vae_so_vae_steps_must_be_zero():
         PretrainConfig(source="s", output="o", vae_steps=0)
 
 
+def test_fewer_readable_images_than_workers_is_refused_on_the_driver():
+    """Every worker needs an image: with fewer, each one crashed after the whole decode."""
+    from ray_dafusion.config import ConfigError, PretrainConfig
+    from ray_dafusion.pretrain import _check_images
+
+    cfg = PretrainConfig(source="/data/few", output="o", num_workers=4)
+    with pytest.raises(ConfigError, match=r"'num_workers': 4 workers for 3 readable images under /data/few.*at most 3"):
+        _check_images(cfg, [{"uri": f"{i}.png"} for i in range(3)])
+    _check_images(cfg, [{"uri": f"{i}.png"} for i in range(4)])
+
+
+def test_every_worker_gets_images_and_none_is_dropped(ray_session):
+    """Ray Train's default split (equal=True) dropped up to num_workers - 1 images; a split of whole
+    blocks gives every readable image to exactly one worker, and each worker at least one."""
+    import threading
+
+    import ray.data
+
+    from ray_dafusion.pretrain import _training_images
+    from ray_dafusion.train import exact_split_config
+
+    rows = [{"uri": f"{i}.png", "pixels": bytes(12), "error": None} for i in range(5)]
+    rows.append({"uri": "bad.png", "pixels": None, "error": "not an image"})
+    decoded = ray.data.from_items(rows, override_num_blocks=1)
+    cluster_of = {r["uri"]: [0, 0] for r in rows[:5]}
+    splits = exact_split_config().configure({"images": _training_images(decoded, cluster_of, 3)}, world_size=3,
+                                            worker_handles=None, worker_node_ids=None)
+    got: list[list[str]] = [[] for _ in splits]
+
+    def consume(i: int) -> None:  # split iterators are read together, as the workers do
+        for batch in splits[i]["images"].iter_batches(batch_format="numpy"):
+            got[i] += [str(u) for u in batch["uri"]]
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(splits))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(got) and sorted(sum(got, [])) == sorted(cluster_of)
+
+
 def _job():
     spec = importlib.util.spec_from_file_location("pretrain_job", os.path.join(ROOT, "jobs", "pretrain.py"))
     module = importlib.util.module_from_spec(spec)
