@@ -513,7 +513,7 @@ class PretrainConfig(StageConfig):
     output: str = location("")
     """Output: a diffusers pipeline directory (give it to `model`), manifest.json, and _checkpoints/ to resume."""
     init: Optional[str] = None
-    """Continue from this pipeline (a model URI; its VAE is kept frozen, so vae_steps must be 0) instead of starting from scratch."""
+    """Continue from this pipeline (a model URI; its VAE is kept frozen, so vae_steps is 0) instead of starting from scratch."""
     shape: str = "small32"
     """Architecture from models.PRETRAIN_SHAPES (small32: 32 px, 8x8x4 latents, 8.6 MB)."""
     num_clusters: int = 32
@@ -522,8 +522,8 @@ class PretrainConfig(StageConfig):
     """Share of captions left empty, so classifier-free guidance has an unconditional model."""
     mirror: bool = True
     """Also train on mirror images (textual inversion flips its images by default); off where a mirror is another class (digits)."""
-    vae_steps: int = 1500
-    """Autoencoder steps when training from scratch; 0 with `init`, whose VAE is kept as it is."""
+    vae_steps: Optional[int] = None
+    """Autoencoder steps (null: 1500 when training from scratch, 0 with `init`, whose VAE is kept as it is; with `init` only 0 is taken)."""
     vae_batch_size: int = 32
     """Images per autoencoder step (global)."""
     vae_learning_rate: float = 2e-3
@@ -560,7 +560,9 @@ class PretrainConfig(StageConfig):
     def validate(self) -> None:
         positive(self, "num_clusters", "steps", "batch_size", "learning_rate", "vae_batch_size", "vae_learning_rate",
                  "checkpoint_every", "num_workers", "cpus_per_worker")
-        positive(self, "vae_steps", "warmup_steps", "kl_weight", "max_failures", allow_zero=True)
+        positive(self, "warmup_steps", "kl_weight", "max_failures", allow_zero=True)
+        if self.vae_steps is not None:
+            positive(self, "vae_steps", allow_zero=True)
         if not 0.0 <= self.empty_caption_fraction < 1.0:
             raise bad("empty_caption_fraction", self.empty_caption_fraction, "must lie in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -568,8 +570,14 @@ class PretrainConfig(StageConfig):
         if self.vae_steps == 0 and not self.init:
             raise bad("vae_steps", self.vae_steps, "must be > 0 when training from scratch (no init)")
         if self.vae_steps and self.init:  # the denoiser keeps the init's latent scale, which fits only its own VAE
-            raise bad("vae_steps", self.vae_steps, f"must be 0 with init {self.init!r}, whose VAE is kept frozen "
-                      "(set vae_steps: 0, or leave init out to train a VAE from scratch)")
+            raise bad("vae_steps", self.vae_steps, f"must be 0 (or unset) with init {self.init!r}, whose VAE is kept "
+                      "frozen; leave init out to train a VAE from scratch")
+
+    def vae_step_count(self) -> int:
+        """The autoencoder steps of this run: `vae_steps`, or when unset 1500 from scratch and 0 with init."""
+        if self.vae_steps is not None:
+            return self.vae_steps
+        return 0 if self.init else 1500
 
 
 @dataclass

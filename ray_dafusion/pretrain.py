@@ -235,7 +235,7 @@ def _pretrain_loop(loop: dict[str, Any]) -> None:
     state = _resume(vae, unet, text, rank)
 
     # 2. the autoencoder (from scratch only: an init's VAE is kept), then 3. the denoiser; both checkpoint and resume
-    if state["phase"] == "vae" and cfg.vae_steps > 0:
+    if state["phase"] == "vae" and cfg.vae_step_count() > 0:
         _train_vae(cfg, vae, x, rank, world, device, state)
     _train_denoiser(cfg, loop, vae, unet, text, tokenizer, x, clusters, rank, world, device, state)
 
@@ -296,9 +296,10 @@ def _train_vae(cfg: PretrainConfig, vae: Any, x: Any, rank: int, world: int, dev
     local = max(1, cfg.vae_batch_size // world)
     recent: list[float] = []
     vae.train()
-    for step in range(state["step"], cfg.vae_steps):
+    steps = cfg.vae_step_count()
+    for step in range(state["step"], steps):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.vae_learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+            group["lr"] = cfg.vae_learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
         rng = np.random.default_rng([cfg.seed, rank, 0, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = torch.from_numpy(rng.integers(0, len(x), local))
@@ -313,11 +314,11 @@ def _train_vae(cfg: PretrainConfig, vae: Any, x: Any, rank: int, world: int, dev
             _allreduce_gradients(vae, world)
         optimizer.step()
         recent.append(float(loss.detach()))
-        point = _log_window(recent, step, 100, cfg.vae_steps)
+        point = _log_window(recent, step, 100, steps)
         if point:
             state["losses"]["vae"].append(point)
         state["step"] = step + 1
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
             _report(state, rank, {"vae": vae.state_dict(), "vae_optimizer": optimizer.state_dict()})
     state.update(phase="unet", step=0)
 
@@ -571,7 +572,7 @@ def _write_output(cfg: PretrainConfig, result: Any, words: list[str], good: list
         "data_fingerprint": data_fp,
         "words": words,
         "left_out": [{"item": m["uri"], "reason": m["error"]} for m in bad],  # unreadable images, quarantined
-        "counts": {"images": len(good), "left_out": len(bad), "vae_steps": cfg.vae_steps, "steps": cfg.steps},
+        "counts": {"images": len(good), "left_out": len(bad), "vae_steps": cfg.vae_step_count(), "steps": cfg.steps},
         "losses": losses,
         "final_loss": final,
         "seconds": seconds,
@@ -580,7 +581,7 @@ def _write_output(cfg: PretrainConfig, result: Any, words: list[str], good: list
     }, ep)
     log.info("%s: pipeline trained on %d images (%d caption words), final loss %s, in %.0fs", cfg.output, len(good),
              len(words), f"{final:.4f}" if final is not None else "n/a", seconds)
-    return PretrainResult(cfg.output, len(good), words, cfg.vae_steps, cfg.steps, final, seconds)
+    return PretrainResult(cfg.output, len(good), words, cfg.vae_step_count(), cfg.steps, final, seconds)
 
 
 callable_stage_module(__name__)  # `from ray_dafusion import pretrain` may give this module: call it as the stage

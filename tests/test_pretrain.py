@@ -70,9 +70,13 @@ def test_init_keeps_its_vae_so_vae_steps_must_be_zero():
     """The docs promise an init's VAE is kept frozen (and its latent scale is kept): training it is refused."""
     from ray_dafusion.config import ConfigError, PretrainConfig
 
-    with pytest.raises(ConfigError, match=r"'vae_steps': must be 0 with init 'digits', whose VAE is kept frozen.*1500"):
-        PretrainConfig(source="s", output="o", init="digits")  # the default vae_steps
-    assert PretrainConfig(source="s", output="o", init="digits", vae_steps=0).vae_steps == 0
+    with pytest.raises(ConfigError, match=r"'vae_steps': must be 0 \(or unset\) with init 'digits', whose VAE is "
+                                          r"kept frozen.*1500"):
+        PretrainConfig(source="s", output="o", init="digits", vae_steps=1500)
+    # unset, it is what the run needs: none with init, 1500 from scratch
+    assert PretrainConfig(source="s", output="o", init="digits").vae_step_count() == 0
+    assert PretrainConfig(source="s", output="o", init="digits", vae_steps=0).vae_step_count() == 0
+    assert PretrainConfig(source="s", output="o").vae_step_count() == 1500
     with pytest.raises(ConfigError, match="'vae_steps': must be > 0 when training from scratch"):
         PretrainConfig(source="s", output="o", vae_steps=0)
 
