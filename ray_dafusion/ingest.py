@@ -334,6 +334,13 @@ def _coco_items(data: dict[str, Any], img_dir: str, given: Optional[str], prefix
                 errors: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Each image labelled by its largest annotation; (items, images without any annotation)."""
     categories = {c["id"]: c["name"] for c in data["categories"]}
+    ids_of: dict[str, list[Any]] = defaultdict(list)
+    for cat_id, name in categories.items():
+        ids_of[name].append(cat_id)
+    for name, ids in sorted(ids_of.items()):
+        if len(ids) > 1:  # a class is a name (as in folders and VOC): their images are one class
+            log.warning("%scategories %s share the name %r: their images are one class", prefix,
+                        ", ".join(map(str, ids)), name)
     image_ids = {img.get("id") for img in data["images"]}
     largest: dict[Any, tuple[float, Any]] = {}
     for ann in data["annotations"]:

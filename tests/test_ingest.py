@@ -247,6 +247,17 @@ def test_coco_largest_area_labels_the_image(tmp_path):
         ("image 5", "image entry without a file_name (got None)")]
 
 
+def test_coco_categories_sharing_a_name_are_one_class_and_said_so(caplog):
+    from ray_dafusion.ingest import _coco_items
+
+    data = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(2)],
+            "annotations": [{"id": i, "image_id": i, "category_id": i + 1, "area": 5.0} for i in range(2)],
+            "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "dog"}]}
+    items, _ = _coco_items(data, "/imgs", None, "", [])
+    assert [i["class_name"] for i in items] == ["dog", "dog"]
+    assert "categories 1, 2 share the name 'dog': their images are one class" in caplog.text
+
+
 def test_an_image_annotated_twice_is_used_once_and_the_later_annotation_quarantined(tmp_path):
     root = tmp_path / "voc"
     (root / "Annotations").mkdir(parents=True)
