@@ -40,20 +40,23 @@ def ordinary_failures() -> tuple[type[BaseException], ...]:
     return ORDINARY_FAILURES + (RayError,)
 
 
-# Between the parts of a chained traceback: the first part ends with the original error's line.
-_CHAINED = re.compile(r"^(The above exception was the direct cause of the following exception:|"
-                      r"During handling of the above exception, another exception occurred:)$", re.MULTILINE)
+# Ray Data raises a worker's error as RayTaskError(UserCodeException), whose remote traceback holds
+# the user's error, then this line, then Ray Data's wrapper (with a hint about retries).
+_WRAPPED = "The above exception was the direct cause of the following exception:"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def one_line(exc: BaseException) -> str:
     """The message of `exc` without a traceback: Ray wraps task errors with the remote traceback,
-    so the last non-empty line (``SomeError: message``) of its first part is what the user needs
-    (Ray Data puts its own UserCodeException, with a hint about retries, after the original)."""
+    so the last non-empty line (``SomeError: message``) is what the user needs, of the part before
+    Ray Data's UserCodeException when the error passed through Ray Data."""
     cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError carries the original
-    if isinstance(cause, BaseException) and cause is not exc and not _CHAINED.search(str(exc)):
+    wrapped = type(cause).__name__ == "UserCodeException"  # Ray Data's wrapper: the original is only text
+    if isinstance(cause, BaseException) and cause is not exc and not wrapped:
         return one_line(cause)
-    text = _CHAINED.split(_ANSI.sub("", str(exc)), maxsplit=1)[0]
+    text = _ANSI.sub("", str(exc))
+    if wrapped and _WRAPPED in text:
+        text = text.rsplit(_WRAPPED, 1)[0]
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__

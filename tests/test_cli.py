@@ -43,9 +43,10 @@ def test_an_error_raised_in_a_ray_worker_is_one_line_too(ray_session):
     """Ray Data wraps a worker's error (RayTaskError(UserCodeException), with a hint about retries
     on its last line; ActorDiedError when an actor's constructor fails): still an ordinary failure,
     and its one line is the original error's."""
+    import ray
     import ray.data
 
-    from ray_dafusion.errors import one_line, ordinary_failures
+    from ray_dafusion.errors import StageError, one_line, ordinary_failures
 
     def task(batch):
         raise FileNotFoundError("no parquet files under runs/real/train")
@@ -61,11 +62,28 @@ def test_an_error_raised_in_a_ray_worker_is_one_line_too(ray_session):
         def __call__(self, batch):
             return batch
 
+    def handling(batch):  # raised while handling another error: the chain holds both
+        try:
+            {}["x"]
+        except KeyError:
+            raise FileNotFoundError("no parquet files under runs/real/train")
+
     pool = {"compute": ray.data.ActorPoolStrategy(size=1), "num_cpus": 0.25}
-    for udf, kw in ((task, {"num_cpus": 0.25}), (Call, pool), (Start, pool)):
+    for udf, kw in ((task, {"num_cpus": 0.25}), (Call, pool), (Start, pool), (handling, {"num_cpus": 0.25})):
         with pytest.raises(ordinary_failures()) as err:
             ray.data.range(2).map_batches(udf, **kw).materialize()
         assert one_line(err.value) == "FileNotFoundError: no parquet files under runs/real/train", udf
+
+    @ray.remote(num_cpus=0.25)
+    def stage():  # a plain task: Ray carries the original error, whatever it was raised while handling
+        try:
+            {}["x"]
+        except KeyError:
+            raise StageError("class cat failed: the loss became nan")
+
+    with pytest.raises(StageError) as err:
+        ray.get(stage.remote())
+    assert one_line(err.value) == "class cat failed: the loss became nan"
 
 
 def test_a_bad_config_is_exit_code_2():
