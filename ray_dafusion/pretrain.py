@@ -21,6 +21,7 @@ inversion has somewhere to go: a learned class token lands near the words of its
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -458,7 +459,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     data_fp = storage.fingerprint(sorted(m["sha256"] for m in good))
 
     # 2. refuse another config's output; skip a complete one
-    made_of = config_record(cfg, data=data_fp)
+    # vae_steps as the run takes it: unset and 1500 from scratch are one config (and the record of
+    # outputs made when 1500 was the field's default)
+    made_of = config_record(dataclasses.replace(cfg, vae_steps=cfg.vae_step_count()), data=data_fp)
     config_fp = storage.fingerprint(made_of)
     done = storage.ensure_fresh_output(cfg.output, "pretrain", config_fp, cfg.overwrite, cfg.endpoint_url, made_of)
     if done is not None:
