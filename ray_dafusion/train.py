@@ -892,6 +892,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # (more epochs resume)
     made_of = config_record(cfg, alpha=alpha, **_input_identities(cfg))
     config_fp = storage.fingerprint(made_of)
+    _adopt_older_record(run_uri, storage.fingerprint(config_record(cfg, alpha=alpha)), config_fp, made_of, ep)
     done = _finished_run(run_uri, config_fp, cfg.epochs, ep)
     if done is not None:
         return done
@@ -936,6 +937,26 @@ def _input_identities(cfg: TrainConfig) -> dict[str, Any]:
             inputs["scores"] = {scorer: (storage.read_manifest(storage.join(scores, scorer), ep) or {}).get(
                 "config_fingerprint") for scorer in sorted(parse_filter(cfg.synthetic_filter, None).columns)}
     return inputs
+
+
+def _adopt_older_record(run_uri: str, older_fp: str, config_fp: str, made_of: dict[str, Any],
+                        ep: Optional[str]) -> None:
+    """A run made before train recorded its inputs carries the fingerprint of its config alone
+    (`older_fp`). When that is this config's, the run is this one as far as its maker could tell:
+    its records are rewritten, once, to the identity with inputs, so it stands (or resumes) as
+    before instead of being refused as another config."""
+    records = {storage.MANIFEST: storage.read_manifest(run_uri, ep)}
+    try:
+        records[storage.RUN_RECORD] = storage.read_json(storage.join(run_uri, storage.RUN_RECORD), ep)
+    except FileNotFoundError:
+        pass
+    older = {name: r for name, r in records.items() if r and r.get("config_fingerprint") == older_fp}
+    if not older:
+        return
+    log.info("%s was made before train recorded its inputs: taken as made from the current ones", run_uri)
+    for name, record in older.items():
+        storage.write_json(storage.join(run_uri, name), {**record, "config_fingerprint": config_fp,
+                                                         **({"made_of": made_of} if "made_of" in record else {})}, ep)
 
 
 def _finished_run(run_uri: str, config_fp: str, epochs: int, ep: Optional[str]) -> Optional[TrainResult]:

@@ -449,6 +449,19 @@ def test_a_run_of_a_remade_input_is_not_taken_as_finished(ray_session, make_real
     storage.write_manifest(synthetic, {**storage.read_manifest(synthetic), "config_fingerprint": "second"})
     with pytest.raises(storage.StorageError, match="synthetic.*first.*second"):
         train(cfg)
+    # a run made before inputs were recorded holds the fingerprint of its config alone: it stands as
+    # finished (its records take the identity with inputs, once)
+    from ray_dafusion.configlib import config_record
+
+    run = tmp_path / "runs" / "da_fusion"
+    older = storage.fingerprint(config_record(cfg, alpha=0.5))
+    for name in ("manifest.json", "_run.json"):
+        record = json.loads((run / name).read_text())
+        (run / name).write_text(json.dumps({**record, "config_fingerprint": older}))
+    assert train(cfg).best_checkpoint == first.best_checkpoint
+    assert json.loads((run / "manifest.json").read_text())["config_fingerprint"] != older
+    with pytest.raises(storage.StorageError, match="different config"):  # another config's older run: refused
+        train(cfg.replace(seed=1))
 
 
 def test_exact_batches_recut_without_loss():
