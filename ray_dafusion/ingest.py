@@ -231,23 +231,21 @@ def _ignored_folder(name: str) -> bool:
 
 
 def _given_splits(source: str, top: list[str]) -> bool:
-    """Whether the top-level folders are the data set's own splits; a mix of split and class folders
-    (or val/ or test/ without train/) cannot be read either way and is refused."""
+    """Whether the top-level folders are the data set's own splits: train/ with optional val/ and
+    test/, nothing else. Beside other folders they are classes (VOC and COCO have a class `train`),
+    said in a warning; val/ or test/ alone cannot be read either way and is refused."""
     splits = [d for d in top if d in GIVEN_SPLITS]
     if not splits:
         return False
-    odd = [d for d in top if d not in GIVEN_SPLITS]
-    if odd:
-        raise ConfigError(
-            f"config field 'source': {source} has the split folders {', '.join(d + '/' for d in splits)} beside "
-            f"other folders ({', '.join(d + '/' for d in odd)}), so it is neither root/<class>/* nor "
-            "root/{train,val,test}/<class>/*; move the class folders into the split folders, or the split "
-            "folders out, or rename a class that is called train, val or test")
+    if len(splits) < len(top):
+        log.warning("%s: the folders %s are read as classes, beside the other class folders (a source with its own "
+                    "splits holds only train/, val/ and test/ at its top level)", source,
+                    ", ".join(d + "/" for d in splits))
+        return False
     if "train" not in splits:
         raise ConfigError(
             f"config field 'source': {source} has {', '.join(d + '/' for d in splits)} but no train/; a source "
-            "with its own splits needs root/train/<class>/* (val/ and test/ are optional), and class folders "
-            "may not be called val or test")
+            "with its own splits needs root/train/<class>/* (val/ and test/ are optional)")
     return True
 
 

@@ -427,15 +427,16 @@ def test_hidden_and_macos_folders_are_neither_classes_nor_splits(tmp_path, caplo
     assert res.classes == ["cat", "dog"] and res.skipped["in_ignored_folders"] == 1
 
 
-def test_split_folders_beside_class_folders_are_refused(tmp_path):
+def test_split_names_beside_class_folders_are_classes_and_val_alone_is_refused(tmp_path, caplog):
+    root = tmp_path / "classes"  # VOC and COCO have a class called train
+    for i, name in enumerate(("train", "bird", "cat")):
+        for j in range(3):
+            _save(_png(10 * i + j), str(root / name / f"{j}.png"))
+    res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "c"), examples_per_class=1))
+    assert res.classes == ["bird", "cat", "train"] and res.counts["train"] == 3
+    assert "the folders train/ are read as classes" in caplog.text
     root = tmp_path / "given"
-    for split in ("train", "val"):
-        _save(_png(1 if split == "train" else 2), str(root / split / "cat" / "0.png"))
-    _save(_png(3), str(root / "bird" / "0.png"))
-    with pytest.raises(ConfigError, match=r"has the split folders train/, val/ beside other folders \(bird/\)"):
-        ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=1))
-    (root / "train").rename(tmp_path / "train-aside")
-    (root / "bird").rename(tmp_path / "bird-aside")
+    _save(_png(2), str(root / "val" / "cat" / "0.png"))
     with pytest.raises(ConfigError, match=r"has val/ but no train/"):
         ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=1))
     assert not (tmp_path / "o" / "manifest.json").exists()
