@@ -656,7 +656,8 @@ def _prepare_conditioning(cfg: AugmentConfig, classes: list[schema.ClassInfo]) -
             )
         if missing:
             log.warning("classes without a token (their rows go to errors/): %s", ", ".join(missing))
-        embeddings_dir = cfg.embeddings.rsplit("/", 1)[0] if cfg.embeddings.endswith(".safetensors") else cfg.embeddings
+        embeddings = storage.absolute(cfg.embeddings)  # a bare file name has its directory too
+        embeddings_dir = embeddings.rsplit("/", 1)[0] if embeddings.endswith(".safetensors") else embeddings
         made = storage.read_manifest(embeddings_dir, ep) or {}
         if made.get("stage") == "invert":
             _check_same_model(cfg, "embeddings", made.get("model_fingerprint"), fingerprints["model"])

@@ -663,6 +663,13 @@ class SweepConfig(StageConfig):
         _one_model(self, [SWEEP_VARIANTS[m].method for m in self.methods], ["invert"])
 
 
+def _same_place(model: str) -> str:
+    """A model name as a place: a local path absolute with ~ expanded, no trailing slash."""
+    from .storage import absolute
+
+    return absolute(model).rstrip("/")
+
+
 def _one_model(cfg: Any, methods: list[str], sections: list[str]) -> None:
     """Tokens (and erasures) are made for one diffusion model: when a method augments with tokens,
     the sections that make them must name augment's model (augment checks the fingerprints too,
@@ -672,7 +679,7 @@ def _one_model(cfg: Any, methods: list[str], sections: list[str]) -> None:
         return
     for name in sections:
         model = getattr(cfg, name).model
-        if model != cfg.augment.model:
+        if _same_place(model) != _same_place(cfg.augment.model):
             raise bad(f"{name}.model", model, f"differs from augment.model {cfg.augment.model!r}: tokens and "
                       "erasures work only on the model they were made on; name the same model in each section")
 

@@ -37,6 +37,8 @@ PIN_AMOUNT = 0.01
 """Units of a node type's custom resource a CPU-only actor or task asks for (GPU ones ask num_gpus)."""
 
 _EPS = 1e-9
+_MEMORY = ("memory", "object_store_memory")
+"""Resources a node type may state but an alive node reports as measured: not compared to match them."""
 
 
 @dataclass
@@ -101,7 +103,8 @@ def _can_add(nodes: list[dict[str, float]], types: list[tuple[dict[str, float], 
     left = [most for _, most in types]
     for node in nodes:
         for i, (resources, _) in enumerate(types):
-            if left[i] != 0 and all(abs(node.get(k, 0.0) - v) < _EPS for k, v in resources.items()):
+            if left[i] != 0 and all(abs(node.get(k, 0.0) - v) < _EPS for k, v in resources.items()
+                                    if k not in _MEMORY):
                 left[i] = None if left[i] is None else left[i] - 1
                 break
     return [(resources, n) for (resources, _), n in zip(types, left) if n != 0]

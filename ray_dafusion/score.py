@@ -317,7 +317,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         result.scores[scorer], result.scored[scorer] = outputs[scorer], scored
         storage.write_manifest(outputs[scorer], {
             "stage": "score", "scorer": scorer, "config": cfg.to_dict(), "config_fingerprint": fps[scorer],
-            "synthetic": cfg.synthetic, "run": cfg.run if scorer == "classifier" else None,
+            "synthetic": storage.absolute(cfg.synthetic),
+            "run": storage.absolute(cfg.run) if scorer == "classifier" else None,
             "checkpoint": checkpoint if scorer == "classifier" else None,
             "columns": {k: str(v) for k, v in SCORE_COLUMNS[scorer].items()},
             "counts": {"rows": len(ids), "scored_now": scored},
@@ -411,6 +412,21 @@ def _check_inputs(cfg: ScoreConfig, manifest: dict[str, Any], scorers: list[str]
     return checkpoint, real
 
 
+def _check_same_real(cfg: ScoreConfig, uri: str) -> None:
+    """`real` may name the synthetic set's real set elsewhere (moved, copied), never another one:
+    its ingest fingerprint must be the one augment recorded (source_distance compares with it)."""
+    ep = cfg.endpoint_url
+    try:
+        made_of = storage.read_json(storage.join(cfg.synthetic, storage.RUN_RECORD), ep).get("made_of") or {}
+    except FileNotFoundError:
+        return
+    made_from = ((made_of.get("inputs") or {}).get("real") or {}).get("config_fingerprint")
+    given = (storage.read_manifest(uri, ep) or {}).get("config_fingerprint")
+    if made_from and given and made_from != given:
+        raise ConfigError(f"config field 'real': {cfg.real} is another real set (ingest fingerprint {given}) than the "
+                          f"one {cfg.synthetic} was made from ({made_from}); give that set, moved or copied")
+
+
 def _real_set(cfg: ScoreConfig, manifest: dict[str, Any]) -> str:
     """The real data set the synthetic images came from (`real`, else the one their augment manifest
     records), as an absolute URI: scoring actors run in another directory."""
@@ -419,6 +435,8 @@ def _real_set(cfg: ScoreConfig, manifest: dict[str, Any]) -> str:
         raise ConfigError(f"config field 'real': the augment manifest of {cfg.synthetic} names no real data set; "
                           "give the ingest output it was made from with --real URI")
     uri = storage.absolute(real)
+    if cfg.real:
+        _check_same_real(cfg, uri)
     if not storage.parquet_files(storage.join(uri, "train"), cfg.endpoint_url):
         where = "given as real" if cfg.real else f"as the augment manifest of {cfg.synthetic} records it"
         relative = f", read from {os.getcwd()}" if uri != real else ""

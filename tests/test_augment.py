@@ -583,7 +583,7 @@ def test_erasure_is_applied_per_class_group(setup, tmp_path):
     assert (summary["rows"], summary["errors"]) == (2 * M, 2)
 
 
-def test_tokens_and_erasures_of_another_model_or_data_set_are_refused(setup, tmp_path):
+def test_tokens_and_erasures_of_another_model_or_data_set_are_refused(setup, tmp_path, monkeypatch):
     """Tokens learned, or classes erased, on another model of the same shape pass every shape check:
     the invert and erase manifests' model fingerprints must be augment's model's."""
     import shutil
@@ -603,6 +603,10 @@ def test_tokens_and_erasures_of_another_model_or_data_set_are_refused(setup, tmp
             augment(cfg(embeddings=where))
         storage.write_manifest(str(inverted), {"stage": "invert", "model_fingerprint": tiny})
         assert _prepare_conditioning(cfg(embeddings=where), classes)[0]["model"] == tiny
+    monkeypatch.chdir(inverted)  # the file by its bare name: its directory is this one
+    storage.write_manifest(str(inverted), {"stage": "invert", "model_fingerprint": "elsewhere"})
+    with pytest.raises(ConfigError, match="made on another model"):
+        _prepare_conditioning(cfg(embeddings=weights.EMBEDDINGS_FILE), classes)
     erase = _erasure(str(tmp_path / "erase"), {"cat": 1.0})
     manifest = storage.read_manifest(erase)
     storage.write_manifest(erase, {**manifest, "model_fingerprint": "elsewhere"})

@@ -74,6 +74,9 @@ def test_the_sections_that_make_tokens_name_augments_model():
         C.PipelineConfig.from_dict({"run_erase": True, **{s: {"model": "digits"} for s in ("invert", "augment")}})
     with pytest.raises(C.ConfigError, match="'invert.model': differs from augment.model 'digits'"):
         C.SweepConfig.from_dict({"source": "x", "augment": {"model": "digits"}})
+    # one place written two ways is one model
+    home = os.path.expanduser("~")
+    assert C.PipelineConfig.from_dict({"invert": {"model": "~/models/sd/"}, "augment": {"model": f"{home}/models/sd"}})
     # only where a method uses tokens, and erase only when it runs
     assert C.PipelineConfig.from_dict({"invert": {"model": "digits"}, "methods": ["baseline", "standard"]})
     assert C.PipelineConfig.from_dict({"erase": {"model": "digits"}}).erase.model == "digits"

@@ -83,6 +83,14 @@ def test_the_plan_is_packed_node_by_node_not_against_the_clusters_sum(caplog):
         plan.check("augment", gpu_actors, gpu_nodes)
 
 
+def test_alive_nodes_count_against_their_type_whatever_memory_they_report():
+    """A node type may state memory (KubeRay does); an alive node reports what it measured: the
+    match is on CPU, GPU and custom resources, so the type's count of nodes still to add is right."""
+    node = {"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0, "memory": 30.5e9, "object_store_memory": 9e9}
+    kind = {"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0, "memory": 32e9}
+    assert plan._can_add([node], [(kind, 2)]) == [(kind, 1)]
+
+
 def test_placeable_fills_nodes_and_keeps_the_reserve_where_it_costs_least():
     unit = {"CPU": 0.75}
     assert plan._placeable(unit, [({"CPU": 2.0}, 2)]) == 4

@@ -188,6 +188,16 @@ def test_the_real_set_is_resolved_and_checked_on_the_driver(scored, tmp_path, mo
     assert score(cfg).scored == {"source_distance": 27}
     with pytest.raises(FileNotFoundError, match=re.escape(f"real data set {tmp_path / 'nope'} (given as real) has no")):
         score(cfg.replace(synthetic=lost, real=str(tmp_path / "nope")))
+    # `real` names the same set elsewhere, never another: its ingest fingerprint is the one augment recorded
+    storage.write_json(storage.join(lost, "_run.json"), {"stage": "augment", "config_fingerprint": "a", "made_of": {
+        "config": {}, "inputs": {"real": {"config_fingerprint": "made-from"}}}})
+    copy = str(tmp_path / "real-copy")
+    shutil.copytree(real, copy)
+    storage.write_manifest(copy, {**storage.read_manifest(copy), "config_fingerprint": "another"})
+    with pytest.raises(ConfigError, match="'real': .* is another real set .*another.* than the one .*made-from"):
+        score(cfg.replace(synthetic=lost, real=copy))
+    storage.write_manifest(copy, {**storage.read_manifest(copy), "config_fingerprint": "made-from"})
+    assert score(cfg.replace(synthetic=lost, real=copy)).scored == {"source_distance": 27}
 
 
 def test_the_report_counts_a_multi_scorer_run_once(scored):
