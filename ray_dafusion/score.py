@@ -303,7 +303,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         done[scorer] = _committed_ids(outputs[scorer], ep)
 
     # 4. the actor pool over the synthetic rows some scorer still lacks
-    summaries = _run(cfg, real, scorers, outputs, done, checkpoint, ids) if scorers else []
+    run_id = uuid.uuid4().hex  # this run: its models' cache key in the workers, and its cost's mark
+    summaries = _run(cfg, real, scorers, outputs, done, checkpoint, ids, run_id) if scorers else []
     meter.add_actor_seconds(sum(s["seconds"] for s in summaries), cfg.num_cpus, cfg.num_gpus)
 
     # 5. per scorer: exactly one row per synthetic id, then its manifest, last; the run's one cost goes
@@ -311,7 +312,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     for scorer in scorers:
         _verify(outputs[scorer], ids, ep)
     images = len(set(ids) - set.intersection(*(set(done[s]) for s in scorers))) if scorers else 0
-    cost = {**meter.report(images=images), "run_id": uuid.uuid4().hex, "shared_by": list(scorers)}
+    cost = {**meter.report(images=images), "run_id": run_id, "shared_by": list(scorers)}
     for scorer in scorers:
         scored = sum(s["rows"] for s in summaries if s["scorer"] == scorer)
         result.scores[scorer], result.scored[scorer] = outputs[scorer], scored
@@ -451,7 +452,7 @@ def _shown(names: list[str]) -> str:
 
 
 def _run(cfg: ScoreConfig, real: Optional[str], scorers: list[str], outputs: dict[str, str], done: dict[str, list[str]],
-         checkpoint: Optional[str], ids: list[str]) -> list[dict[str, Any]]:
+         checkpoint: Optional[str], ids: list[str], run_id: str) -> list[dict[str, Any]]:
     import ray.data
     from ray.data.expressions import col
 
@@ -470,7 +471,7 @@ def _run(cfg: ScoreConfig, real: Optional[str], scorers: list[str], outputs: dic
     if finished:
         ds = ds.filter(expr=col("id").not_in(sorted(finished)))
     kwargs = {"cfg": cfg, "real": real, "scorers": scorers, "outputs": outputs, "done": done, "checkpoint": checkpoint,
-              "run_id": uuid.uuid4().hex}
+              "run_id": run_id}
     if cfg.compute == "tasks":
         udf: Any = score_batch
         options: dict[str, Any] = {"fn_kwargs": kwargs, "compute": ray.data.TaskPoolStrategy(size=actors)}
