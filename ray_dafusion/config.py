@@ -461,7 +461,7 @@ class ScoreConfig(StageConfig):
     synthetic: str = ""
     """URI of an augment output."""
     real: Optional[str] = None
-    """URI of the ingest output the synthetic set was made from (default: the one its augment manifest records); for source_distance, e.g. when that was recorded relative to another directory."""
+    """URI of the ingest output the synthetic set was made from (default: the one its augment manifest records), e.g. when that set has moved; it must be the same set (its ingest fingerprint is checked)."""
     run: Optional[str] = None
     """A train run (e.g. the baseline's) whose best checkpoint the classifier scorer uses."""
     scorers: list[str] = field(default_factory=lambda: ["classifier", "source_distance"])
@@ -626,7 +626,7 @@ class SweepConfig(StageConfig):
     workdir: str = location("./runs/sweep")
     """URI under which the pool, every subset, token set, synthetic set, run, the trials and the results live."""
     shots: list[int] = field(default_factory=lambda: [1, 2, 4])
-    """Examples per class of each trial."""
+    """Examples per class of each trial (every class's train pool must hold the largest, checked before any trial, unless ingest.allow_fewer)."""
     seeds: list[int] = field(default_factory=lambda: list(range(10)))
     """Seeds: which shots are drawn, and the seed of every stage of the trial."""
     methods: list[str] = field(default_factory=lambda: ["baseline", "standard", "real_guidance", "da_fusion"])

@@ -2,7 +2,8 @@
 
 Decoding, validation and writing run as Ray Data tasks; the driver only lists files and decides
 the splits from small metadata columns. Every file ends up in a split, in the errors table with
-its reason, or in a counted skip (COCO/VOC images without objects); nothing is dropped silently.
+its reason, or in a counted skip (VOC/COCO images without objects, files under hidden or
+``__MACOSX`` folders, images beyond the split sizes); nothing is dropped silently.
 """
 
 from __future__ import annotations

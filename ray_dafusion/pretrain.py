@@ -7,7 +7,8 @@ images; the demo's handwritten digits). Shape of a run::
       ─> Ray Data: decode, squash to the shape's resolution, 8x8 grey features
       ─> captions, label-free: PCA + k-means over the images (and mirrors), one made-up word
          per cluster ("qbage"), captions "<random template> <word>", a share of them empty
-      ─> Ray Train (DDP): 1. AutoencoderKL (MSE + small KL)   2. UNet + CLIP text encoder
+      ─> Ray Train (DDP): 1. AutoencoderKL (MSE + small KL; kept as it is with ``init``)
+                          2. UNet + CLIP text encoder
          (epsilon MSE on VAE latents, cosine schedule, EMA), checkpoints to resume from
       ─> output/: a diffusers StableDiffusionImg2ImgPipeline (EMA weights, DDIM sampler,
          the tokenizer with the caption words) + manifest.json (config, data fingerprint, loss curves)

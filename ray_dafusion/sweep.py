@@ -16,7 +16,9 @@ Shape of a run (everything under ``workdir``)::
        per (method, shots), and paired differences against baseline and standard
 
 Every stage skips a complete output, so a trial reuses what an earlier trial made, and a re-run of
-the sweep skips finished trials (their trial record holds the config fingerprint they ran with).
+the sweep skips finished trials (their trial record holds the fingerprint of the configs they ran
+with and of the pool they drew from). Shots beyond a class's train pool are refused right after the
+pool is ingested (unless ``ingest.allow_fewer``).
 Two trials that need the same shared output at once do not collide: the second waits for the
 first's lease, then finds the output complete.
 """
