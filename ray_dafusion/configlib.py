@@ -24,6 +24,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import re
 import textwrap
 import types
 import typing
@@ -103,6 +104,9 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
+        for name in ("stall_warning", "stall_timeout"):  # null means never; 0 or less would fire at once
+            if getattr(self, name) is not None:
+                positive(self, name)
         self._check_cost()
         self._check_seeds()
         self.validate()
@@ -146,11 +150,14 @@ class StageConfig:
     def from_dict(cls, data: Optional[dict[str, Any]]) -> "StageConfig":
         data = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
+            # YAML reads the keys `on:`, `yes:`, `no:` as booleans and `2:` as a number
+            odd = any(not isinstance(k, str) for k in set(data) - known)
             raise ConfigError(
-                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
-                f"known fields: {', '.join(sorted(known))}"
+                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}"
+                + (" (a key YAML reads as true/false or a number: quote it)" if odd else "")
+                + f"; known fields: {', '.join(sorted(known))}"
             )
         return cls(**data)
 
@@ -177,6 +184,8 @@ class StageConfig:
                 current = data.get(section) or {}
                 if isinstance(current, StageConfig):
                     current = current.to_dict()
+                if not isinstance(current, dict):
+                    raise bad(section, current, f"must be a mapping of {sub_cls.__name__} fields")
                 data[section] = {**current, sub: _parse_override(sub_cls, sub, raw)}
             else:
                 data[key] = _parse_override(cls, key, raw)
@@ -208,6 +217,23 @@ def config_fingerprint(cfg: StageConfig, **inputs: Any) -> str:
     return fingerprint(config_record(cfg, **inputs))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last without
+    a word, so a second `augment:` block would drop the first one's fields)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):  # the base loader refuses it with its own message
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     """A YAML mapping from a local path or s3:// URI; ConfigError for anything else."""
     from . import storage  # config files may live on S3 too
@@ -221,7 +247,7 @@ def read_yaml(path: str) -> dict[str, Any]:
     except storage.StorageError as exc:  # a directory, a refused S3 read
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if data is None:
@@ -251,13 +277,16 @@ def _parse_override(cls: type, key: str, raw: str) -> Any:
         # list of strings stay strings (`--classes no,1` is ['no', '1'], not [False, 1])
         parts = [part.strip() for part in raw.split(",") if part.strip()]
         return parts if item_tp is str else [_yaml_or_raw(part) for part in parts]
-    value = _yaml_or_raw(raw)
-    if base is float and isinstance(value, str):
-        try:  # YAML 1.1 reads `1e-5` (no dot) as a string; on a command line it means the number
-            value = float(value)
-        except ValueError:
-            pass
-    return value
+    return _yaml_or_raw(raw)
+
+
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _float_text(text: str) -> Any:
+    """YAML 1.1 reads `1e-5` (no dot) as a string, in a file as on a command line: a float field
+    takes it as the number it means; other text is left for the type check to refuse."""
+    return float(text) if _EXPONENT_FLOAT.fullmatch(text.strip()) else text
 
 
 def _yaml_or_raw(raw: str) -> Any:
@@ -313,6 +342,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             raise bad(name, value, "must be an integer")
         return value
     if base is float:
+        if isinstance(value, str):
+            value = _float_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(name, value, "must be a number")
         return float(value)

@@ -67,6 +67,35 @@ def test_fused_qkv_is_refused_with_erasure():
     assert C.AugmentConfig(fuse_qkv=True).fuse_qkv
 
 
+def test_yaml_that_reads_surprisingly_is_taken_as_meant_or_refused(tmp_path):
+    def yaml_file(text):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        return str(path)
+
+    # YAML 1.1 reads 1e-5 (no dot) as a string: in a file and in a list, a float field takes the number
+    assert C.EraseConfig.from_args(yaml_file("learning_rate: 1e-5\n"), {}).learning_rate == 1e-5
+    assert C.AugmentConfig.from_args(None, {"strengths": "1e-1,0.5"}).strengths == [0.1, 0.5]
+    with pytest.raises(C.ConfigError, match="'learning_rate': must be a number"):
+        C.EraseConfig.from_args(yaml_file("learning_rate: fast\n"), {})
+    # a key given twice: refused, not the last silently kept
+    with pytest.raises(C.ConfigError, match="not valid YAML: the key 'augment' appears twice"):
+        C.SweepConfig.from_args(yaml_file("augment:\n  num_augmentations: 3\naugment:\n  seed: 2\n"), {})
+    # keys YAML reads as booleans or numbers, and a section that is not a mapping: ConfigErrors, not tracebacks
+    with pytest.raises(C.ConfigError, match="unknown field.*True .a key YAML reads as true/false"):
+        C.TrainConfig.from_args(yaml_file("on: true\n"), {})
+    with pytest.raises(C.ConfigError, match="'augment': must be a mapping of AugmentConfig fields"):
+        C.SweepConfig.from_args(yaml_file("augment: 5\n"), {"augment.seed": "1"})
+
+
+def test_stall_times_are_positive_or_null():
+    for field in ("stall_warning", "stall_timeout"):
+        for value in ("0", "-5"):
+            with pytest.raises(C.ConfigError, match=f"'{field}': must be > 0"):
+                C.TrainConfig.from_args(None, {field: value})
+        assert getattr(C.TrainConfig.from_args(None, {field: "null"}), field) is None
+
+
 def test_the_sections_that_make_tokens_name_augments_model():
     with pytest.raises(C.ConfigError, match="'invert.model': differs from augment.model 'tiny'.*got 'digits'"):
         C.PipelineConfig.from_dict({"invert": {"model": "digits"}})
