@@ -203,6 +203,21 @@ def identity(cfg: StageConfig) -> dict[str, Any]:
     return out
 
 
+SHARED_FIELDS = ("endpoint_url", "overwrite", "stall_warning", "stall_timeout", "cost")
+"""The fields every stage has: set on a pipeline or a sweep, they reach each of its stages."""
+
+
+def shared_settings(parent: StageConfig, section: StageConfig) -> dict[str, Any]:
+    """The shared fields that `parent` (a pipeline, a sweep) sets and `section` leaves at its own
+    default: the whole run's setting, for that stage. A value the section sets itself stays."""
+    def default(cfg: StageConfig, name: str) -> Any:
+        f = next(f for f in dataclasses.fields(cfg) if f.name == name)
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    return {name: getattr(parent, name) for name in SHARED_FIELDS
+            if getattr(parent, name) != default(parent, name) and getattr(section, name) == default(section, name)}
+
+
 def config_record(cfg: StageConfig, **inputs: Any) -> dict[str, Any]:
     """What a stage's output is made of: the config's identity plus the content fingerprints of
     its inputs (models, tokens, upstream manifests) passed as `inputs`. Stages record it beside

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from . import storage
 from .config import GalleryConfig, PipelineConfig, StageConfig, callable_stage_module
+from .configlib import shared_settings
 from .modes import AUGMENT_MODES, TRAIN_METHODS
 
 __all__ = ["pipeline", "demo", "PipelineResult", "stage_configs", "DEMO_CONFIG"]
@@ -49,13 +50,10 @@ class PipelineResult:
 
 
 def _fill(section: StageConfig, parent: PipelineConfig, **defaults: Any) -> Any:
-    """A stage config with unset URIs filled from the workdir and the shared endpoint."""
+    """A stage config with unset URIs filled from the workdir, and the pipeline's endpoint,
+    overwrite, stall times and prices where the section leaves them at their defaults."""
     changes = {k: v for k, v in defaults.items() if getattr(section, k) in (None, "", [])}
-    if section.endpoint_url is None and parent.endpoint_url is not None:
-        changes["endpoint_url"] = parent.endpoint_url
-    if parent.overwrite and not section.overwrite:
-        changes["overwrite"] = True
-    return dataclasses.replace(section, **changes)
+    return dataclasses.replace(section, **changes, **shared_settings(parent, section))
 
 
 def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from .config import (
     SweepConfig,
     callable_stage_module,
 )
-from .configlib import config_fingerprint
+from .configlib import config_fingerprint, shared_settings
 from .errors import ConfigError, StageError
 from .logs import setup_logging
 from .modes import AUGMENT_MODES, SWEEP_VARIANTS, TRAIN_METHODS
@@ -124,19 +124,22 @@ def _stage_configs(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
     p = _paths(cfg, trial)
     variant = SWEEP_VARIANTS[trial.method]
     method = TRAIN_METHODS[variant.method]
-    shared = {"endpoint_url": cfg.endpoint_url} if cfg.endpoint_url else {}
+    def shared(section: Any) -> dict[str, Any]:  # the sweep's endpoint, overwrite, stall times, prices
+        return shared_settings(cfg, section)
+
     out: dict[str, Any] = {
         "real": dataclasses.replace(cfg.ingest, source=p["pool"], format="real", output=p["real"],
-                                    examples_per_class=trial.shots, seed=trial.seed, **shared),
+                                    examples_per_class=trial.shots, seed=trial.seed, **shared(cfg.ingest)),
     }
     if method.synthetic_mode:
         mode = AUGMENT_MODES[method.synthetic_mode]
         if mode.needs_tokens:
-            out["invert"] = dataclasses.replace(cfg.invert, real=p["real"], output=p["tokens"], seed=trial.seed, **shared)
+            out["invert"] = dataclasses.replace(cfg.invert, real=p["real"], output=p["tokens"], seed=trial.seed,
+                                                **shared(cfg.invert))
         out["augment"] = dataclasses.replace(
             cfg.augment, real=p["real"], output=p["synthetic"], mode=method.synthetic_mode, seed=trial.seed,
             strengths=list(variant.strengths) if variant.strengths is not None else None,
-            embeddings=p["tokens"] if mode.needs_tokens else None, **shared)
+            embeddings=p["tokens"] if mode.needs_tokens else None, **shared(cfg.augment))
     # every method but the baseline trains with the same standard augmentation, as the paper compares them
     if variant.augmented:
         augmentation = {"randaugment": True if cfg.train.randaugment is None else cfg.train.randaugment}
@@ -147,10 +150,10 @@ def _stage_configs(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
         baseline = _stage_configs(cfg, Trial("baseline", trial.shots, trial.seed))["train"]
         out["baseline"] = baseline
         out["score"] = dataclasses.replace(cfg.score, synthetic=p["synthetic"], scorers=["classifier"],
-                                           run=storage.join(baseline.output, baseline.name), **shared)
+                                           run=storage.join(baseline.output, baseline.name), **shared(cfg.score))
     out["train"] = dataclasses.replace(
         cfg.train, real=p["real"], synthetic=p["synthetic"] or None, output=p["train"], name=trial.name,
-        method=variant.method, seed=trial.seed, **augmentation, **shared,
+        method=variant.method, seed=trial.seed, **augmentation, **shared(cfg.train),
         **({"synthetic_filter": variant.synthetic_filter} if variant.synthetic_filter else {}))
     return out
 
@@ -337,7 +340,7 @@ def sweep(cfg: SweepConfig) -> SweepResult:
 
     # 1. the pool: one ingest of the source, val and test fixed, the whole train pool kept
     pool_cfg = dataclasses.replace(cfg.ingest, source=cfg.source, output=storage.join(cfg.workdir, "real", "pool"),
-                                   examples_per_class=None, **({"endpoint_url": ep} if ep else {}))
+                                   examples_per_class=None, **shared_settings(cfg, cfg.ingest))
     ingest(pool_cfg)
     _check_pool_holds_the_shots(cfg, pool_cfg.output)
 
@@ -352,9 +355,9 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     # 3. every run scored on the pool's test split (the same images for every shot count and seed)
     records = [storage.read_json(_paths(cfg, t)["record"], ep) for t in trials]
     # (the sweep owns results/: a sweep with more seeds or methods replaces it)
-    eval_cfg = dataclasses.replace(cfg.evaluate, real=pool_cfg.output, runs=[r["run"] for r in records],
-                                   output=storage.join(cfg.workdir, "results"), overwrite=True,
-                                   **({"endpoint_url": ep} if ep else {}))
+    eval_cfg = dataclasses.replace(cfg.evaluate, **{**shared_settings(cfg, cfg.evaluate), "overwrite": True},
+                                   real=pool_cfg.output, runs=[r["run"] for r in records],
+                                   output=storage.join(cfg.workdir, "results"))
     scored = evaluate(eval_cfg)
     by_run = {r["run"]: r for r in scored.runs}
     runs = [{"method": t.method, "shots": t.shots, "seed": t.seed, "run": rec["run"],

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ray_dafusion import storage
-from ray_dafusion.config import PipelineConfig
+from ray_dafusion.config import PipelineConfig, SweepConfig, TrainConfig
 from ray_dafusion.pipeline import DEMO_CONFIG, pipeline, stage_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +40,20 @@ def test_stage_configs_live_under_the_workdir():
     assert {m: t.name for m, t in stages["train"].items()} == {m: m for m in cfg.methods}
     for section in (stages["ingest"], dafusion, stages["train"]["da_fusion"]):
         assert section.endpoint_url == "http://127.0.0.1:9"
+
+
+def test_whole_run_settings_reach_every_stage_unless_a_section_sets_its_own():
+    from ray_dafusion.sweep import Trial, _stage_configs
+
+    prices = {"prices": {"cpu_hour": 0.05, "gpu_hour": 2.5}}
+    top = {"stall_timeout": 600.0, "stall_warning": 120.0, "cost": prices, "overwrite": True,
+           "train": {"stall_warning": 30.0}}
+    stages = stage_configs(PipelineConfig.from_dict({**top, "methods": ["baseline", "da_fusion"]}))
+    sweep_stages = _stage_configs(SweepConfig.from_dict({**top, "source": "x"}), Trial("da_fusion", 1, 0))
+    for section in (stages["ingest"], stages["invert"], stages["augment"]["da_fusion"], stages["train"]["da_fusion"],
+                    *sweep_stages.values()):
+        assert (section.stall_timeout, section.cost, section.overwrite) == (600.0, prices, True), section
+        assert section.stall_warning == (30.0 if isinstance(section, TrainConfig) else 120.0)
 
 
 def test_real_guidance_keeps_its_own_t0_when_augment_strengths_are_set():
