@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import socket
 import threading
 import time
@@ -418,7 +419,7 @@ def ensure_fresh_output(
         _refuse_dangerous_delete(uri, stage)
         delete_output(uri, endpoint_url)
         manifest = None
-    elif previous is None and exists(uri, endpoint_url) and list_files(uri, "", endpoint_url, recursive=True):
+    elif previous is None and exists(uri, endpoint_url) and _foreign_files(uri, endpoint_url):
         raise StorageError(
             f"{uri} is not empty and holds no ray-dafusion {stage} run record; choose an empty or new output "
             "(overwrite only ever deletes what a stage wrote)"
@@ -473,6 +474,19 @@ def delete_output(uri: str, endpoint_url: Optional[str] = None) -> None:
         held.write()
 
 
+def _is_temp_file(name: str) -> bool:
+    """Whether a file name is one `_tmp_name` gives an atomic write in progress (or killed)."""
+    return re.match(r"\.tmp-[0-9a-f]{12}-", name) is not None
+
+
+def _foreign_files(uri: str, endpoint_url: Optional[str]) -> list[str]:
+    """Every file under `uri`, hidden and `_` ones included (a user's `.env`, `_notes.md`), except the
+    stage's own lease and the temp files of an interrupted write: what makes an output not empty."""
+    lease_file = join(uri, LEASE)
+    return [f for f in list_files(uri, "", endpoint_url, recursive=True, skip_prefixes=())
+            if f != lease_file and not _is_temp_file(posixpath.basename(f))]
+
+
 def remove_temp_files(uri: str, endpoint_url: Optional[str] = None) -> int:
     """Delete the `.tmp-*` files a killed atomic write left under `uri`; returns how many."""
     fs, path = resolve(uri, endpoint_url)
@@ -480,7 +494,7 @@ def remove_temp_files(uri: str, endpoint_url: Optional[str] = None) -> int:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
     except Exception as exc:
         raise _wrap(uri, exc) from None
-    stale = [i.path for i in infos if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith(".tmp-")]
+    stale = [i.path for i in infos if i.type == pafs.FileType.File and _is_temp_file(posixpath.basename(i.path))]
     for p in stale:
         try:
             fs.delete_file(p)

@@ -169,6 +169,22 @@ def test_overwrite_never_deletes_what_a_stage_did_not_write(tmp_path, monkeypatc
         "config_fingerprint"] == "fp2"
 
 
+def test_hidden_and_underscore_files_make_an_output_not_empty(root):
+    storage.write_bytes(storage.join(root, ".env"), b"SECRET=1")
+    storage.write_bytes(storage.join(root, "notes", "_notes.md"), b"mine")
+    for overwrite in (False, True):
+        with pytest.raises(storage.StorageError, match="is not empty and holds no ray-dafusion ingest run record"):
+            storage.ensure_fresh_output(root, "ingest", "fp", overwrite)
+    assert storage.read_bytes(storage.join(root, ".env")) == b"SECRET=1"
+    assert not storage.exists(storage.join(root, storage.RUN_RECORD))
+    # the stage's own lease and the temp files of an interrupted write do not count
+    fresh = storage.join(root, "fresh")
+    storage.write_json(storage.join(fresh, storage.LEASE), {"stage": "ingest"})
+    storage.write_bytes(storage.join(fresh, "train", ".tmp-0123456789ab-part-0.parquet"), b"half")
+    assert storage.ensure_fresh_output(fresh, "ingest", "fp", False) is None
+    assert storage.read_json(storage.join(fresh, storage.RUN_RECORD))["stage"] == "ingest"
+
+
 def test_temp_files_of_a_crashed_write_are_removed_on_the_next_run(root):
     storage.ensure_fresh_output(root, "augment", "fp", False)
     storage.write_bytes(storage.join(root, "data", ".tmp-0123456789ab-part-x.parquet"), b"half a file")
