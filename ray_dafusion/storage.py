@@ -378,6 +378,30 @@ def _refuse_dangerous_delete(uri: str, stage: str) -> None:
         )
 
 
+def _refuse_nested_outputs(uri: str, stage: str, endpoint_url: Optional[str]) -> None:
+    """Never delete another stage's output nested inside this one (an invert output at real/tokens/
+    inside an ingest output at real/). Score tables at <augment output>/scores/<scorer>/ belong to
+    the augment output and go with it."""
+    top = uri.rstrip("/")
+    for f in list_files(uri, "", endpoint_url, recursive=True, skip_prefixes=()):
+        parts = f[len(top) + 1:].split("/")
+        if len(parts) < 2 or parts[-1] not in (MANIFEST, RUN_RECORD):
+            continue
+        try:
+            record = read_json(f, endpoint_url)
+        except (FileNotFoundError, ValueError):  # gone meanwhile, or not a record of ours
+            continue
+        owner = record.get("stage") if isinstance(record, dict) else None
+        if owner is None or owner == stage:
+            continue
+        if stage == "augment" and owner == "score" and len(parts) == 3 and parts[0] == "scores":
+            continue
+        raise StorageError(
+            f"refusing to delete {uri} for {stage} overwrite: it holds a {owner} output at {posixpath.dirname(f)} "
+            "(overwrite never deletes another stage's output); move that output elsewhere or choose another output"
+        )
+
+
 def ensure_fresh_output(
     uri: str,
     stage: str,
@@ -417,6 +441,7 @@ def ensure_fresh_output(
                 "choose another output or set overwrite: true"
             )
         _refuse_dangerous_delete(uri, stage)
+        _refuse_nested_outputs(uri, stage, endpoint_url)
         delete_output(uri, endpoint_url)
         manifest = None
     elif previous is None and exists(uri, endpoint_url) and _foreign_files(uri, endpoint_url):

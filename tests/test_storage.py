@@ -185,6 +185,32 @@ def test_hidden_and_underscore_files_make_an_output_not_empty(root):
     assert storage.read_json(storage.join(fresh, storage.RUN_RECORD))["stage"] == "ingest"
 
 
+def test_overwrite_never_deletes_another_stages_output_nested_inside(root):
+    real, tokens = storage.join(root, "real"), storage.join(root, "real", "tokens")
+    storage.ensure_fresh_output(real, "ingest", "fp1", False)
+    storage.write_manifest(real, {"stage": "ingest", "config_fingerprint": "fp1"})
+    storage.ensure_fresh_output(tokens, "invert", "fpi", False)
+    storage.write_manifest(tokens, {"stage": "invert", "config_fingerprint": "fpi"})
+    with pytest.raises(storage.StorageError, match=r"holds a invert output at .*real/tokens"):
+        storage.ensure_fresh_output(real, "ingest", "fp2", True)
+    assert storage.read_manifest(tokens)["stage"] == "invert"
+    assert storage.read_manifest(real)["stage"] == "ingest"
+    # a nested run not yet complete (only its _run.json) is another stage's output too
+    storage.delete(storage.join(tokens, storage.MANIFEST))
+    with pytest.raises(storage.StorageError, match=r"holds a invert output at .*real/tokens"):
+        storage.ensure_fresh_output(real, "ingest", "fp2", True)
+    assert storage.exists(storage.join(tokens, storage.RUN_RECORD))
+    # an augment output's score tables are part of it and go with it
+    synthetic = storage.join(root, "synthetic")
+    storage.ensure_fresh_output(synthetic, "augment", "fpa", False)
+    storage.write_manifest(synthetic, {"stage": "augment", "config_fingerprint": "fpa"})
+    scores = storage.join(synthetic, "scores", "clip")
+    storage.ensure_fresh_output(scores, "score", "fps", False)
+    storage.write_manifest(scores, {"stage": "score", "config_fingerprint": "fps"})
+    assert storage.ensure_fresh_output(synthetic, "augment", "fpb", True) is None
+    assert storage.read_manifest(scores) is None and storage.read_manifest(synthetic) is None
+
+
 def test_temp_files_of_a_crashed_write_are_removed_on_the_next_run(root):
     storage.ensure_fresh_output(root, "augment", "fp", False)
     storage.write_bytes(storage.join(root, "data", ".tmp-0123456789ab-part-x.parquet"), b"half a file")
