@@ -113,6 +113,10 @@ def resolve(uri: str, endpoint_url: Optional[str] = None) -> tuple[pafs.FileSyst
         path = uri[len("s3://"):].rstrip("/")
         if not path or path.startswith("/"):
             raise StorageError(f"S3 URI needs a bucket: {uri!r} (expected s3://bucket/prefix)")
+        # S3 keeps `.`, `..` and empty segments literally but the HTTP layer collapses them, so
+        # s3://bkt/a/.. would address the bucket itself (a delete of it is a DeleteBucket).
+        if any(part in ("", ".", "..") for part in path.split("/")):
+            raise StorageError(f"S3 URI with an empty, '.' or '..' path segment: {uri!r}; write the key without them")
         return _s3(endpoint_url), path
     if uri.startswith("file://"):
         return pafs.LocalFileSystem(), os.path.abspath(uri[len("file://"):])

@@ -83,6 +83,14 @@ def test_bad_uris_are_named():
         storage.resolve("s3://")
     with pytest.raises(storage.StorageError, match="empty"):
         storage.resolve("")
+    # S3 keeps these segments literally, the HTTP layer collapses them: s3://bkt/a/.. is the bucket
+    for uri in ("s3://bkt/a/..", "s3://bkt/a/../b", "s3://bkt/./a", "s3://bkt//a", "s3://bkt/a//b/", "s3://../a"):
+        with pytest.raises(storage.StorageError, match="empty, '.' or '..' path segment") as refused:
+            storage.resolve(uri)
+        assert repr(uri) in str(refused.value)
+        with pytest.raises(storage.StorageError, match="path segment"):
+            storage.delete(uri)
+    assert storage.resolve("s3://bkt/a/b/")[1] == "bkt/a/b"  # a trailing / is stripped
 
 
 def test_a_missing_bucket_is_named_without_the_secret(s3_server):
