@@ -214,9 +214,10 @@ def write_json(uri: str, obj: Any, endpoint_url: Optional[str] = None) -> None:
 
 def list_files(uri: str, suffix: str = "", endpoint_url: Optional[str] = None, recursive: bool = False,
                skip_prefixes: tuple[str, ...] = (".", "_")) -> list[str]:
-    """Sorted URIs of the files under `uri` ending in `suffix`, without those whose names start with
-    one of `skip_prefixes`: by default hidden and temp files and the `_` records stages and writers
-    keep beside their data (`_run.json`, `_SUCCESS`); a user's own files are listed with (".",)."""
+    """Sorted URIs of the files under `uri` ending in `suffix`, without those whose names, or the names
+    of folders they are in below `uri`, start with one of `skip_prefixes`: by default hidden and temp
+    files and folders (`.ipynb_checkpoints/`) and the `_` records stages and writers keep beside their
+    data (`_run.json`, `_SUCCESS`, `_checkpoints/`); a user's own files are listed with (".",)."""
     fs, path = resolve(uri, endpoint_url)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
@@ -225,9 +226,11 @@ def list_files(uri: str, suffix: str = "", endpoint_url: Optional[str] = None, r
     out = []
     for info in infos:
         name = posixpath.basename(info.path)
-        if info.type != pafs.FileType.File or name.startswith(skip_prefixes) or not name.endswith(suffix):
+        if info.type != pafs.FileType.File or not name.endswith(suffix):
             continue
         rel = posixpath.relpath(info.path, path) if recursive else name
+        if any(part.startswith(skip_prefixes) for part in rel.split("/")):
+            continue
         out.append(join(uri, rel))
     return sorted(out)
 

@@ -36,6 +36,17 @@ def test_bytes_json_parquet_roundtrip(root):
         storage.read_bytes(storage.join(root, "missing"))
 
 
+def test_a_recursive_listing_skips_hidden_and_underscore_folders(root):
+    for rel in ("a/x.parquet", "a/.hid/y.parquet", "a/_sub/z.parquet", ".ipynb_checkpoints/c.parquet", "b/w.parquet"):
+        storage.write_bytes(storage.join(root, *rel.split("/")), b"x")
+    assert storage.list_files(root, ".parquet", recursive=True) == [
+        storage.join(root, "a", "x.parquet"), storage.join(root, "b", "w.parquet")]
+    assert storage.parquet_files(storage.join(root, "a")) == [storage.join(root, "a", "x.parquet")]
+    assert storage.list_files(root, ".parquet", recursive=True, skip_prefixes=(".",)) == [
+        storage.join(root, "a", "_sub", "z.parquet"), storage.join(root, "a", "x.parquet"), storage.join(root, "b", "w.parquet")]
+    assert len(storage.list_files(root, ".parquet", recursive=True, skip_prefixes=())) == 5
+
+
 def test_manifest_marks_completion(root):
     assert storage.read_manifest(root) is None
     storage.write_parquet(pa.table({"x": [1]}), storage.join(root, "part-0.parquet"))
