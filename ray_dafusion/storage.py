@@ -128,7 +128,10 @@ def resolve(uri: str, endpoint_url: Optional[str] = None) -> tuple[pafs.FileSyst
 
 def absolute(uri: str) -> str:
     """The URI with a local path made absolute, for processes that run in another directory (Ray
-    Train workers run in their run's directory); file:// and s3:// URIs are returned as they are."""
+    Train workers run in their run's directory); a file:// URI keeps its scheme with its path made
+    absolute as resolve() reads it, and s3:// URIs are returned as they are."""
+    if uri.startswith("file://"):
+        return "file://" + os.path.abspath(uri[len("file://"):])
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 

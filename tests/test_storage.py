@@ -87,6 +87,14 @@ def test_a_refusal_names_the_fields_and_inputs_that_changed(root):
         storage.ensure_fresh_output(root, "augment", storage.fingerprint(changed), False, made_of=changed)
 
 
+def test_absolute_keeps_a_file_uri_and_makes_its_path_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("file://data/real") == f"file://{tmp_path}/data/real"  # as resolve() reads it
+    assert storage.resolve(storage.absolute("file://data/real"))[1] == storage.resolve("file://data/real")[1]
+    assert storage.absolute("data/real") == f"{tmp_path}/data/real"
+    assert storage.absolute("s3://b/x") == "s3://b/x"
+
+
 def test_bad_uris_are_named():
     with pytest.raises(storage.StorageError, match="unsupported URI scheme 'gs://'"):
         storage.resolve("gs://bucket/x")
