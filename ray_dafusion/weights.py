@@ -87,7 +87,8 @@ def add_tokens(pipe: Any, embeddings: dict[str, Any]) -> None:
         # multi-vector tokens follow diffusers' "<tok>", "<tok>_1", ... convention
         names[token] = [token] + [f"{token}_{i}" for i in range(1, rows.shape[0])]
         if token in vocab:
-            continue  # already added (an actor reused for a second batch)
+            _check_held(pipe, token, names[token], rows, vocab)
+            continue  # already added with these very rows (an actor reused for a second batch)
         tokens.extend(names[token])
         vectors.extend(rows)
     for name, entry in taken_ignoring_case(tokens, vocab).items():
@@ -102,6 +103,21 @@ def add_tokens(pipe: Any, embeddings: dict[str, Any]) -> None:
         if read != pipe.tokenizer.convert_tokens_to_ids(group):
             raise EmbeddingsError(f"token {token!r} reads back as {pipe.tokenizer.convert_ids_to_tokens(read)} with "
                                   "this model's tokenizer, not as itself (prompts are lowercased and normalised)")
+
+
+def _check_held(pipe: Any, token: str, group: list[str], rows: Any, vocab: dict[str, int]) -> None:
+    """A token the model already has must hold the file's rows: anything else would be used silently."""
+    import torch
+
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    same = all(name in vocab for name in group) and f"{token}_{len(group)}" not in vocab
+    if same:
+        held = weight[[vocab[name] for name in group]].detach()  # (num_vectors, dim)
+        same = torch.equal(held, rows.detach().to(held.device, held.dtype))
+    if not same:
+        raise EmbeddingsError(f"token {token!r} is already in the model with another vector than the embeddings "
+                              "file's (a model saved after textual inversion?): use the model without it, or "
+                              "learn the token under another name")
 
 
 class ErasureWeights:

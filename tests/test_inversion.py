@@ -295,6 +295,19 @@ def test_embeddings_that_differ_only_in_case_are_refused(tmp_path, tiny_model):
         weights.add_tokens(_pipe(tiny_model), {"<caf\u00e9>": torch.zeros(32), "<cafe\u0301>": torch.ones(32)})
 
 
+def test_a_token_the_model_already_holds_with_another_vector_is_refused(tiny_model):
+    # a model saved after textual inversion has the token: the file's vector must not be dropped silently
+    pipe = _pipe(tiny_model)
+    weights.add_tokens(pipe, {"<cat>": torch.zeros(32), "<dog>": torch.ones(2, 32)})
+    weights.add_tokens(pipe, {"<cat>": torch.zeros(32), "<dog>": torch.ones(2, 32)})  # a reused pipeline: fine
+    with pytest.raises(weights.EmbeddingsError, match="'<cat>' is already in the model with another vector"):
+        weights.add_tokens(pipe, {"<cat>": torch.ones(32)})
+    with pytest.raises(weights.EmbeddingsError, match="'<dog>' is already in the model with another vector"):
+        weights.add_tokens(pipe, {"<dog>": torch.ones(32)})  # one row where the model holds two
+    rows = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(rows[pipe.tokenizer.convert_tokens_to_ids("<cat>")], torch.zeros(32))
+
+
 def test_invert_yaml_parses():
     cfg = InvertConfig.from_yaml(os.path.join(ROOT, "jobs", "configs", "invert.yaml"))
     assert (cfg.steps, cfg.batch_size, cfg.learning_rate, cfg.resolution) == (1000, 4, 5e-4, 512)
