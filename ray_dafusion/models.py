@@ -412,7 +412,7 @@ def file_fingerprint(path_or_bytes: Any) -> str:
 def model_fingerprint(local_dir: str, cache_dir: Optional[str] = None) -> str:
     """Hash of a pipeline directory: every file's path, size and full content, so any changed
     weight changes it. A file's hash is remembered in the local cache under its (path, size,
-    mtime, inode), so a multi-GB checkpoint is read once per node, not once per actor start."""
+    mtime, ctime, inode), so a multi-GB checkpoint is read once per node, not once per actor start."""
     if not os.path.isdir(local_dir):
         return hashlib.sha256(local_dir.encode()).hexdigest()[:16]  # a hub id: its name
     h = hashlib.sha256()
@@ -428,11 +428,12 @@ def model_fingerprint(local_dir: str, cache_dir: Optional[str] = None) -> str:
 
 
 def _file_hash(path: str, cache_dir: Optional[str]) -> str:
-    """sha256 of a file's bytes, memoised on disk by (path, size, mtime_ns, inode)."""
+    """sha256 of a file's bytes, memoised on disk by (path, size, mtime_ns, ctime_ns, inode): ctime too, since
+    a file rewritten in place can get its old mtime back (os.utime, rsync -t) but never its ctime."""
     stat = os.stat(path)
     if stat.st_size <= 1 << 20:  # small files: hashing is cheaper than the bookkeeping
         return file_fingerprint(path)
-    key = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    key = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
     memo = os.path.join(default_cache_dir(cache_dir), "file-hashes.json")
     with _lock(memo):
         known = _read_memo(memo)

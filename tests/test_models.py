@@ -125,3 +125,22 @@ def test_fingerprint_sees_any_changed_weight_and_remembers_big_files(tmp_path, m
     data[(5 << 20) // 2] = 1  # one byte in the middle, far from the first and last MiB
     weights.write_bytes(bytes(data))
     assert model_fingerprint(str(model), model_cache) != before
+
+
+def test_fingerprint_sees_a_file_rewritten_in_place_with_its_old_mtime(tmp_path, model_cache):
+    from ray_dafusion.models import model_fingerprint
+
+    model = tmp_path / "m"
+    model.mkdir()
+    weights = model / "w.bin"
+    weights.write_bytes(bytes(5 << 20))  # big enough to be memoised
+    before = model_fingerprint(str(model), model_cache)
+    stat = os.stat(weights)
+    time.sleep(0.05)  # past the filesystem's timestamp tick, so the rewrite's ctime differs
+    with open(weights, "r+b") as f:  # same inode, same size
+        f.seek(1 << 20)
+        f.write(b"\x01")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `rsync -t` or a restore puts it back
+    assert (os.stat(weights).st_size, os.stat(weights).st_mtime_ns, os.stat(weights).st_ino) == (
+        stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    assert model_fingerprint(str(model), model_cache) != before
