@@ -189,14 +189,15 @@ class ErasureWeights:
                 f"erasure of {class_name!r} in {self.uri} does not fit this UNet: it has no {unknown[:3]}; "
                 "the erasure was made for another model"
             )
+        for name, tensor in tensors.items():  # every shape before any copy: a misfit leaves the UNet as it was
+            if name in params and tuple(tensor.shape) != tuple(params[name].shape):
+                raise ValueError(f"erasure of {class_name!r}: {name} has shape {tuple(tensor.shape)}, "
+                                 f"the UNet's is {tuple(params[name].shape)}: made for another model")
         with torch.no_grad():
             for name, tensor in tensors.items():
                 if name not in params:
                     continue  # a buffer of a full state: never changed by training
                 param = params[name]
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise ValueError(f"erasure of {class_name!r}: {name} has shape {tuple(tensor.shape)}, "
-                                     f"the UNet's is {tuple(param.shape)}: made for another model")
                 if name not in self._originals:  # xattn originals stay on the device; full ones on CPU
                     self._originals[name] = param.detach().clone() if self.method == "xattn" else param.detach().cpu().clone()
                 original = self._originals[name]

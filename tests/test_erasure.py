@@ -234,6 +234,35 @@ def test_erasure_weights_refuse_missing_or_changed_output(tmp_path):
         ErasureWeights(out).apply(torch.nn.Linear(2, 2), "cat")
 
 
+def test_an_erasure_that_does_not_fit_leaves_the_unet_untouched(tmp_path):
+    # the misfit is the last tensor: checking shapes while copying left the first one edited
+    from safetensors.torch import save
+
+    from ray_dafusion.models import file_fingerprint
+
+    unet = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    out = str(tmp_path / "erasure")
+    deltas = {"dog": {"0.weight": torch.ones(4, 4), "1.weight": torch.ones(4, 4)},
+              "cat": {"0.weight": torch.ones(4, 4), "1.weight": torch.ones(3, 3)}}  # (3, 3): another model's
+    classes = {}
+    for name, tensors in deltas.items():
+        data = save(tensors)
+        storage.write_bytes(storage.join(out, "classes", f"{name}.safetensors"), data)
+        classes[name] = {"name": name, "file": f"classes/{name}.safetensors", "fingerprint": file_fingerprint(data)}
+    storage.write_manifest(out, {"stage": "erase", "method": "xattn", "classes": classes})
+    erasure = ErasureWeights(out)
+    with pytest.raises(ValueError, match=r"1.weight has shape \(3, 3\)"):
+        erasure.apply(unet, "cat")
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in original.items())
+    erasure.apply(unet, "dog")
+    with pytest.raises(ValueError, match="made for another model"):
+        erasure.apply(unet, "cat")
+    assert torch.equal(unet[0].weight, original["0.weight"] + 1)  # still dog's, as the erasure believes
+    erasure.apply(unet, None)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in original.items())
+
+
 def test_class_names_that_differ_only_in_case_are_refused():
     # Cat.safetensors and cat.safetensors are one file on macOS and Windows filesystems
     from ray_dafusion.erasure import class_file_name
