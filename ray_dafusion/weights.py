@@ -68,6 +68,9 @@ def load_embeddings(uri: str, endpoint_url: Optional[str] = None) -> tuple[dict[
                 f"token {token!r} in {path} has shape {tuple(tensor.shape)} / {tensor.dtype}; "
                 "expected a float tensor [dim] or [num_vectors, dim]"
             )
+        if tensor.ndim == 2 and tensor.shape[0] == 0:
+            raise EmbeddingsError(f"token {token!r} in {path} has no vectors (shape {tuple(tensor.shape)}); "
+                                  "expected [num_vectors, dim] with num_vectors >= 1: re-run `ray-dafusion invert`")
     return tensors, file_fingerprint(data)
 
 

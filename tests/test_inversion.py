@@ -275,6 +275,9 @@ def test_missing_or_malformed_embeddings_are_clear_errors(tmp_path, tiny_model):
     save_file({"<cat>": torch.zeros(2, 3, 32)}, str(tmp_path / "cube.safetensors"))
     with pytest.raises(weights.EmbeddingsError, match="expected a float tensor"):
         weights.load_embeddings(str(tmp_path / "cube.safetensors"))
+    save_file({"<cat>": torch.zeros(0, 32)}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(weights.EmbeddingsError, match=r"'<cat>' in .* has no vectors \(shape \(0, 32\)\)"):
+        weights.load_embeddings(str(tmp_path / "empty.safetensors"))
     save_file({"<cat>": torch.zeros(768)}, str(tmp_path / "wide.safetensors"))
     tensors, _ = weights.load_embeddings(str(tmp_path / "wide.safetensors"))
     with pytest.raises(weights.EmbeddingsError, match="another model"):
