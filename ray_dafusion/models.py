@@ -1,7 +1,7 @@
 """Load Stable Diffusion img2img pipelines from anywhere, and build offline stand-ins.
 
-``load_pipeline(uri)`` takes a local directory, an ``s3://`` prefix (copied once per node into a
-local cache under a file lock), a hub id (``HF_HUB_OFFLINE`` is respected by diffusers), or one of
+``load_pipeline(uri)`` takes a local directory, an ``s3://`` prefix (copied once per node and
+endpoint into a local cache under a file lock, and again when the files there change), a hub id (``HF_HUB_OFFLINE`` is respected by diffusers), or one of
 two built-in names:
 
 - ``tiny``: a Stable-Diffusion-shaped pipeline with about a million random parameters. It runs
@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Optional, Sequence
 
 from .errors import ConfigError, one_line
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -69,6 +72,43 @@ def _lock(path: str):
     return FileLock(path + ".lock")
 
 
+def _staged(uri: str, cache: str, endpoint_url: Optional[str], marker: str, what: str) -> str:
+    """The local copy of an s3:// model, one per node and endpoint, staged again when the files
+    under the prefix changed (size or time): a model uploaded again to the same prefix is not
+    served stale. Without S3 at hand, a complete copy is used as it is, with a warning."""
+    import shutil
+
+    from . import storage
+
+    key = hashlib.sha256(f"{endpoint_url or ''} {uri.rstrip('/')}".encode()).hexdigest()[:16]
+    target = os.path.join(cache, "s3", key)
+    done = os.path.join(target, ".complete")  # what was staged: the listing of the prefix
+    with _lock(target):  # one copy per node even when several actors start at once
+        staged = json.load(open(done)) if os.path.exists(done) else None
+        try:
+            listing = storage.listing(uri, endpoint_url)
+        except (OSError, storage.StorageError) as exc:
+            if staged is None:
+                raise
+            log.warning("%s: cannot list it (%s); using the copy staged earlier in %s", uri, exc, target)
+            return target
+        if listing == staged:
+            return target
+        fresh = target + ".staging"
+        shutil.rmtree(fresh, ignore_errors=True)
+        storage.download_dir(uri, fresh, endpoint_url)
+        if not os.path.exists(os.path.join(fresh, marker)):
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise ValueError(f"{uri} is not {what}: it has no {marker}")
+        with open(os.path.join(fresh, ".complete"), "w") as f:
+            json.dump(listing, f)
+        if staged is not None:
+            log.info("%s changed since it was staged: staging it again", uri)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(fresh, target)
+    return target
+
+
 def resolve_model(uri: str, cache_dir: Optional[str] = None, endpoint_url: Optional[str] = None,
                   marker: str = "model_index.json") -> str:
     """Turn a model URI into something `from_pretrained` takes: a local dir or a hub id.
@@ -76,8 +116,6 @@ def resolve_model(uri: str, cache_dir: Optional[str] = None, endpoint_url: Optio
     `marker` is the file a directory must hold: a diffusers pipeline's model_index.json by
     default, config.json for a transformers model (the score stage's CLIP).
     """
-    from . import storage
-
     what = "a diffusers pipeline" if marker == "model_index.json" else f"a model directory (no {marker})"
     if not uri:
         raise ValueError("model URI is empty; use a local directory, s3:// prefix, hub id, 'digits' or 'tiny'")
@@ -94,16 +132,7 @@ def resolve_model(uri: str, cache_dir: Optional[str] = None, endpoint_url: Optio
                 build_pipeline(uri).save_pretrained(target)
         return target
     if uri.startswith("s3://"):
-        key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-        target = os.path.join(cache, "s3", key)
-        done = os.path.join(target, ".complete")
-        with _lock(target):  # one copy per node even when several actors start at once
-            if not os.path.exists(done):
-                storage.download_dir(uri, target, endpoint_url)
-                if not os.path.exists(os.path.join(target, marker)):
-                    raise ValueError(f"{uri} is not {what}: it has no {marker}")
-                open(done, "w").close()
-        return target
+        return _staged(uri, cache, endpoint_url, marker, what)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if uri.startswith("~"):  # a home-relative directory, as storage paths take them; never a hub id

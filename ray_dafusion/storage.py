@@ -319,6 +319,18 @@ def download_dir(uri: str, local_dir: str, endpoint_url: Optional[str] = None) -
         pafs.copy_files(info.path, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
+def listing(uri: str, endpoint_url: Optional[str] = None) -> list[list[Any]]:
+    """[relative path, size, modification time in ns] of every file under `uri`, sorted: what
+    changes when a file there is written again."""
+    fs, path = resolve(uri, endpoint_url)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except Exception as exc:
+        raise _wrap(uri, exc) from None
+    return sorted([posixpath.relpath(i.path, path), i.size, i.mtime_ns] for i in infos
+                  if i.type == pafs.FileType.File)
+
+
 def upload_dir(local_dir: str, uri: str, endpoint_url: Optional[str] = None) -> None:
     """Copy a local directory tree to `uri`."""
     fs, path = resolve(uri, endpoint_url)

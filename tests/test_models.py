@@ -75,6 +75,15 @@ def test_s3_prefix_is_staged_once_per_node(tiny_model, tmp_path, s3_bucket):
     assert os.path.getmtime(marker) == mtime  # second call reuses the staged copy
     pipe = models.load_pipeline(f"{bucket}/sd-tiny", device="cpu", cache_dir=cache)
     assert _img2img(pipe).shape == (64, 64, 3)
+    # uploaded again to the same prefix (another scheduler config): staged again, not served stale
+    storage.write_bytes(f"{bucket}/sd-tiny/scheduler/scheduler_config.json",
+                        storage.read_bytes(f"{bucket}/sd-tiny/scheduler/scheduler_config.json").replace(b"}", b', "x": 1}'))
+    assert models.resolve_model(f"{bucket}/sd-tiny", cache_dir=cache) == staged
+    assert b'"x": 1' in open(os.path.join(staged, "scheduler", "scheduler_config.json"), "rb").read()
+    assert models.model_fingerprint(staged) != models.model_fingerprint(tiny_model)
+    # the endpoint is part of the copy's name: the same prefix on another S3 is another model
+    endpoint = os.environ["AWS_ENDPOINT_URL"]  # the test server, named explicitly
+    assert models.resolve_model(f"{bucket}/sd-tiny", cache_dir=cache, endpoint_url=endpoint) != staged
     storage.write_bytes(f"{bucket}/not-a-model/readme.txt", b"hello")
     with pytest.raises(ValueError, match="no model_index.json"):
         models.resolve_model(f"{bucket}/not-a-model", cache_dir=cache)
