@@ -42,6 +42,18 @@ def _folder(tmp_path, classes=("cat", "dog"), n=6):
     return root
 
 
+def _given(tmp_path, sizes, seed, classes=("cat", "dog")):
+    """A source with its own splits: root/<split>/<class>/<i>.png, `sizes` images per class and split,
+    every image distinct (pixels from `seed` on)."""
+    root = tmp_path / "given"
+    for split, n in sizes.items():
+        for cls in classes:
+            for i in range(n):
+                seed += 1
+                _save(_png(seed), str(root / split / cls / f"{i}.png"))
+    return root
+
+
 def test_folder_splits_are_seeded_disjoint_and_nested(tmp_path):
     root = _folder(tmp_path, n=10)
     small = ingest(IngestConfig(source=str(root), output=str(tmp_path / "k2"), examples_per_class=2, seed=3))
@@ -382,13 +394,7 @@ def test_split_rule_over_shots_and_seeds():
 
 
 def test_source_given_splits_are_kept(tmp_path):
-    root = tmp_path / "given"
-    seed = 100
-    for split, n in (("train", 6), ("val", 2), ("test", 3)):
-        for cls in ("cat", "dog"):
-            for i in range(n):
-                seed += 1
-                _save(_png(seed), str(root / split / cls / f"{i}.png"))
+    root = _given(tmp_path, {"train": 6, "val": 2, "test": 3}, seed=100)
     res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=4))
     assert res.classes == ["cat", "dog"] and res.counts == {"train": 8, "val": 4, "test": 6}
     for split in ("train", "val", "test"):
@@ -405,13 +411,7 @@ def test_source_given_splits_are_kept(tmp_path):
 
 def test_hidden_and_macos_folders_are_neither_classes_nor_splits(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ray_dafusion")
-    root = tmp_path / "given"
-    seed = 300
-    for split in ("train", "val", "test"):
-        for cls in ("cat", "dog"):
-            for i in range(3):
-                seed += 1
-                _save(_png(seed), str(root / split / cls / f"{i}.png"))
+    root = _given(tmp_path, {"train": 3, "val": 3, "test": 3}, seed=300)
     (root / ".ipynb_checkpoints").mkdir()  # empty, as Jupyter leaves it
     _save(_png(900), str(root / "__MACOSX" / "train" / "cat" / "0.png"))
     _save(_png(901), str(root / "train" / ".ipynb_checkpoints" / "0-checkpoint.png"))
@@ -443,13 +443,7 @@ def test_split_names_beside_class_folders_are_classes_and_val_alone_is_refused(t
 
 
 def test_given_val_and_test_beyond_their_sizes_are_counted_unused(tmp_path):
-    root = tmp_path / "given"
-    seed = 500
-    for split, n in (("train", 6), ("val", 4), ("test", 4)):
-        for cls in ("cat", "dog"):
-            for i in range(n):
-                seed += 1
-                _save(_png(seed), str(root / split / cls / f"{i}.png"))
+    root = _given(tmp_path, {"train": 6, "val": 4, "test": 4}, seed=500)
     res = ingest(IngestConfig(source=str(root), output=str(tmp_path / "o"), examples_per_class=2,
                               val_per_class=1, test_per_class=1))
     assert res.counts == {"train": 4, "val": 2, "test": 2}
