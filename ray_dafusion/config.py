@@ -425,6 +425,10 @@ class EvaluateConfig(StageConfig):
         positive(self, "num_cpus", "num_gpus", allow_zero=True)
         one_of(self, "split", ("val", "test"))
         positive(self, "batch_size")
+        places = [_same_place(run) for run in self.runs]
+        repeated = sorted({run for run, place in zip(self.runs, places) if places.count(place) > 1})
+        if repeated:  # one run counted twice would weigh double in every mean over seeds
+            raise bad("runs", repeated, "names the same run more than once")
 
 
 @dataclass

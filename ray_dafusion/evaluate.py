@@ -23,8 +23,8 @@ import pyarrow as pa
 
 from . import plan, schema, storage
 from .classifier import CHECKPOINT_MODEL, decode_uint8, eval_transform, load_classifier
-from .config import EvaluateConfig, callable_stage_module
-from .configlib import config_record
+from .config import AugmentConfig, EvaluateConfig, TrainConfig, callable_stage_module
+from .configlib import config_record, field_kind
 from .errors import StageError
 from .modes import AUGMENT_MODES
 from .runinfo import CostMeter, versions
@@ -166,6 +166,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "run"
 
 
+def _file_names(names: list[str]) -> list[str]:
+    """The runs' names made safe for a file name, each its own: names distinct as given may be one
+    once made safe ("a b", "a_b"), and one plot would overwrite the other."""
+    return unique_names([_safe(name) for name in names])
+
+
 def _write_png(fig, uri: str, endpoint_url: Optional[str]) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
@@ -194,17 +200,12 @@ def _confusion_plot(run: dict[str, Any], class_names: list[str], uri: str, endpo
     plt.close(fig)
 
 
-def _shots_plot(runs: list[dict[str, Any]], uri: str, endpoint_url: Optional[str]) -> None:
+def _shots_plot(runs: list[dict[str, Any]], labels: list[str], uri: str, endpoint_url: Optional[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # runs of the same method, setting and shots (e.g. several seeds) are averaged
-    points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r, label in zip(runs, _line_labels(runs)):
-        if r["examples_per_class"]:
-            points[label][r["examples_per_class"]].append(r["mean_class_acc"])
     unknown = [r["name"] for r in runs if not r["examples_per_class"]]
     if unknown:  # no place on a shots axis; the table has them
         log.warning("%s leaves out %d run(s) whose real set records no examples_per_class (%s); results.md has them",
@@ -212,7 +213,7 @@ def _shots_plot(runs: list[dict[str, Any]], uri: str, endpoint_url: Optional[str
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if unknown:
         ax.set_title(f"{len(unknown)} run(s) of unknown shots left out (see results.md)", fontsize=8)
-    for label, by_shots in sorted(points.items()):
+    for label, by_shots in _by_setting(runs, labels).items():
         xs = sorted(by_shots)
         ax.plot(xs, [float(np.mean(by_shots[x])) for x in xs], marker="o", label=label)
     ax.set_xlabel("examples per class")
@@ -224,15 +225,35 @@ def _shots_plot(runs: list[dict[str, Any]], uri: str, endpoint_url: Optional[str
     plt.close(fig)
 
 
-def _markdown(runs: list[dict[str, Any]], split: str) -> str:
+def _by_setting(runs: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[int, list[float]]]:
+    """label -> shots -> the accuracies of its runs (e.g. several seeds), labels and shots sorted;
+    runs of unknown shots left out."""
+    points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r, label in zip(runs, labels):
+        if r["examples_per_class"]:
+            points[label][r["examples_per_class"]].append(r["mean_class_acc"])
+    return {label: dict(sorted(points[label].items())) for label in sorted(points)}
+
+
+def _markdown(runs: list[dict[str, Any]], labels: list[str], split: str) -> str:
+    """Each run's row (seed and setting label named, so a row is traced to its run), then the mean
+    over seeds per setting and shots, the paper's number, with its sample standard deviation."""
     lines = [
-        f"| run | method | examples per class | alpha | mean per-class acc ({split}) | top-1 ({split}) | best val mean per-class acc |",
+        f"| run | setting | seed | examples per class | mean per-class acc ({split}) | top-1 ({split}) | "
+        "best val mean per-class acc |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in runs:
+    for r, label in zip(runs, labels):
         val = f"{r['best_val_mean_class_acc']:.4f}" if r.get("best_val_mean_class_acc") is not None else "-"
-        lines.append(f"| {r['name']} | {r['method']} | {r['examples_per_class']} | {r['alpha']} | "
+        seed = "-" if r.get("seed") is None else r["seed"]
+        lines.append(f"| {r['name']} | {label} | {seed} | {r['examples_per_class']} | "
                      f"{r['mean_class_acc']:.4f} | {r['top1']:.4f} | {val} |")
+    lines += ["", f"Mean over runs of one setting and shots (mean per-class acc, {split}):", "",
+              "| setting | examples per class | mean | std | runs |", "|---|---|---|---|---|"]
+    for label, by_shots in _by_setting(runs, labels).items():
+        for shots, accs in by_shots.items():
+            std = f"{float(np.std(accs, ddof=1)):.4f}" if len(accs) > 1 else "-"
+            lines.append(f"| {label} | {shots} | {float(np.mean(accs)):.4f} | {std} | {len(accs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +323,12 @@ def _check_same_splits(cfg: EvaluateConfig, records: list[tuple[str, dict[str, A
                          "re-run ingest into a new output")
     for run_uri, record in records:
         real = record.get("real")
-        theirs = (storage.read_manifest(real, ep) or {}).get("split_fingerprints", {}) if real else {}
+        made = storage.read_manifest(real, ep) if real else None
+        if real and made is None:
+            raise FileNotFoundError(f"run {run_uri} was trained on {real}, which holds no ingest output now (moved "
+                                    "or deleted?): its val/test splits cannot be checked against "
+                                    f"{cfg.real}'s; put it back where the run recorded it")
+        theirs = (made or {}).get("split_fingerprints", {})
         for split in ("val", "test"):
             if theirs.get(split) != mine.get(split):
                 raise ValueError(
@@ -351,6 +377,7 @@ def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], 
         shots = shots if shots is not None else default_shots
         runs.append({
             "name": name, "run": run_uri, "method": record["method"], "alpha": record["alpha"],
+            "seed": (record.get("config") or {}).get("seed"),
             "setting": _setting(record, ep), "examples_per_class": shots, "best_checkpoint": record["best_checkpoint"],
             "best_val_mean_class_acc": record.get("best_val_mean_class_acc"),
             **class_metrics(y, np.array([preds[i] for i in ids], np.int64), num_classes),
@@ -358,17 +385,37 @@ def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], 
     return runs
 
 
+# what else moves a run's numbers, beside the method, alpha, t0, filter and RandAugment: the train
+# fields that are neither a location, a resource nor an input, and how its synthetic set was made
+_SETTING_FROM_TRAIN = tuple(
+    f.name for f in dataclasses.fields(TrainConfig)
+    if field_kind(f) in ("output", "extent")
+    and f.name not in ("seed", "real", "synthetic", "method", "alpha", "randaugment", "synthetic_filter"))
+_SETTING_FROM_AUGMENT = ("model", "num_augmentations", "guidance_scale", "num_inference_steps",
+                         "prompt_templates", "resolution", "resize")
+
+
 def _setting(record: dict[str, Any], endpoint_url: Optional[str]) -> dict[str, Any]:
     """Besides its method, shots and seed, what a run was trained with that moves its numbers: alpha,
-    the synthetic set's t0 levels, the synthetic filter, RandAugment. A sweep's da_fusion,
-    da_fusion_k1 and da_fusion_filtered share the method and differ here."""
-    levels = None
+    the synthetic set's t0 levels, the synthetic filter, RandAugment, then the other train fields
+    (arch, epochs, ...) and how the synthetic set was made (model, M, guidance, ...). A sweep's
+    da_fusion, da_fusion_k1 and da_fusion_filtered share the method and differ here; runs that differ
+    in their seed only share a setting, so they are averaged together."""
+    train = {**_defaults(TrainConfig), **(record.get("config") or {})}
+    setting = {"alpha": record.get("alpha"), "t0": None, "filter": train.get("synthetic_filter"),
+               "randaugment": record.get("randaugment"), **{k: train.get(k) for k in _SETTING_FROM_TRAIN}}
     if record.get("synthetic"):
         made = storage.read_manifest(record["synthetic"], endpoint_url) or {}
         mode = AUGMENT_MODES.get(made.get("mode") or "")
-        levels = (made.get("config") or {}).get("strengths") or (list(mode.default_strengths) if mode else None)
-    return {"alpha": record.get("alpha"), "t0": levels,
-            "filter": (record.get("config") or {}).get("synthetic_filter"), "randaugment": record.get("randaugment")}
+        augment = {**_defaults(AugmentConfig), **(made.get("config") or {})}
+        setting["t0"] = augment.get("strengths") or (list(mode.default_strengths) if mode else None)
+        setting.update({k: augment.get(k) for k in _SETTING_FROM_AUGMENT})
+    return setting
+
+
+def _defaults(config_class: type) -> dict[str, Any]:
+    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(config_class)}
 
 
 def _line_labels(runs: list[dict[str, Any]]) -> list[str]:
@@ -389,7 +436,7 @@ def _line_labels(runs: list[dict[str, Any]]) -> list[str]:
 
 def _shown_value(value: Any) -> str:
     if isinstance(value, list):
-        return "/".join(f"{v:g}" for v in value)
+        return "/".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in value)
     return "none" if value is None else str(value)
 
 
@@ -397,15 +444,17 @@ def _write_outputs(cfg: EvaluateConfig, runs: list[dict[str, Any]], class_names:
                    started: float, meter: CostMeter) -> EvaluateResult:
     ep = cfg.endpoint_url
     written = []
-    for r in runs:
-        uri = storage.join(cfg.output, f"confusion_{_safe(r['name'])}.png")
+    labels = _line_labels(runs)
+    # file names of their own: names distinct as given may be one once made safe ("a b", "a_b")
+    for r, safe in zip(runs, _file_names([r["name"] for r in runs])):
+        uri = storage.join(cfg.output, f"confusion_{safe}.png")
         _confusion_plot(r, class_names, uri, ep)
         written.append(uri)
     if len(runs) > 1:
         uri = storage.join(cfg.output, SHOTS_PLOT)
-        _shots_plot(runs, uri, ep)
+        _shots_plot(runs, labels, uri, ep)
         written.append(uri)
-    storage.write_bytes(storage.join(cfg.output, RESULTS_MD), _markdown(runs, cfg.split).encode(), ep)
+    storage.write_bytes(storage.join(cfg.output, RESULTS_MD), _markdown(runs, labels, cfg.split).encode(), ep)
     written.append(storage.join(cfg.output, RESULTS_MD))
     written.insert(0, storage.join(cfg.output, RESULTS_JSON))
     result = EvaluateResult(cfg.output, cfg.split, runs, written, round(time.time() - started, 2))

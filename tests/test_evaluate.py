@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ray_dafusion import storage
-from ray_dafusion.config import EvaluateConfig
+from ray_dafusion.config import ConfigError, EvaluateConfig
 from ray_dafusion.evaluate import class_metrics, evaluate, unique_names
 
 CLASSES = ("cat", "dog", "fox")
@@ -64,7 +64,7 @@ def test_the_shots_plot_says_which_runs_it_leaves_out(tmp_path, caplog):
 
     runs = [{"name": "a", "method": "baseline", "examples_per_class": 2, "mean_class_acc": 0.5},
             {"name": "b", "method": "baseline", "examples_per_class": None, "mean_class_acc": 0.4}]
-    _shots_plot(runs, str(tmp_path / "accuracy_vs_shots.png"), None)
+    _shots_plot(runs, ["baseline", "baseline"], str(tmp_path / "accuracy_vs_shots.png"), None)
     assert (tmp_path / "accuracy_vs_shots.png").stat().st_size > 0
     assert "leaves out 1 run(s) whose real set records no examples_per_class (b)" in caplog.text
 
@@ -83,6 +83,56 @@ def test_the_shots_plot_keeps_runs_of_one_method_but_other_settings_apart():
     assert _line_labels(runs) == [
         "baseline", "da_fusion (t0 0.25/0.5/0.75/1, filter none)", "da_fusion (t0 0.25/0.5/0.75/1, filter none)",
         "da_fusion (t0 0.5, filter none)", "da_fusion (t0 0.25/0.5/0.75/1, filter classifier.top1_is_label == 1)"]
+
+
+def test_runs_of_one_method_differing_in_a_train_field_or_the_synthetic_set_are_apart(tmp_path):
+    """Seeds average into one line; anything else that moves the numbers (arch, epochs, M, guidance...)
+    keeps runs apart, named in the label."""
+    from ray_dafusion.evaluate import _line_labels, _setting
+
+    def record(**train):
+        return {"method": "baseline", "alpha": 0.0, "config": {"seed": train.pop("seed", 0), **train}}
+
+    runs = [record(seed=0), record(seed=1), record(arch="small_cnn"), record(epochs=3, seed=4)]
+    runs = [{"method": "baseline", "setting": _setting(r, None)} for r in runs]
+    assert _line_labels(runs) == ["baseline (arch resnet50, epochs 50)"] * 2 + [
+        "baseline (arch small_cnn, epochs 50)", "baseline (arch resnet50, epochs 3)"]
+    # a record from before a field existed reads as its default, not as a difference
+    assert _setting({"method": "baseline", "alpha": 0.0, "config": {"seed": 2}}, None) == runs[0]["setting"]
+    # the synthetic set: M and the guidance scale count, the augment seed does not
+    made = []
+    for i, (m, seed) in enumerate(((10, 0), (10, 1), (5, 0))):
+        synthetic = str(tmp_path / f"aug{i}")
+        storage.write_manifest(synthetic, {"stage": "augment", "mode": "da_fusion",
+                                           "config": {"num_augmentations": m, "seed": seed}})
+        made.append({"method": "da_fusion", "setting": _setting(
+            {"method": "da_fusion", "alpha": 0.5, "synthetic": synthetic, "config": {}}, None)})
+    assert _line_labels(made) == ["da_fusion (num_augmentations 10)"] * 2 + ["da_fusion (num_augmentations 5)"]
+
+
+def test_results_md_names_seed_and_setting_and_averages_over_seeds():
+    from ray_dafusion.evaluate import _markdown
+
+    def run(name, seed, shots, acc):
+        return {"name": name, "seed": seed, "examples_per_class": shots, "mean_class_acc": acc, "top1": acc}
+
+    runs = [run("b0", 0, 2, 0.5), run("b1", 1, 2, 0.7), run("d0", 0, 2, 0.6), run("b4", 0, 4, 0.8)]
+    table = _markdown(runs, ["baseline", "baseline", "da_fusion", "baseline"], "test")
+    assert "| b1 | baseline | 1 | 2 | 0.7000 | 0.7000 | - |" in table
+    assert "| baseline | 2 | 0.6000 | 0.1414 | 2 |" in table  # sample std of 0.5 and 0.7
+    assert "| baseline | 4 | 0.8000 | - | 1 |" in table and "| da_fusion | 2 | 0.6000 | - | 1 |" in table
+
+
+def test_confusion_plot_files_stay_apart_when_names_meet_once_made_safe():
+    from ray_dafusion.evaluate import _file_names
+
+    assert _file_names(["a b", "a_b", "seed0/daf", "seed0_daf"]) == ["a_b", "a_b-2", "seed0_daf", "seed0_daf-2"]
+
+
+def test_a_run_named_twice_is_refused(tmp_path):
+    run = str(tmp_path / "runs" / "a")
+    with pytest.raises(ConfigError, match="names the same run more than once"):
+        EvaluateConfig(real="r", runs=[run, run + "/", str(tmp_path / "runs" / "b")], output="o").validate()
 
 
 def test_results_table_and_plots(ray_session, make_real, tmp_path):
@@ -108,7 +158,7 @@ def test_results_table_and_plots(ray_session, make_real, tmp_path):
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved["split"] == "test" and len(saved["runs"]) == 3
     table = open(os.path.join(out, "results.md")).read()
-    assert "| daf-4 | da_fusion | 4 | 0.5 | 0.3333 | 0.3333 |" in table
+    assert "| daf-4 | da_fusion | - | 4 | 0.3333 | 0.3333 |" in table
     for png in ("confusion_base-1.png", "confusion_daf-4.png", "accuracy_vs_shots.png"):
         assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert storage.read_manifest(out)["counts"] == {"runs": 3}
@@ -124,6 +174,12 @@ def test_results_table_and_plots(ray_session, make_real, tmp_path):
         evaluate(EvaluateConfig(real=other, runs=runs[:1], output=str(tmp_path / "r2")))
     with pytest.raises(FileNotFoundError, match="train_result.json"):
         evaluate(EvaluateConfig(real=real4, runs=[str(tmp_path)], output=str(tmp_path / "r3")))
+    # a run whose real set was moved away is refused as such (not as one of another split)
+    moved = str(tmp_path / "moved")
+    os.rename(real1, moved)
+    with pytest.raises(FileNotFoundError, match="holds no ingest output now"):
+        evaluate(EvaluateConfig(real=real4, runs=runs[:1], output=str(tmp_path / "r4")))
+    os.rename(moved, real1)
 
 
 def _random_run(root: str, name: str, seed: int, real: str) -> str:
