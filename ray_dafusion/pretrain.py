@@ -39,7 +39,7 @@ from .configlib import config_record
 from .logs import setup_logging
 from .runinfo import CostMeter, versions
 from .tokens import INVERSION_TEMPLATES, make_prompt
-from .watchdog import Watchdog, sigint_kept
+from .watchdog import Watchdog, checkpoint_probe, sigint_kept
 
 __all__ = ["PretrainResult", "pretrain", "caption_words", "cluster_captions", "IMAGE_SUFFIXES"]
 
@@ -547,7 +547,7 @@ def _fit(cfg: PretrainConfig, images: Any, words: list[str], config_fp: str) -> 
     )
     run_dir = storage.join(cfg.output, CHECKPOINTS)
     with Watchdog("pretrain", "checkpoint", cfg.stall_warning, cfg.stall_timeout, poll_seconds=10.0,
-                  probe=lambda: len(storage.list_dirs(run_dir, cfg.endpoint_url)),
+                  probe=checkpoint_probe(run_dir, cfg.endpoint_url),
                   hint=f"{cfg.num_workers} workers reserve cpus_per_worker {cfg.cpus_per_worker:g}"):
         with sigint_kept():
             return trainer.fit()

@@ -56,7 +56,7 @@ from .errors import ConfigError
 from .logs import setup_logging
 from .modes import TRAIN_METHODS
 from .runinfo import CostMeter, versions
-from .watchdog import Watchdog, sigint_kept
+from .watchdog import Watchdog, checkpoint_probe, sigint_kept
 
 __all__ = [
     "TrainResult",
@@ -1001,7 +1001,7 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
             + (" and a GPU each" if cfg.use_gpu else "") + "; lower them, or add nodes")
     _check_same_runner(cfg, run_uri)
     with Watchdog("train", "epoch", cfg.stall_warning, cfg.stall_timeout, hint=hint,
-                  probe=lambda: len(storage.list_dirs(run_uri, cfg.endpoint_url)), poll_seconds=5.0):
+                  probe=checkpoint_probe(run_uri, cfg.endpoint_url), poll_seconds=5.0):
         if cfg.num_workers == 0:
             session = _LocalSession(cfg, run_uri, {"train": data.train, "val": data.val})
             _train_loop(loop, session)

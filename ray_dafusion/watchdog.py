@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from .errors import StageError
 
-__all__ = ["Watchdog", "cluster_summary", "sigint_kept"]
+__all__ = ["Watchdog", "checkpoint_probe", "cluster_summary", "sigint_kept"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,15 @@ def _dashboard_url() -> Optional[str]:
     if not url:
         return None
     return url if "://" in url else f"http://{url}"
+
+
+def checkpoint_probe(uri: str, endpoint_url: Optional[str] = None) -> Callable[[], Any]:
+    """A probe for a run's checkpoint folder: the names of the folders under `uri`. Their number is
+    no probe: once checkpoints are pruned (num_to_keep) each new one replaces an old one and the
+    count stays put, so a healthy run would read as stalled."""
+    from . import storage
+
+    return lambda: tuple(sorted(storage.list_dirs(uri, endpoint_url)))
 
 
 class Watchdog:

@@ -221,3 +221,22 @@ def test_the_stall_summary_lists_tasks_only_from_this_clusters_own_dashboard(ray
     monkeypatch.setattr(ray._private.worker.global_worker.node, "_webui_url", "10.1.2.3:8265")
     summary = cluster_summary()
     assert asked == ["http://10.1.2.3:8265"] * 3 and "1 actors alive" in summary and "(foreign)" in summary
+
+
+def test_a_run_pruning_its_checkpoints_still_shows_progress(tmp_path, caplog):
+    """With num_to_keep each new checkpoint replaces an old one: the folder count stays put while
+    the run is healthy, so the watchdog polls the names."""
+    import shutil
+    import time
+
+    from ray_dafusion.watchdog import Watchdog, checkpoint_probe
+
+    for epoch in range(2):
+        (tmp_path / f"checkpoint_{epoch:06d}").mkdir()
+    probe = checkpoint_probe(str(tmp_path))
+    with Watchdog("train", "epoch", 0.6, probe=probe, poll_seconds=0.05):
+        for epoch in range(2, 8):  # an epoch every 0.2 s, each pruning the oldest
+            time.sleep(0.2)
+            (tmp_path / f"checkpoint_{epoch:06d}").mkdir()
+            shutil.rmtree(tmp_path / f"checkpoint_{epoch - 2:06d}")
+    assert "no epoch finished for" not in caplog.text
