@@ -464,7 +464,8 @@ def _resume(bare: Any, optimizer: Any, scaler: Any, session: Any) -> tuple[int, 
         model_state, train_state, meta = load_train_state(d, session.device)
     bare.load_state_dict(model_state)
     optimizer.load_state_dict(train_state["optimizer"])
-    scaler.load_state_dict(train_state["scaler"])
+    if train_state.get("scaler"):  # empty when saved without AMP (CPU): resumed on a GPU, the scale starts afresh
+        scaler.load_state_dict(train_state["scaler"])
     if session.rank == 0:
         log.info("resuming after epoch %d", meta["epoch"])
     return meta["epoch"] + 1, meta["history"]

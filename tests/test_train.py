@@ -474,6 +474,28 @@ def test_exact_batches_recut_without_loss():
     assert sorted(ids) == sorted(np.concatenate([c[3] for c in chunks]))
 
 
+def test_a_run_saved_without_amp_resumes_with_amp(tmp_path):
+    """A run started on CPU (no AMP: the scaler saves {}) and resumed with use_gpu (a resource field,
+    so the resume is allowed) starts a fresh scale instead of failing on the empty state."""
+    import contextlib
+    import types
+
+    from ray_dafusion.classifier import save_checkpoint
+    from ray_dafusion.train import _resume
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved == {}
+    save_checkpoint(str(tmp_path), model.state_dict(), {"optimizer": optimizer.state_dict(), "scaler": saved},
+                    {"epoch": 3, "history": [{"epoch": e} for e in range(4)]})
+    session = types.SimpleNamespace(device=torch.device("cpu"), rank=0,
+                                    latest_checkpoint=lambda: contextlib.nullcontext(str(tmp_path)))
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    assert _resume(model, optimizer, scaler, session)[0] == 4
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0**16
+
+
 def test_shipped_train_yaml_parses():
     root = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "train.yaml")
     cfg = TrainConfig.from_yaml(root)
