@@ -351,7 +351,7 @@ class TrainConfig(StageConfig):
     iterations_per_epoch: int = 200
     """Optimiser steps per epoch, made of whole passes over the real train set (so every shot count trains as long)."""
     batch_size: int = 32
-    """Global batch size (split across workers)."""
+    """Global batch size, split evenly across workers (so a multiple of num_workers)."""
     learning_rate: float = 1e-4
     """Adam learning rate."""
     seed: int = 0
@@ -389,6 +389,9 @@ class TrainConfig(StageConfig):
         one_of(self, "backbone", BACKBONES)
         positive(self, "image_size", "epochs", "batch_size", "learning_rate", "cpus_per_worker")
         positive(self, "num_workers", allow_zero=True)
+        if self.num_workers > 1 and self.batch_size % self.num_workers:
+            raise bad("batch_size", self.batch_size, f"must be a multiple of num_workers ({self.num_workers}): each "
+                      "worker takes batch_size / num_workers images a step, and the step budget counts batch_size")
         positive(self, "rotation", "max_failures", allow_zero=True)
         if not 0 <= self.fill <= 255:
             raise bad("fill", self.fill, "must be a grey level in [0, 255]")

@@ -96,6 +96,13 @@ def test_stall_times_are_positive_or_null():
         assert getattr(C.TrainConfig.from_args(None, {field: "null"}), field) is None
 
 
+def test_the_batch_splits_evenly_across_train_workers():
+    with pytest.raises(C.ConfigError, match="'batch_size': must be a multiple of num_workers .3."):
+        C.TrainConfig.from_args(None, {"batch_size": "32", "num_workers": "3"})
+    assert C.TrainConfig.from_args(None, {"batch_size": "30", "num_workers": "3"}).batch_size == 30
+    assert C.TrainConfig.from_args(None, {"batch_size": "7", "num_workers": "0"}).batch_size == 7
+
+
 def test_the_sections_that_make_tokens_name_augments_model():
     with pytest.raises(C.ConfigError, match="'invert.model': differs from augment.model 'tiny'.*got 'digits'"):
         C.PipelineConfig.from_dict({"invert": {"model": "digits"}})
