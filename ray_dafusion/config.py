@@ -377,7 +377,7 @@ class TrainConfig(StageConfig):
     cache_mb: float = resource(1024.0)
     """Keep each worker's share of the encoded real+synthetic rows in memory after the first read when the whole union is at most this many MB; larger unions stream from storage on every pass."""
     shuffle_buffer: int = resource(512)
-    """Rows in each worker's local shuffle buffer when streaming (seeded by seed, epoch and pass)."""
+    """Chosen rows in each worker's shuffle buffer when streaming (seeded by seed, epoch, pass and rank)."""
     debug_dir: Optional[str] = resource(None)
     """Testing aid: each worker writes its pid and the rows it trained on per epoch here."""
 

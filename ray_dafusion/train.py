@@ -219,19 +219,24 @@ class MixedCollate(NumpyBatchCollateFn):
                                batch["aug_index"][mask], ids, seeds, self.pass_index, self.threads, self.in_step)
 
 
-def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
+def exact_batches(chunks, batch_size: int, carry: Optional[list] = None, last: bool = True) -> Iterator[tuple]:
     """Re-cut variable-size chunks (tuples of row-aligned tensors and arrays) into batches of
     `batch_size` rows.
 
     The remainder joins the last batch (so it holds batch_size..2*batch_size-1 rows): no row is
-    dropped, and BatchNorm never sees a lone trailing sample.
+    dropped, and BatchNorm never sees a lone trailing sample. With a `carry` list, the rows in it
+    (a remainder left by an earlier call) come first, and unless `last`, this call's remainder is
+    left in it for the next call instead of being trained short: streamed passes then cut batches
+    across pass boundaries as the cached epoch does.
     """
 
     def cut(batch, start, stop):
         return tuple(col[start:stop] for col in batch)
 
-    pending: list[tuple] = []
-    count = 0
+    pending: list[tuple] = list(carry or [])
+    count = sum(len(chunk[1]) for chunk in pending)
+    if carry is not None:
+        carry.clear()
     held = None  # the last full batch, kept back until we know whether a remainder follows
     for chunk in chunks:
         if len(chunk[1]) == 0:
@@ -245,6 +250,11 @@ def exact_batches(chunks, batch_size: int) -> Iterator[tuple]:
             held = cut(joined, 0, batch_size)
             rest = cut(joined, batch_size, None)
             pending, count = ([rest] if len(rest[1]) else []), len(rest[1])
+    if not last:
+        if held is not None:
+            yield held
+        carry.extend(pending)
+        return
     if held is not None and count:
         yield _concat_columns([held, *pending])
     elif held is not None:
@@ -518,26 +528,34 @@ def _owner(row_id: str, world: int) -> int:
 def _cache_passes(cache: _RowCache, cfg: TrainConfig, loop: dict[str, Any], transform: Any, epoch: int, rank: int,
                   local_batch: int, passes: int, in_step: bool) -> Iterator[tuple]:
     """Chunks of transformed rows for every pass of an epoch, decoded ahead in a thread pool."""
-    from concurrent.futures import ThreadPoolExecutor
 
-    def work(pass_index: int, idx: np.ndarray) -> tuple:
-        ids = cache.id[idx]
-        seeds = [item_seed(cfg.seed, epoch, pass_index, str(i)) for i in ids]
-        return _transform_rows(transform, cfg.image_size, cache.image_bytes[idx], cache.label[idx],
-                               cache.aug_index[idx], ids, seeds, pass_index, cfg.decode_threads, in_step)
-
-    def plan() -> Iterator[tuple[int, np.ndarray]]:
+    def plan() -> Iterator[tuple]:
         for p in range(passes):
             chosen = np.flatnonzero(mixing.keep_mask(cache.source_id, cache.aug_index, loop["candidates"], cfg.seed,
                                                      epoch, loop["alpha"], p))
             chosen = chosen[np.random.default_rng([cfg.seed, epoch, p, rank]).permutation(len(chosen))]
             for start in range(0, len(chosen), local_batch):
-                yield p, chosen[start:start + local_batch]
+                idx = chosen[start:start + local_batch]
+                yield p, {c: getattr(cache, c)[idx] for c in _RowCache.COLUMNS}
+
+    yield from _decoded_ahead(plan(), cfg, transform, epoch, in_step)
+
+
+def _decoded_ahead(plan: Iterator[tuple[int, dict[str, np.ndarray]]], cfg: TrainConfig, transform: Any, epoch: int,
+                   in_step: bool) -> Iterator[tuple]:
+    """Transformed chunks of `plan`'s (pass, rows), each decoded in a thread pool while the ones
+    before it train (up to prefetch_batches ahead); every row's transform is seeded by its id."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(pass_index: int, rows: dict[str, np.ndarray]) -> tuple:
+        seeds = [item_seed(cfg.seed, epoch, pass_index, str(i)) for i in rows["id"]]
+        return _transform_rows(transform, cfg.image_size, rows["image_bytes"], rows["label"], rows["aug_index"],
+                               rows["id"], seeds, pass_index, cfg.decode_threads, in_step)
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
         ahead: collections.deque = collections.deque()
-        for p, idx in plan():
-            ahead.append(pool.submit(work, p, idx))
+        for pass_index, rows in plan:
+            ahead.append(pool.submit(work, pass_index, rows))
             if len(ahead) > cfg.prefetch_batches:
                 yield ahead.popleft().result()
         while ahead:
@@ -546,31 +564,53 @@ def _cache_passes(cache: _RowCache, cfg: TrainConfig, loop: dict[str, Any], tran
 
 def _stream_pass(shard: Any, cfg: TrainConfig, loop: dict[str, Any], transform: Any, epoch: int, rank: int,
                  local_batch: int, pass_index: int, in_step: bool) -> Iterator[tuple]:
-    """Chunks of one pass, streamed from storage (for unions larger than cache_mb)."""
-    read_batch = local_batch * loop["rows_per_real"]
-    collate = MixedCollate(transform, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"],
-                           pass_index=pass_index, threads=cfg.decode_threads, in_step=in_step)
-    yield from shard.iter_torch_batches(
-        batch_size=read_batch, collate_fn=collate, device="cpu", prefetch_batches=cfg.prefetch_batches,
-        local_shuffle_buffer_size=max(cfg.shuffle_buffer, read_batch),
-        local_shuffle_seed=(cfg.seed * 100_003 + epoch * 1009 + pass_index) * 31 + rank,
-    )
+    """Chunks of one pass, streamed from storage (for unions larger than cache_mb).
+
+    Each block is masked as it arrives (this pass's mixing choice; no image decoded), and only the
+    chosen rows enter a shuffle buffer of `shuffle_buffer` rows, from which chunks of `local_batch`
+    are drawn at random (seeded by seed, epoch, pass and rank). Ray Data's own local shuffle buffer
+    counts rows before the choice: with M synthetic rows per real one it held about 1/(M+1) of its
+    size in chosen rows, and a batch came mostly from one block, all real or all synthetic.
+    """
+    rng = np.random.default_rng([cfg.seed, epoch, pass_index, rank])
+    columns = _RowCache.COLUMNS
+    least = max(cfg.shuffle_buffer, local_batch)
+
+    def plan() -> Iterator[tuple]:
+        held = {c: np.empty(0, dtype=object if c in ("id", "source_id", "image_bytes") else np.int64) for c in columns}
+        for block in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=cfg.prefetch_batches):
+            mask = mixing.keep_mask(block["source_id"], block["aug_index"], loop["candidates"], cfg.seed, epoch,
+                                    loop["alpha"], pass_index)
+            held = {c: np.concatenate([held[c], block[c][mask]]) for c in columns}
+            while len(held["id"]) >= least:
+                drawn = np.zeros(len(held["id"]), dtype=bool)
+                drawn[rng.choice(len(drawn), local_batch, replace=False)] = True
+                yield pass_index, {c: held[c][drawn] for c in columns}
+                held = {c: held[c][~drawn] for c in columns}
+        order = rng.permutation(len(held["id"]))
+        for start in range(0, len(order), local_batch):
+            idx = order[start:start + local_batch]
+            yield pass_index, {c: held[c][idx] for c in columns}
+
+    yield from _decoded_ahead(plan(), cfg, transform, epoch, in_step)
 
 
 def _segments(shard: Any, cache: Optional[_RowCache], cfg: TrainConfig, loop: dict[str, Any], transform: Any,
-              epoch: int, rank: int, local_batch: int, in_step: bool) -> Iterator[Iterator[tuple]]:
-    """The epoch's chunk streams, each run to its end by every worker before the next begins.
+              epoch: int, rank: int, local_batch: int, in_step: bool) -> Iterator[tuple[Iterator[tuple], bool]]:
+    """The epoch's chunk streams, each run to its end by every worker before the next begins, and
+    whether it is the epoch's last.
 
-    From memory the whole epoch is one stream (batches are cut across pass boundaries). Streamed
-    from storage, every pass is its own: Ray Data starts a pass only when every worker asks for
-    it, and a worker in step with the others (DDP) cannot ask before they finish theirs.
+    From memory the whole epoch is one stream. Streamed from storage, every pass is its own: Ray
+    Data starts a pass only when every worker asks for it, and a worker in step with the others
+    (DDP) cannot ask before they finish theirs. Either way batches are cut across pass boundaries
+    (`exact_batches` carries a pass's remainder into the next).
     """
     passes = loop["passes_per_epoch"]
     if cache is not None:
-        yield _cache_passes(cache, cfg, loop, transform, epoch, rank, local_batch, passes, in_step)
+        yield _cache_passes(cache, cfg, loop, transform, epoch, rank, local_batch, passes, in_step), True
     else:
         for p in range(passes):
-            yield _stream_pass(shard, cfg, loop, transform, epoch, rank, local_batch, p, in_step)
+            yield _stream_pass(shard, cfg, loop, transform, epoch, rank, local_batch, p, in_step), p == passes - 1
 
 
 def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: Any, scaler: Any, shard: Any,
@@ -587,25 +627,93 @@ def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: 
     in_step = augments_in_step(cfg, device)
     loss_sum = seen = synthetic = steps = 0
     seen_rows: list[list[Any]] = []
+    carry: list = []  # a streamed pass's rows short of a batch, trained at the head of the next pass
     start = time.perf_counter()
-    for segment in _segments(shard, cache, cfg, loop, transform, epoch, rank, local_batch, in_step):
+    for segment, last in _segments(shard, cache, cfg, loop, transform, epoch, rank, local_batch, in_step):
         # uneven shards: a worker that runs out shadows the others' collectives until they finish
+        segment_steps = 0
         with Join([model]) if world > 1 else contextlib.nullcontext():
-            for x, y, aug, ids, passes, *drawn in exact_batches(segment, local_batch):
+            for x, y, aug, ids, passes, *drawn in exact_batches(segment, local_batch, carry, last):
                 x = batch_images(transform, x, drawn, device)
                 loss = train_step(model, optimizer, scaler, x, y, device, cfg.channels_last)
-                steps += 1
+                segment_steps += 1
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
                 synthetic += int((aug >= 0).sum())
                 if cfg.debug_dir:
                     seen_rows += [[str(i), int(a), int(lbl), int(p)]
                                   for i, a, lbl, p in zip(ids, aug, y.tolist(), passes)]
+        if world > 1:
+            _share_training_state(optimizer, scaler, segment_steps, device)
+        steps += segment_steps
     seconds = time.perf_counter() - start
     _debug_write(cfg.debug_dir, f"epoch{epoch}-rank{rank}-{os.getpid()}.json", seen_rows)
+    if cfg.debug_dir:
+        _debug_write(cfg.debug_dir, f"optimizer-epoch{epoch}-rank{rank}-{os.getpid()}.json",
+                     {"steps": steps, "optimizer": _state_digest(optimizer)})
     loss_sum, seen, synthetic = _allreduce_sum([loss_sum, seen, synthetic], device)
     (steps,) = _allreduce_max([steps], device)  # with Join, the longest worker's steps are everyone's
     return {"loss_sum": loss_sum, "seen": seen, "synthetic": synthetic, "seconds": seconds, "steps": steps}
+
+
+def _share_training_state(optimizer: Any, scaler: Any, steps: int, device: Any) -> None:
+    """After a segment of uneven shards, every worker takes the optimizer (and AMP scaler) state of
+    the worker that stepped last, the one whose parameters DDP's Join kept (the highest rank of those
+    with the most steps). A worker that ran out skipped its last optimizer steps, so its Adam moments
+    and step count lagged: the same averaged gradients then moved each copy differently, and a
+    resumed run (rank 0's state) did not continue the uninterrupted one. Workers that took as many
+    steps as each other still agree, and nothing is sent."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    held = len(optimizer.state)
+    spread = torch.tensor([steps, -steps, held, -held], device=device)
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    most, fewest, most_held, fewest_held = int(spread[0]), -int(spread[1]), int(spread[2]), -int(spread[3])
+    if most == fewest:
+        return
+    source = torch.tensor([rank if steps == most else -1], device=device)
+    dist.all_reduce(source, op=dist.ReduceOp.MAX)
+    source = int(source.item())
+    if most_held == fewest_held:  # every worker holds state for the same parameters: one buffer per dtype
+        by_dtype: dict[Any, list] = collections.defaultdict(list)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                for key in sorted(state):
+                    if torch.is_tensor(state[key]):
+                        by_dtype[state[key].dtype].append(state[key])
+        for tensors in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
+            dist.broadcast(flat, source)
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+    else:  # a worker that never stepped (an empty shard) has none yet: the whole state travels once
+        sent = [optimizer.state_dict() if rank == source else None]
+        dist.broadcast_object_list(sent, source, device=device)
+        optimizer.load_state_dict(sent[0])
+    if scaler.is_enabled():
+        sent = [scaler.state_dict() if rank == source else None]
+        dist.broadcast_object_list(sent, source, device=device)
+        scaler.load_state_dict(sent[0])
+
+
+def _state_digest(optimizer: Any) -> str:
+    """A digest of the optimizer's state (debug_dir: workers' copies must agree)."""
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key in sorted(state):
+                value = state[key]
+                digest.update(key.encode())
+                digest.update(value.detach().cpu().numpy().tobytes() if torch.is_tensor(value) else repr(value).encode())
+    return digest.hexdigest()
 
 
 def _validate(cfg: TrainConfig, bare: Any, val: Any, num_classes: int, world: int, device: Any) -> np.ndarray:

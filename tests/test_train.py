@@ -337,6 +337,13 @@ def test_two_workers_survive_a_killed_worker(ray_session, make_real, tmp_path):
         _check_exact(both, ids, passes=2)
         assert all(aug != -1 for _, aug, _, _ in both)  # alpha 1: no real row where every source has synthetics
     assert all(m["train_samples"] == 2 * len(ids) and m["synthetic_fraction"] == 1.0 for m in result.metrics)
+    # the shards are uneven (7 and 8 real ids); the workers still end every epoch with one optimizer
+    # state, and each cut batches across its two streamed passes: 14 rows are 7 steps of 2, not 2 x 3
+    assert sorted(len(seen[1][r][1]) for r in (0, 1)) == [14, 16]
+    states = {r: json.load(open(glob.glob(os.path.join(debug, f"optimizer-epoch1-rank{r}-{seen[1][r][0]}.json"))[0]))
+              for r in (0, 1)}
+    assert states[0]["optimizer"] == states[1]["optimizer"]
+    assert [states[r]["steps"] for r in (0, 1)] == [len(seen[1][r][1]) // 2 for r in (0, 1)]
 
 
 def test_s3_storage_state_dict_weights_linear_probe(ray_session, make_real, s3_bucket, tmp_path):
@@ -494,6 +501,41 @@ def test_a_run_saved_without_amp_resumes_with_amp(tmp_path):
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     assert _resume(model, optimizer, scaler, session)[0] == 4
     assert scaler.is_enabled() and scaler.get_scale() == 2.0**16
+
+
+def test_streamed_passes_cut_batches_across_their_boundaries():
+    chunks = [(torch.zeros(3, 1), torch.arange(3), np.full(3, -1), np.array([f"{p}-{k}" for k in range(3)]))
+              for p in range(3)]
+    carry: list = []
+    sizes = [[len(b[1]) for b in exact_batches([chunk], 4, carry, last=p == 2)] for p, chunk in enumerate(chunks)]
+    assert sizes == [[], [4], [5]] and carry == []  # 9 rows: 4 + 5 (the remainder joins the last batch)
+
+
+def test_a_streamed_pass_shuffles_the_rows_it_chose():
+    """The mixing choice comes before the shuffle buffer: a block of real rows then a block of their
+    synthetic versions (M per real) still give batches of both kinds, not all-real then all-synthetic."""
+    import types
+
+    from ray_dafusion.train import _stream_pass
+
+    png = _random_pngs(1, seed=0)[0]
+    n, m = 24, 10
+
+    def block(ids, sources, aug):
+        return {"id": np.array(ids, dtype=object), "source_id": np.array(sources, dtype=object),
+                "aug_index": np.array(aug, dtype=np.int64), "label": np.zeros(len(ids), np.int64),
+                "image_bytes": np.array([png] * len(ids), dtype=object)}
+
+    real = block([f"r{i}" for i in range(n)], [f"r{i}" for i in range(n)], [-1] * n)
+    synthetic = block([f"r{i}-{a}" for i in range(n) for a in range(m)], [f"r{i}" for i in range(n) for a in range(m)],
+                      [a for _ in range(n) for a in range(m)])
+    shard = types.SimpleNamespace(iter_batches=lambda **kw: iter([real, synthetic]))
+    cfg = TrainConfig(seed=3, shuffle_buffer=512, decode_threads=1)
+    loop = {"candidates": {f"r{i}": list(range(m)) for i in range(n)}, "alpha": 0.5}
+    chunks = list(_stream_pass(shard, cfg, loop, make_transform(8, True), 0, 0, 6, 0, False))
+    assert sorted(str(i).split("-")[0] for c in chunks for i in c[3]) == sorted(real["id"])  # each real id once
+    kinds = [set((c[2] >= 0).tolist()) for c in chunks]
+    assert len(chunks) == 4 and sum(kind == {True, False} for kind in kinds) >= 3, kinds
 
 
 def test_shipped_train_yaml_parses():
