@@ -4,6 +4,8 @@ Every stage writes ``cost`` into its manifest (wall seconds, CPU core-seconds, G
 memory, images or samples per second, and a cost estimate from the config's ``cost.prices``);
 ``ray-dafusion report WORKDIR`` gathers them, sums them, and points to the gallery sheets and the
 results tables it finds. A run that wrote several outputs (score: one per scorer) is counted once.
+Outputs whose manifest records no cost (written by an older version) are named: the totals leave
+them out, so they are a lower bound.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ __all__ = ["ReportResult", "report"]
 
 log = logging.getLogger(__name__)
 
+_SUMMED = ("wall_seconds", "cpu_core_seconds", "gpu_seconds", "estimated_cost")
+
 
 @dataclass
 class ReportResult:
@@ -28,6 +32,8 @@ class ReportResult:
     output: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)
+    without_cost: list[str] = field(default_factory=list)
+    """Outputs whose manifest records no cost (or not all of it): the totals leave them out."""
     links: list[str] = field(default_factory=list)
     table: str = ""
 
@@ -77,21 +83,26 @@ def report(cfg: ReportConfig) -> ReportResult:
             "peak_memory_gib": round(cost["peak_memory_bytes"] / 2**30, 2) if cost.get("peak_memory_bytes") else None,
             "estimated_cost": cost.get("estimated_cost"),
             "_run": cost.get("run_id"),
+            "_no_cost": any(cost.get(k) is None for k in _SUMMED),
         })
     order = ["ingest", "pretrain", "invert", "erase", "augment", "score", "train", "evaluate"]
     rows.sort(key=lambda r: (order.index(r["stage"]) if r["stage"] in order else len(order), r["output"]))
+    without_cost = [r["output"] for r in rows if r.pop("_no_cost")]
     _count_shared_runs_once(rows)
-    totals = {k: round(sum(r[k] or 0 for r in rows), 3)
-              for k in ("wall_seconds", "cpu_core_seconds", "gpu_seconds", "estimated_cost")}
+    totals = {k: round(sum(r[k] or 0 for r in rows), 3) for k in _SUMMED}  # a row without a record adds 0: named
+
     links = sorted(u for u in storage.list_files(cfg.workdir, "", ep, recursive=True)
                    if u.endswith(("gallery.png", "results.md", "summary.md")))
-    table = _markdown(rows, totals, links, cfg.workdir)
+    table = _markdown(rows, totals, without_cost, links, cfg.workdir)
     output = cfg.output or storage.join(cfg.workdir, "report.md")
     storage.write_bytes(output, table.encode(), ep)
     log.info("%d stage outputs under %s: %.0f s wall, %.0f CPU core-s, %.0f GPU-s, estimated cost %.4f; %s",
              len(rows), cfg.workdir, totals["wall_seconds"], totals["cpu_core_seconds"], totals["gpu_seconds"],
              totals["estimated_cost"], output)
-    return ReportResult(output, rows, totals, links, table)
+    if without_cost:
+        log.warning("%d outputs record no cost, so the totals are a lower bound: %s", len(without_cost),
+                    ", ".join(without_cost))
+    return ReportResult(output, rows, totals, without_cost, links, table)
 
 
 def _count_shared_runs_once(rows: list[dict[str, Any]]) -> None:
@@ -114,7 +125,8 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _markdown(rows: list[dict[str, Any]], totals: dict[str, float], links: list[str], workdir: str) -> str:
+def _markdown(rows: list[dict[str, Any]], totals: dict[str, float], without_cost: list[str], links: list[str],
+              workdir: str) -> str:
     lines = [f"# Report: {workdir}", "",
              "| stage | output | work | wall s | CPU core-s | GPU-s | images or samples / s | peak GiB | est. cost |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -122,7 +134,9 @@ def _markdown(rows: list[dict[str, Any]], totals: dict[str, float], links: list[
         lines.append(f"| {r['stage']} | {r['output']} | {r['work']} | {_fmt(r['wall_seconds'])} | "
                      f"{_fmt(r['cpu_core_seconds'])} | {_fmt(r['gpu_seconds'])} | {_fmt(r['rate'], 2)} | "
                      f"{_fmt(r['peak_memory_gib'], 2)} | {_fmt(r['estimated_cost'], 4)} |")
-    lines.append(f"| **total** | | | {_fmt(totals['wall_seconds'])} | {_fmt(totals['cpu_core_seconds'])} | "
+    n = len(without_cost)
+    partial = f"{n} output{'s' if n > 1 else ''} without cost records: a lower bound" if n else ""
+    lines.append(f"| **total** | | {partial} | {_fmt(totals['wall_seconds'])} | {_fmt(totals['cpu_core_seconds'])} | "
                  f"{_fmt(totals['gpu_seconds'])} | | | {_fmt(totals['estimated_cost'], 4)} |")
     lines += ["", "Device-seconds are what each stage reserved (num_cpus, num_gpus) for as long as its tasks, "
               "actors or workers ran, plus the driver's CPU time; the cost uses each stage's `cost.prices`.", ""]

@@ -1,0 +1,29 @@
+"""The report: one table of every stage output under a workdir, from manifests written by hand."""
+
+from __future__ import annotations
+
+from ray_dafusion import storage
+from ray_dafusion.config import ReportConfig
+from ray_dafusion.report import report
+
+
+def _cost(wall: float, cpu: float, estimated: float) -> dict:
+    return {"wall_seconds": wall, "cpu_core_seconds": cpu, "gpu_seconds": 0.0, "peak_memory_bytes": 2**30,
+            "estimated_cost": estimated, "images_per_second": 1.0}
+
+
+def test_outputs_without_a_cost_record_are_named_and_the_total_says_it_is_a_lower_bound(tmp_path):
+    work = str(tmp_path / "work")
+    storage.write_manifest(storage.join(work, "real"), {"stage": "ingest", "counts": {"splits": {"train": 2}},
+                                                        "cost": _cost(10.0, 4.0, 0.0)})
+    storage.write_manifest(storage.join(work, "synthetic"), {"stage": "augment"})  # an older version: no cost
+    storage.write_manifest(storage.join(work, "train", "a"), {"stage": "train", "cost": _cost(5.0, 2.0, 0.0)})
+    result = report(ReportConfig(workdir=work))
+    assert result.without_cost == ["synthetic"]
+    assert result.totals["wall_seconds"] == 15.0 and result.totals["cpu_core_seconds"] == 6.0
+    total = next(line for line in result.table.splitlines() if line.startswith("| **total**"))
+    assert "1 output without cost records: a lower bound" in total
+    # every output with its cost: the total row says nothing more
+    storage.write_manifest(storage.join(work, "synthetic"), {"stage": "augment", "cost": _cost(1.0, 1.0, 0.0)})
+    result = report(ReportConfig(workdir=work))
+    assert result.without_cost == [] and "lower bound" not in result.table
