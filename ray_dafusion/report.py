@@ -89,7 +89,8 @@ def report(cfg: ReportConfig) -> ReportResult:
     rows.sort(key=lambda r: (order.index(r["stage"]) if r["stage"] in order else len(order), r["output"]))
     without_cost = [r["output"] for r in rows if r.pop("_no_cost")]
     _count_shared_runs_once(rows)
-    totals = {k: round(sum(r[k] or 0 for r in rows), 3) for k in _SUMMED}  # a row without a record adds 0: named
+    # a row without a record adds 0 (it is named); the cost keeps the 6 digits each manifest records
+    totals = {k: round(sum(r[k] or 0 for r in rows), 6 if k == "estimated_cost" else 3) for k in _SUMMED}
 
     links = sorted(u for u in storage.list_files(cfg.workdir, "", ep, recursive=True)
                    if u.endswith(("gallery.png", "results.md", "summary.md")))

@@ -27,3 +27,13 @@ def test_outputs_without_a_cost_record_are_named_and_the_total_says_it_is_a_lowe
     storage.write_manifest(storage.join(work, "synthetic"), {"stage": "augment", "cost": _cost(1.0, 1.0, 0.0)})
     result = report(ReportConfig(workdir=work))
     assert result.without_cost == [] and "lower bound" not in result.table
+
+
+def test_the_total_cost_is_the_sum_of_the_rows_as_shown(tmp_path):
+    """Costs are recorded with 6 digits and shown with 4: the total is not rounded to 3 first."""
+    work = str(tmp_path / "work")
+    storage.write_manifest(storage.join(work, "a"), {"stage": "train", "cost": _cost(1.0, 1.0, 0.0004)})
+    storage.write_manifest(storage.join(work, "b"), {"stage": "train", "cost": _cost(1.0, 1.0, 0.0003)})
+    result = report(ReportConfig(workdir=work))
+    assert result.totals["estimated_cost"] == 0.0007
+    assert next(line for line in result.table.splitlines() if line.startswith("| **total**")).endswith("| 0.0007 |")
