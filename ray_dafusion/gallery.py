@@ -130,8 +130,9 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
         source = originals.get(sid)
         cells = [(source["image"]["bytes"], source["class_name"], None) if source else (None, "real: missing", None)]
         row = by_source[sid]
-        if scores:  # best first, so what a threshold drops sits at the end of the row
-            row = sorted(row, key=lambda a: -scores.get(a["id"], float("-inf")))
+        if scores:  # best first, so what a threshold drops sits at the end of the row; ties (top1_is_label
+            # is all 0 or 1) in aug_index order, not in the order the files were read
+            row = sorted(row, key=lambda a: (-scores.get(a["id"], float("-inf")), a["aug_index"]))
         else:
             row = sorted(row, key=lambda a: a["aug_index"])
         for a in row:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +15,7 @@ from ray_dafusion import schema, storage
 from ray_dafusion.augment import DiffusionAugmenter
 from ray_dafusion.cli import main
 from ray_dafusion.config import AugmentConfig, GalleryConfig
-from ray_dafusion.gallery import PAD, gallery, sheet_size
+from ray_dafusion.gallery import CAPTION_HEIGHT, PAD, gallery, sheet_size
 
 M = 3
 
@@ -78,3 +79,57 @@ def test_gallery_refuses_an_output_that_is_not_an_augment_one(make_real):
     real = make_real(per_split={"train": 2, "val": 1, "test": 1})
     with pytest.raises(ValueError, match=f"{real} is not an augment output \\(its manifest.json was written by ingest\\)"):
         gallery(GalleryConfig(synthetic=real))
+
+
+@pytest.fixture
+def hand_made(make_real, tmp_path):
+    """An augment output written without a model (augmentation a of a source is flat grey 20 a + 40
+    label), its rows stored last augmentation first: a reader meets them out of aug_index order."""
+    from test_train import CLASSES, write_synthetic
+
+    real = make_real(class_names=CLASSES, per_split={"train": 1, "val": 1, "test": 1})
+    out = write_synthetic(real, str(tmp_path / "hand"), m=M)
+    data = storage.join(out, "data")
+    table = storage.read_parquet(data)
+    storage.delete(data)
+    storage.write_parquet(table.take(list(reversed(range(table.num_rows)))), storage.join(data, "part-0.parquet"))
+    storage.write_manifest(out, {**storage.read_manifest(out), "real": real})
+    return out
+
+
+def _write_scores(synthetic: str, values: dict[int, float]) -> None:
+    """classifier scores as score writes them: p_label by aug_index, top1_is_label true for all."""
+    from ray_dafusion.score import scores_dir
+
+    rows = storage.read_parquet(storage.join(synthetic, "data"), columns=["id", "aug_index"]).to_pylist()
+    out = scores_dir(synthetic, "classifier")
+    storage.write_parquet(pa.table({"id": [r["id"] for r in rows],
+                                    "p_label": [values[r["aug_index"]] for r in rows],
+                                    "top1_is_label": [True] * len(rows)}), storage.join(out, "data", "part-0.parquet"))
+    storage.write_manifest(out, {"stage": "score", "scorer": "classifier",
+                                 "columns": {"p_label": "double", "top1_is_label": "bool"}})
+
+
+def _cells(sheet_uri: str, synthetic: str, thumb: int) -> list[list[int]]:
+    """Per row (source), the aug_index of each synthetic thumbnail, read from its grey level."""
+    table = storage.read_parquet(storage.join(synthetic, "data"), columns=["source_id", "label"])
+    labels = {r["source_id"]: r["label"] for r in table.to_pylist()}
+    pixels = np.asarray(Image.open(io.BytesIO(storage.read_bytes(sheet_uri))).convert("L")).astype(int)
+    rows = []
+    for r, sid in enumerate(sorted(labels)):
+        y = PAD + r * (thumb + CAPTION_HEIGHT + PAD) + thumb // 2
+        greys = [pixels[y, PAD + c * (thumb + PAD) + thumb // 2] for c in range(1, 1 + M)]
+        rows.append([round((g - 40 * labels[sid]) / 20) for g in greys])
+    return rows
+
+
+def test_tied_scores_keep_aug_index_order(hand_made, tmp_path):
+    """classifier.top1_is_label is 1 for every image here: the row is in aug_index order, as without a
+    score, not in the order the rows were stored."""
+    _write_scores(hand_made, {a: 0.5 for a in range(M)})
+    sheet = gallery(GalleryConfig(synthetic=hand_made, output=str(tmp_path / "tied.png"), thumb_size=16,
+                                  score="classifier.top1_is_label"))
+    assert sheet.sources == 3
+    assert _cells(sheet.output, hand_made, 16) == [list(range(M))] * 3
+    plain = gallery(GalleryConfig(synthetic=hand_made, output=str(tmp_path / "plain.png"), thumb_size=16))
+    assert _cells(plain.output, hand_made, 16) == [list(range(M))] * 3
