@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,6 +69,15 @@ def _thumb(data: bytes, size: int) -> Image.Image:
 def _fit(options: tuple[str, ...], width: int) -> str:
     """The first caption that fits in `width` characters (the last one, cut, if none does)."""
     return next((o for o in options if len(o) <= width), options[-1][:width])
+
+
+def _best_first(value: Optional[float], aug_index: int) -> tuple[int, float, int]:
+    """Sort key of an augmentation by its score: best first, then those without a score or with a
+    NaN one (which compares with nothing); ties (top1_is_label is all 0 or 1) in aug_index order,
+    not in the order the files were read."""
+    if value is None or math.isnan(value):
+        return (1, 0.0, aug_index)
+    return (0, -value, aug_index)
 
 
 def _scores(cfg: GalleryConfig, ids: list[str]) -> dict[str, float]:
@@ -130,9 +140,8 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
         source = originals.get(sid)
         cells = [(source["image"]["bytes"], source["class_name"], None) if source else (None, "real: missing", None)]
         row = by_source[sid]
-        if scores:  # best first, so what a threshold drops sits at the end of the row; ties (top1_is_label
-            # is all 0 or 1) in aug_index order, not in the order the files were read
-            row = sorted(row, key=lambda a: (-scores.get(a["id"], float("-inf")), a["aug_index"]))
+        if scores:  # best first, so what a threshold drops sits at the end of the row
+            row = sorted(row, key=lambda a: _best_first(scores.get(a["id"]), a["aug_index"]))
         else:
             row = sorted(row, key=lambda a: a["aug_index"])
         for a in row:
@@ -144,7 +153,8 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
             x = PAD + c * (t + PAD)
             if data is not None:
                 sheet.paste(_thumb(data, t), (x, y))
-            if value is not None and cfg.threshold is not None and value < cfg.threshold:
+            # `not >=`: a NaN score fails the filter `score >= threshold` too
+            if value is not None and cfg.threshold is not None and not value >= cfg.threshold:
                 draw.rectangle([x - 1, y - 1, x + t, y + t], outline=(220, 0, 0), width=2)
             draw.text((x + 1, y + t + 1), caption[:fits], fill=(0, 0, 0), font=font)
 

@@ -133,3 +133,17 @@ def test_tied_scores_keep_aug_index_order(hand_made, tmp_path):
     assert _cells(sheet.output, hand_made, 16) == [list(range(M))] * 3
     plain = gallery(GalleryConfig(synthetic=hand_made, output=str(tmp_path / "plain.png"), thumb_size=16))
     assert _cells(plain.output, hand_made, 16) == [list(range(M))] * 3
+
+
+def test_a_nan_score_goes_last_and_is_framed_as_a_filter_would_drop_it(hand_made, tmp_path):
+    """NaN compares with nothing: sorted by it, a row kept the order it was read in (NaN first here),
+    and `value < threshold` did not frame it, while the filter `score >= threshold` drops it."""
+    _write_scores(hand_made, {0: 0.2, 1: 0.9, 2: float("nan")})
+    t = 16
+    sheet = gallery(GalleryConfig(synthetic=hand_made, output=str(tmp_path / "nan.png"), thumb_size=t,
+                                  score="classifier.p_label", threshold=0.5))
+    assert _cells(sheet.output, hand_made, t) == [[1, 0, 2]] * 3
+    pixels = np.asarray(Image.open(sheet.output).convert("RGB"))
+    y = PAD + t // 2  # the left edge of each synthetic cell of the first row: red where framed
+    framed = [bool(np.all(pixels[y, PAD + c * (t + PAD)] == [220, 0, 0])) for c in range(1, 1 + M)]
+    assert framed == [False, True, True]
