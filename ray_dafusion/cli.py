@@ -108,7 +108,11 @@ def _parse(argv: Optional[Sequence[str]]) -> tuple[str, StageConfig, bool]:
     show_traceback = args.pop("_traceback") or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     positional = args.pop("_positional", None)
     if positional:
-        args[_POSITIONAL[stage][0]] = positional
+        name = _POSITIONAL[stage][0]
+        if name in args and args[name] != positional:  # neither silently wins
+            parser.exit(2, f"ray-dafusion {stage}: {name} given twice, {positional!r} as {name.upper()} and "
+                           f"{args[name]!r} as --{name}; give one\n")
+        args[name] = positional
     try:
         cfg = STAGES[stage].config.from_args(config_path, args, base=_demo_config() if stage == "demo" else None)
     except ConfigError as exc:

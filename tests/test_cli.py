@@ -93,6 +93,21 @@ def test_a_bad_config_is_exit_code_2():
     assert proc.returncode == 2 and "comma" in proc.stderr
 
 
+def test_a_field_given_as_positional_and_as_option_must_agree(capsys):
+    """`ray-dafusion gallery s3://b/aug1 --synthetic s3://b/aug2` took the positional silently."""
+    from ray_dafusion.cli import parse_args
+
+    for stage, name in (("gallery", "synthetic"), ("report", "workdir")):
+        with pytest.raises(SystemExit) as exited:
+            parse_args([stage, "s3://b/aug1", f"--{name}", "s3://b/aug2"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and f"ray-dafusion {stage}: {name} given twice" in err
+        assert "'s3://b/aug1'" in err and "'s3://b/aug2'" in err
+        # the same value both ways, or either alone, is fine
+        for argv in (["s3://b/aug1", f"--{name}", "s3://b/aug1"], ["s3://b/aug1"], [f"--{name}", "s3://b/aug1"]):
+            assert getattr(parse_args([stage, *argv])[1], name) == "s3://b/aug1"
+
+
 def test_ingest_train_evaluate_job_scripts(ray_session, tmp_path, capsys):
     from ray_dafusion.sample_data import write_digits
 
