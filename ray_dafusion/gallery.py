@@ -113,6 +113,10 @@ def gallery(cfg: GalleryConfig) -> GalleryResult:
     if not real:
         raise ValueError(f"the manifest of {cfg.synthetic} names no real data set; pass --real")
     data_dir = storage.join(cfg.synthetic, "data")
+    if (manifest.get("counts") or {}).get("synthetic_rows") == 0:
+        errors = (manifest.get("counts") or {}).get("errors")
+        raise ValueError(f"{cfg.synthetic} holds no synthetic images: augment quarantined every source "
+                         f"({errors} errors); their reasons are in {storage.join(cfg.synthetic, 'errors')}")
 
     # 2. the first max_sources sources (by id) and their augmentations
     ids = storage.read_parquet(data_dir, ep, columns=["source_id"]).column("source_id")

@@ -69,12 +69,19 @@ def report(cfg: ReportConfig) -> ReportResult:
         raise FileNotFoundError(f"no stage outputs (manifest.json) under {cfg.workdir}")
     rows = []
     for uri in manifests:
-        manifest = storage.read_json(uri, ep)
+        try:
+            manifest = storage.read_json(uri, ep)
+        except ValueError as e:  # not JSON (a JSONDecodeError is a ValueError)
+            manifest = e
+        if not isinstance(manifest, dict):  # someone else's file of that name: named, not fatal
+            log.warning("report leaves out %s: not a stage manifest (%s)", uri,
+                        manifest if isinstance(manifest, ValueError) else f"a JSON {type(manifest).__name__}")
+            continue
         cost = manifest.get("cost") or {}
         rate = cost.get("images_per_second", cost.get("samples_per_second"))
         rows.append({
             "stage": manifest.get("stage", "?"),
-            "output": posixpath.dirname(uri[len(cfg.workdir):].lstrip("/")) or ".",
+            "output": posixpath.dirname(uri[len(cfg.workdir.rstrip("/")):].lstrip("/")) or ".",
             "work": _work(manifest),
             "wall_seconds": cost.get("wall_seconds"),
             "cpu_core_seconds": cost.get("cpu_core_seconds"),

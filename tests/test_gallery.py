@@ -81,6 +81,16 @@ def test_gallery_refuses_an_output_that_is_not_an_augment_one(make_real):
         gallery(GalleryConfig(synthetic=real))
 
 
+def test_gallery_of_an_output_whose_every_source_was_quarantined_says_so(tmp_path):
+    from ray_dafusion import storage
+
+    out = str(tmp_path / "aug")
+    storage.write_manifest(out, {"stage": "augment", "real": str(tmp_path / "real"),
+                                 "counts": {"real_rows": 2, "synthetic_rows": 0, "errors": 2}})
+    with pytest.raises(ValueError, match="holds no synthetic images: augment quarantined every source \\(2 errors\\)"):
+        gallery(GalleryConfig(synthetic=out))
+
+
 @pytest.fixture
 def hand_made(make_real, tmp_path):
     """An augment output written without a model (augmentation a of a source is flat grey 20 a + 40

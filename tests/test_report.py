@@ -37,3 +37,14 @@ def test_the_total_cost_is_the_sum_of_the_rows_as_shown(tmp_path):
     result = report(ReportConfig(workdir=work))
     assert result.totals["estimated_cost"] == 0.0007
     assert next(line for line in result.table.splitlines() if line.startswith("| **total**")).endswith("| 0.0007 |")
+
+
+def test_a_manifest_json_that_is_no_stage_manifest_is_left_out_by_name(tmp_path, caplog):
+    work = str(tmp_path / "work")
+    storage.write_manifest(storage.join(work, "real"), {"stage": "ingest", "cost": _cost(1.0, 1.0, 0.0)})
+    storage.write_bytes(storage.join(work, "notes", "manifest.json"), b"[1, 2]")
+    storage.write_bytes(storage.join(work, "broken", "manifest.json"), b"{not json")
+    result = report(ReportConfig(workdir=work + "//"))  # extra slashes do not cut the output names
+    assert [r["output"] for r in result.rows] == ["real"]
+    assert "leaves out" in caplog.text and "notes/manifest.json: not a stage manifest (a JSON list)" in caplog.text
+    assert "broken/manifest.json: not a stage manifest" in caplog.text
