@@ -33,6 +33,9 @@ def test_cluster_shape():
     assert types["gen-gpu"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
     assert "InstanceMarketOptions" not in types["train-gpu"]["node_config"]
     assert any("pip install" in c and "ray-dafusion" in c for c in config["setup_commands"])
+    # the copy of the project on each node leaves out .venv, runs/ (.gitignore) and the git history
+    assert config["file_mounts"] == {"/home/ray/ray-dafusion": "."}
+    assert config["rsync_filter"] == [".gitignore"] and config["rsync_exclude"] == [".git"]
     # each node type carries a custom resource, and each stage's default node_resource asks for it
     from ray_dafusion import config as C
 
