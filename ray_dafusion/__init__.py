@@ -5,6 +5,9 @@ Each stage is one function taking its config and returning a small result object
     from ray_dafusion import augment, AugmentConfig
     result = augment(AugmentConfig(real="runs/demo/real", output="runs/demo/synthetic", ...))
 
+Stages that use Ray join the Ray this process is connected to; call ``ray.init(...)`` first to
+choose one, or a stage calls ``ray.init()`` with Ray's defaults, as Ray Data would.
+
 Stage functions are imported on first use so `import ray_dafusion` stays light (the registry is
 ``config.STAGES``). A stage module named like its function (``ray_dafusion.augment``) is itself
 callable as the stage, so ``from ray_dafusion import augment`` works whichever Python hands back.

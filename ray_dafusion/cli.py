@@ -1,6 +1,8 @@
 """`ray-dafusion STAGE [--config FILE.yaml] [--FIELD VALUE ...]`, and the body of every job script.
 
-The only place in the package that parses arguments, reads the environment and connects to Ray.
+The only place in the package that parses arguments, reads the environment and chooses how to
+connect to Ray (a stage called from Python without ray.init starts Ray with Ray's defaults, as Ray
+Data would: plan.capacity).
 Each stage maps to one library function (``config.STAGES``); its config's fields (with their
 docstrings and defaults) become the options.
 

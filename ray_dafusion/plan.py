@@ -78,10 +78,29 @@ class ClusterCapacity:
         return sum(_times(node.get(resource, 0.0), n) for node, n in self.shapes())
 
 
-def capacity() -> ClusterCapacity:
-    """The connected Ray cluster's alive nodes, with the nodes the autoscaler can add when it has any."""
+def _connect() -> None:
+    """Join or start Ray as Ray Data does on its first call, when the caller has not: ``ray.init()``
+    with Ray's defaults (RAY_ADDRESS, else a Ray running on this machine, else a new local one;
+    RAY_ENABLE_AUTO_CONNECT=0 turns it off, as for Ray). Every Ray stage plans first, and
+    ray.nodes() would raise before Ray is up, so a stage called from Python needs no ray.init."""
     import ray
 
+    if ray.is_initialized():
+        return
+    try:
+        from ray._private.auto_init_hook import auto_init_ray  # what ray.data.read_* call first
+    except ImportError:  # a private module: without it, what it does
+        auto_init_ray = ray.init
+    log.info("no Ray connected: ray.init() with Ray's defaults, as Ray Data would")
+    auto_init_ray()
+
+
+def capacity() -> ClusterCapacity:
+    """The Ray cluster's alive nodes, with the nodes the autoscaler can add when it has any (Ray is
+    joined or started first if this process is not connected)."""
+    import ray
+
+    _connect()
     nodes = [{k: float(v) for k, v in n["Resources"].items() if not k.startswith("node:")}
              for n in ray.nodes() if n.get("Alive")]
     try:  # Ray Train and Ray Data read the same record to plan against an autoscaler's node types

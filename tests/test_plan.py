@@ -114,6 +114,7 @@ def test_capacity_reads_the_alive_nodes_and_the_autoscaler_config(monkeypatch):
     from ray._private.state import state
     from ray.core.generated import autoscaler_pb2
 
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # the nodes below stand for a connected cluster
     monkeypatch.setattr(ray, "nodes", lambda: [
         {"Alive": True, "Resources": {"CPU": 0.0, "node:10.0.0.1": 1.0, "node:__internal_head__": 1.0}},
         {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0, "gen_gpu": 1.0, "node:10.0.0.2": 1.0}},
@@ -135,6 +136,31 @@ def test_capacity_reads_the_alive_nodes_and_the_autoscaler_config(monkeypatch):
                                           r"the autoscaler can add 7 x \(CPU 8, GPU 1\)"):
         plan.check("augment", plan.Demand("diffusion actors", 9, {"CPU": 4.0, "GPU": 1.0}, min_count=9,
                                           count_field="max_actors"), cap)
+
+
+def test_a_stage_called_without_ray_init_starts_ray_as_ray_data_would(monkeypatch):
+    """Every Ray stage plans first; ray.nodes() raises before Ray is up, so capacity() makes the
+    ray.init() call that Ray Data's first read would make (Ray's defaults), once."""
+    import ray
+    from ray._private import auto_init_hook
+    from ray._private.state import state
+
+    calls = []
+
+    def nodes():
+        if not calls:
+            raise RuntimeError("Ray has not been started yet")
+        return [{"Alive": True, "Resources": {"CPU": 2.0, "node:10.0.0.1": 1.0}}]
+
+    monkeypatch.setattr(auto_init_hook, "enable_auto_connect", True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(ray, "nodes", nodes)
+    monkeypatch.setattr(state, "get_cluster_config", lambda: None)
+    assert plan.capacity().nodes == [{"CPU": 2.0}]
+    assert calls == [((), {})]  # Ray's defaults: RAY_ADDRESS, a running local Ray, else a new one
+    plan.capacity()
+    assert len(calls) == 1  # connected: never again
 
 
 def test_capacity_of_the_session_cluster(ray_session):
