@@ -308,7 +308,7 @@ def learn_tokens(pipe: Any, classes: dict[str, Sequence[Any]], cfg: InvertConfig
     keep[new_rows] = False
     original = embeddings.detach().clone()
 
-    # 3. optimiser and noise schedule (METHOD.md defaults)
+    # 3. optimiser and noise schedule (docs/method.md defaults)
     processes = 1  # one process per task
     lr = cfg.learning_rate
     if cfg.scale_lr:

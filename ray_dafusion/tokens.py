@@ -40,7 +40,7 @@ INVERSION_TEMPLATES: tuple[str, ...] = (
 
 
 def class_token(class_name: str) -> str:
-    """`<` + class name with whitespace as `_` + `>` (METHOD.md)."""
+    """`<` + class name with whitespace as `_` + `>` (docs/method.md)."""
     name = "_".join(class_name.split())
     if not name:
         raise ValueError("class name is empty")

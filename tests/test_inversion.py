@@ -318,7 +318,7 @@ def test_invert_yaml_parses():
 
 
 def test_command_line_takes_exponent_learning_rates():
-    # `--learning_rate 1e-5` is how METHOD.md writes it; YAML 1.1 alone would read a string
+    # `--learning_rate 1e-5` is how docs/method.md writes it; YAML 1.1 alone would read a string
     assert InvertConfig.from_args(None, {"learning_rate": "1e-3"}).learning_rate == 1e-3
     from ray_dafusion.config import EraseConfig
 
