@@ -3,7 +3,8 @@
 Each stage is one function taking its config and returning a small result object::
 
     from ray_dafusion import augment, AugmentConfig
-    result = augment(AugmentConfig(real="runs/demo/real", output="runs/demo/synthetic", ...))
+    result = augment(AugmentConfig(real="runs/x/real", embeddings="runs/x/tokens",
+                                   output="runs/x/synthetic/da_fusion"))
 
 Stages that use Ray join the Ray this process is connected to; call ``ray.init(...)`` first to
 choose one, or a stage calls ``ray.init()`` with Ray's defaults, as Ray Data would.

@@ -232,6 +232,19 @@ def test_every_shipped_yaml_parses():
             assert set(yaml.safe_load(f) or {}) <= {x.name for x in C.dataclasses.fields(cls)}
 
 
+def test_the_single_stage_configs_chain_under_one_workdir_with_one_model():
+    """invert -> augment -> train (and erase) read each other's outputs under ./runs/x with one
+    model; the demo's ./runs/demo holds digits-model outputs that these settings would refuse."""
+    def load(stage):
+        return C.load_config(stage, os.path.join(ROOT, "jobs", "configs", f"{stage}.yaml"))
+
+    invert, augment, train, erase = (load(s) for s in ("invert", "augment", "train", "erase"))
+    norm = os.path.normpath
+    assert {norm(c.real) for c in (invert, augment, train, erase)} == {"runs/x/real"}
+    assert norm(invert.output) == norm(augment.embeddings) and invert.model == augment.model == erase.model
+    assert norm(augment.output) == norm(train.synthetic)
+
+
 # ---- one identity rule -------------------------------------------------------------------------
 
 RESOURCE_VALUES = {"num_cpus": 0.25, "num_gpus": 1.0, "cache_dir": "/tmp/elsewhere",
