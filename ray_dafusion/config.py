@@ -716,7 +716,7 @@ STAGES: dict[str, Stage] = {
     "pipeline": Stage("ray_dafusion.pipeline", "pipeline", PipelineConfig),
     "sweep": Stage("ray_dafusion.sweep", "sweep", SweepConfig),
     "demo": Stage("ray_dafusion.pipeline", "demo", PipelineConfig,
-                  "Run the whole pipeline on the embedded default: local Ray, ./runs/demo, the tiny model, "
+                  "Run the whole pipeline on the embedded default: local Ray, ./runs/demo, the digits model, "
                   "handwritten digits. Takes the pipeline's options."),
 }
 
