@@ -62,6 +62,20 @@ def test_gallery_command_line_writes_png(synthetic, tmp_path, capsys):
     assert "sheet.png" in capsys.readouterr().out
 
 
+def test_gallery_and_report_job_scripts(synthetic, tmp_path, capsys):
+    from test_cli import _job
+
+    out = str(tmp_path / "sheet.png")
+    assert _job("gallery").main([synthetic.output, "--output", out, "--max_sources", "2", "--thumb_size", "32"]) == 0
+    assert Image.open(out).size == sheet_size(2, 1 + M, 32)
+    assert f"gallery: {out}: 2 real images with {2 * M} augmentations" in capsys.readouterr().out
+    assert _job("report").main([synthetic.output]) == 0
+    printed = capsys.readouterr().out
+    assert "| augment |" in printed and f"report: 1 stage outputs -> {storage.join(synthetic.output, 'report.md')}" in printed
+    assert _job("gallery").main([str(tmp_path / "nothing")]) == 1  # one line on stderr, exit code 1
+    assert "ray-dafusion gallery: error:" in capsys.readouterr().err
+
+
 def test_gallery_refuses_incomplete_output(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete augment output"):
         gallery(GalleryConfig(synthetic=str(tmp_path / "nothing")))
