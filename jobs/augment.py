@@ -3,6 +3,9 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/augment.py --config jobs/configs/augment.yaml [--FIELD VALUE ...]
 
+On a cluster of several machines give s3:// URIs in place of the config's local paths (--real,
+--embeddings, --output): a local path lands on each node's own disk.
+
 Exit codes: 0 done, 1 the stage failed (one line on stderr says what to do), 2 bad config.
 """
 

@@ -3,6 +3,9 @@ test split and writes results.json, results.md, confusion matrices and the accur
 
     ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/configs/evaluate.yaml [--FIELD VALUE ...]
 
+On a cluster of several machines give s3:// URIs in place of the config's local paths (--real,
+--runs, --output): a local path lands on each node's own disk.
+
 Exit codes: 0 done, 1 the stage failed (one line on stderr says what to do), 2 bad config.
 """
 

@@ -2,6 +2,9 @@
 
     ray job submit --working-dir . -- python jobs/invert.py --config jobs/configs/invert.yaml [--FIELD VALUE ...]
 
+On a cluster of several machines give s3:// URIs in place of the config's local paths (--real,
+--output): a local path lands on each node's own disk.
+
 Exit codes: 0 done, 1 the stage failed (one line on stderr says what to do), 2 bad config.
 """
 

@@ -3,6 +3,9 @@ unlabelled images (autoencoder, then UNet and text encoder) with Ray Train; `mod
 
     ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/pretrain_digits.yaml [--FIELD VALUE ...]
 
+On a cluster of several machines give s3:// URIs in place of the config's local paths (--source,
+--output): a local path lands on each node's own disk.
+
 Exit codes: 0 done, 1 the stage failed (one line on stderr says what to do), 2 bad config.
 """
 

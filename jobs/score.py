@@ -3,6 +3,9 @@ the source, CLIP text agreement), stored beside the augment output for train-tim
 
     ray job submit --working-dir . -- python jobs/score.py --config jobs/configs/score.yaml [--FIELD VALUE ...]
 
+On a cluster of several machines give s3:// URIs in place of the config's local paths (--synthetic,
+--run): a local path lands on each node's own disk.
+
 Exit codes: 0 done, 1 the stage failed (one line on stderr says what to do), 2 bad config.
 """
 

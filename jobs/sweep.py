@@ -3,6 +3,9 @@ each stage output made once and reused; a re-run skips finished trials.
 
     ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sweep_digits.yaml [--FIELD VALUE ...]
 
+On a cluster of several machines give s3:// URIs in place of the config's local paths (--workdir): a
+local path lands on each node's own disk.
+
 Exit codes: 0 done, 1 the stage failed (one line on stderr says what to do), 2 bad config.
 """
 

@@ -143,6 +143,27 @@ def connect_ray() -> None:
     ray.init(address=address, log_to_driver=True)
 
 
+def _warn_local_output(stage: str, cfg: StageConfig) -> None:
+    """Warn when a stage's output or workdir is a local path while Ray spans several machines, or
+    its autoscaler can add some: each node would write its part to its own disk, and read only
+    what its own disk holds (unless the path is a filesystem that every node mounts)."""
+    from . import plan, storage
+
+    local = [(name, getattr(cfg, name)) for name in ("output", "workdir")
+             if getattr(cfg, name, None) and not storage.is_s3(getattr(cfg, name))]
+    if not local:
+        return
+    import ray
+
+    hosts = {n.get("NodeManagerHostname") for n in ray.nodes() if n.get("Alive")}
+    if len(hosts) < 2 and not plan.capacity().can_add:
+        return
+    where = f"spans {len(hosts)} machines" if len(hosts) > 1 else "can add machines (autoscaler)"
+    for name, path in local:
+        log.warning("%s: %s %s is a local path and this Ray cluster %s: each node writes its part to its "
+                    "own disk; give s3:// URIs, unless every node mounts %s", stage, name, path, where, path)
+
+
 def _print_result(result: Any) -> None:
     if getattr(result, "table", ""):  # a report: the table is the answer
         print(result.table, end="")
@@ -161,6 +182,7 @@ def _run(stage: str, argv: Sequence[str], report: Callable[[Any], None]) -> int:
     try:
         if stage not in _NO_RAY:
             connect_ray()
+            _warn_local_output(stage, cfg)
         result = stage_function(stage)(cfg)
     except KeyboardInterrupt:
         print(f"ray-dafusion {stage}: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -4,6 +4,7 @@ failure, the full traceback on request, and every script under jobs/ run at leas
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -106,6 +107,31 @@ def test_a_field_given_as_positional_and_as_option_must_agree(capsys):
         # the same value both ways, or either alone, is fine
         for argv in (["s3://b/aug1", f"--{name}", "s3://b/aug1"], ["s3://b/aug1"], [f"--{name}", "s3://b/aug1"]):
             assert getattr(parse_args([stage, *argv])[1], name) == "s3://b/aug1"
+
+
+def test_a_local_output_on_a_cluster_of_several_machines_is_warned_about(monkeypatch, caplog):
+    import ray
+
+    from ray_dafusion import cli, plan
+    from ray_dafusion.config import PipelineConfig, TrainConfig
+
+    laptop = plan.ClusterCapacity(nodes=[{"CPU": 2.0}])
+    scaling = plan.ClusterCapacity(nodes=[{"CPU": 0.0}], can_add=[({"CPU": 8.0}, 8)], autoscaling=True)
+    caplog.set_level(logging.WARNING, logger="ray_dafusion")
+    cases = [  # (alive nodes' hosts, capacity, config, warned)
+        (["a"], laptop, TrainConfig(output="runs/x/train"), False),
+        (["a", "a"], laptop, TrainConfig(output="runs/x/train"), False),  # nodes on one machine share its disk
+        (["a", "b"], laptop, TrainConfig(output="runs/x/train"), True),
+        (["head"], scaling, TrainConfig(output="runs/x/train"), True),  # only the head now, workers to come
+        (["a", "b"], laptop, TrainConfig(output="s3://bucket/runs/x/train"), False),
+        (["a", "b"], laptop, PipelineConfig(workdir="runs/x"), True),
+    ]
+    for hosts, cap, cfg, warned in cases:
+        caplog.clear()
+        monkeypatch.setattr(ray, "nodes", lambda hosts=hosts: [{"Alive": True, "NodeManagerHostname": h} for h in hosts])
+        monkeypatch.setattr(plan, "capacity", lambda cap=cap: cap)
+        cli._warn_local_output("stage", cfg)
+        assert ("is a local path and this Ray cluster" in caplog.text) == warned, (hosts, cfg)
 
 
 def test_ingest_train_evaluate_job_scripts(ray_session, tmp_path, capsys):
