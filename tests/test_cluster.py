@@ -66,3 +66,13 @@ def test_kuberay_rayjob_manifest():
     spec = job["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == "2.60.0" and spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert all(g["minReplicas"] == 0 for g in spec["workerGroupSpecs"])
+    # each worker group carries the custom resource of its cluster.yaml node type, as KubeRay's
+    # autoscaler reads it (the quoted JSON string of rayStartParams.resources)
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
+
+    types = _load()["available_node_types"]
+    groups = {g["groupName"]: _get_ray_resources_from_group_spec(g, False) for g in spec["workerGroupSpecs"]}
+    assert set(groups) == set(types) - {"head"}
+    for name, resources in groups.items():
+        custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+        assert custom == types[name]["resources"], name
