@@ -4,13 +4,13 @@
 #   bash benchmarks/gpu_run.sh generate   # generation through the Ray job, ~6 min
 #   bash benchmarks/gpu_run.sh profile    # one actor call: UNet / VAE / rest shares, top kernels, ~2 min
 #   bash benchmarks/gpu_run.sh train      # rows/s the CPUs decode, training stream vs preloaded,
-#                                         # then train/evaluate/score lines, ~3 min
+#                                         # then train (streamed)/evaluate/score lines, ~3 min
 # Figures and logs go to $OUT (the device tool's folder that comes back), else /tmp/gpu-out.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_DATA_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1
-WORK=/tmp/gpu-ray-job
+WORK=/tmp/gpu-ray-job  # real sets and tokens (inputs) are reused; each call measures into its own $WORK/run-<time>/
 if ! PYTHONPATH=/tmp/site python3 -c "import ray, diffusers" 2>/dev/null; then  # installed by an earlier call
   python3 benchmarks/gpu_bundle.py install --target /tmp/site || exit 1
 fi
@@ -20,7 +20,7 @@ case "${1:-generate}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 benchmarks/gpu_smoke.py 2>&1 | grep -v "^\s*$" | tail -4
     python3 benchmarks/gpu_ray_job.py --workdir $WORK --out "$OUT/gpu_ray_job.json" "${@:2}" > "$OUT/gpu_ray_job.log" 2>&1
-    echo "gpu_ray_job rc $?"; grep -E "^(eager|fast|compiled): |TFLOP/s" "$OUT/gpu_ray_job.log"
+    echo "gpu_ray_job rc $?"; grep -E "^(eager|fast|compiled): |TFLOP/s|^failed: " "$OUT/gpu_ray_job.log"
     ;;
   profile)
     python3 benchmarks/gpu_profile.py --trace --out "$OUT/gpu_profile.json" "${@:2}" > "$OUT/gpu_profile.log" 2>&1
@@ -31,10 +31,12 @@ case "${1:-generate}" in
     python3 benchmarks/train_overhead.py --use-gpu --arch resnet50 --image-size 224 --source-size 160 \
       --batch-size 64 --steps 40 --warmup 5 --m 2 --cpus-per-worker 12 --decode-threads 12 --out "$OUT/train_gpu.json" > "$OUT/train_gpu.log" 2>&1
     echo "train_overhead rc $?"; grep -E "samples/s|ratio" "$OUT/train_gpu.log" | grep -v INFO | tail -4
-    configs=(--configs "")  # the stages train on the generate step's synthetic rows; on a fresh machine, make a few
-    [ -f $WORK/fast/manifest.json ] || configs=(--configs fast --num-real 8 --m 2 --steps 10)
+    # the stages train on the synthetic rows of the latest generate call (and the real set they were
+    # made from, whatever its --num-real/--size); on a fresh machine, make a few
+    configs=(--configs "")
+    [ -f $WORK/latest.json ] || configs=(--configs fast --num-real 8 --m 2 --steps 10)
     python3 benchmarks/gpu_ray_job.py --workdir $WORK "${configs[@]}" --stages --train-steps 10 \
       --out "$OUT/gpu_stages.json" > "$OUT/gpu_stages.log" 2>&1
-    echo "stages rc $?"; grep -E "on GPU: " "$OUT/gpu_stages.log"
+    echo "stages rc $?"; grep -E "on GPU( \(streamed, cache_mb 0\))?: |StaleResult" "$OUT/gpu_stages.log"
     ;;
 esac
