@@ -1,13 +1,16 @@
-"""Overhead of the augment system: the whole Ray job against a plain in-process loop.
+"""Overhead of the augment system: the whole Ray job against its augmenter called in this process.
 
 Same inputs, model, steps, batch size, t0 draws and per-image seeds in both:
 
 (a) ``augment(cfg)`` as a user runs it on an already started local Ray: driver checks, Ray Data
     read + repartition, actor start and model load, generation, PNG encoding, parquet writes,
     the N x M verification and the manifest. ``ray.init`` is timed separately, not included.
-(b) a plain loop in this process over the same pipeline calls: decode each real image, group
-    each batch's images by t0, call the pipeline (even chunks of at most max_images_per_call, one
-    generator per image), resize back, PNG-encode. Model loading is not included.
+(b) the actor's own class, ``DiffusionAugmenter``, built in this process and called on the real
+    rows in batches of ``batch_size`` (by id): decode, grouping by t0, its pipeline calls (batched
+    VAE encode, cached prompt embeddings), resize back, PNG and rows on its io threads, one parquet
+    file per batch into an output of its own. The same algorithm as (a), so the ratio is Ray's own
+    cost (Ray Data, actor start and model load, verification, manifest), not a difference between
+    two ways of calling the pipeline. Building the augmenter (model load) is not included.
 
 Both use the same number of torch threads (an actor with num_cpus < 1 gets OMP_NUM_THREADS=1
 from Ray; the loop calls torch.set_num_threads). (a) also prints the seconds its actor spent
@@ -24,7 +27,6 @@ import argparse
 import os
 import tempfile
 import time
-from collections import defaultdict
 
 import numpy as np
 
@@ -57,37 +59,20 @@ def write_real(root: str, num_real: int, size: int) -> list[str]:
     return [r["id"] for r in rows]
 
 
-def plain_loop(cfg, classes, threads: int) -> tuple[int, float]:
-    """(b): the same pipeline calls in one process, no Ray, no parquet."""
+def augmenter_loop(cfg, classes, threads: int) -> tuple[int, float]:
+    """(b): `DiffusionAugmenter`, as the actor runs it, called in this process on the real rows in
+    batches of `cfg.batch_size`; (images written, seconds). `cfg.output` must be an output of its own."""
     import torch
 
-    from ray_dafusion import models, schema, storage, tokens, weights
-    from ray_dafusion.augment import draw_augmentation, even_chunks, from_model_size, to_model_size
+    from ray_dafusion import storage
+    from ray_dafusion.augment import DiffusionAugmenter
 
     torch.set_num_threads(threads)
-    pipe = models.load_pipeline(cfg.model, cache_dir=cfg.cache_dir)
-    weights.add_tokens(pipe, weights.load_embeddings(cfg.embeddings)[0])
-    rows = sorted(storage.read_parquet(storage.join(cfg.real, "train")).to_pylist(), key=lambda r: r["id"])
-    by_label = {c.label: c for c in classes}
+    augmenter = DiffusionAugmenter(cfg, classes)  # loads the model: outside the clock
+    table = storage.read_parquet(storage.join(cfg.real, "train")).sort_by("id")
     start, count = time.perf_counter(), 0
-    for b in range(0, len(rows), cfg.batch_size):
-        groups = defaultdict(list)
-        for row in rows[b : b + cfg.batch_size]:
-            source = schema.decode_image(row["image"]["bytes"])
-            for k in range(cfg.num_augmentations):
-                seed, strength, template = draw_augmentation(cfg.seed, row["id"], k, cfg.t0_levels(), cfg.prompt_templates)
-                groups[strength].append((source, seed, tokens.make_prompt(template, by_label[row["label"]].token)))
-        for strength, group in sorted(groups.items()):
-            for chunk in even_chunks(group, cfg.max_images_per_call):
-                images = pipe(
-                    prompt=[p for _, _, p in chunk],
-                    image=[to_model_size(s, cfg.resolution, cfg.resize) for s, _, _ in chunk],
-                    strength=strength, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
-                    generator=[torch.Generator("cpu").manual_seed(seed) for _, seed, _ in chunk],
-                ).images
-                for (source, _, _), image in zip(chunk, images):
-                    schema.encode_image(from_model_size(image, source.size, cfg.resize), "PNG")
-                    count += 1
+    for b in range(0, table.num_rows, cfg.batch_size):
+        count += augmenter(table.slice(b, cfg.batch_size)).column("rows")[0].as_py()
     return count, time.perf_counter() - start
 
 
@@ -166,9 +151,10 @@ def main() -> None:
           f"<= {args.max_images_per_call} images per call, {args.threads} torch thread(s)")
 
     def run_b() -> float:
-        count, seconds = plain_loop(cfg, classes, args.threads)
-        assert count == n_images
-        print(f"(b) plain loop:  {count} images in {seconds:7.1f}s = {count / seconds:.3f} images/s"
+        count, seconds = augmenter_loop(cfg.replace(output=os.path.join(work, f"loop-{time.time_ns()}")), classes,
+                                        args.threads)
+        assert count == n_images, (count, n_images)
+        print(f"(b) in-process:  {count} images in {seconds:7.1f}s = {count / seconds:.3f} images/s"
               f"  (load average {os.getloadavg()[0]:.1f})")
         return seconds
 
