@@ -10,6 +10,9 @@ fractional CPUs). Only the batch source differs:
 * preloaded: the same rows, mixed, decoded and transformed once into tensors in worker memory
   before the clock starts, then cycled.
 
+Both train as the stage does by default: the model and every batch in channels_last memory layout
+(`TrainConfig.channels_last`; `--contiguous` turns it off on both sides).
+
 Timed: the wall time of `--steps` optimiser steps after `--warmup` untimed steps, in the worker,
 including the wait for each next batch (Ray start-up, dataset planning and the preload are not
 timed). samples/s = steps x global batch / time. Prints both and their ratio (stream / preloaded).
@@ -111,7 +114,10 @@ def _bench_loop(loop: dict) -> None:
     world = ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(0)
-    model = ray.train.torch.prepare_model(build_model(cfg.arch, loop["num_classes"], "none", cfg.backbone))
+    model = build_model(cfg.arch, loop["num_classes"], "none", cfg.backbone)
+    if cfg.channels_last:  # as the train stage's _prepare_model: the layout before DDP wraps it
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -146,7 +152,7 @@ def _bench_loop(loop: dict) -> None:
         x, y, _, _, _, *drawn = next(source)
         waits.append(time.perf_counter() - t0)  # waiting for the next batch: the GPU idles
         x = batch_images(tf, x, drawn, device)
-        loss = train_step(model, optimizer, scaler, x, y, device)
+        loss = train_step(model, optimizer, scaler, x, y, device, cfg.channels_last)
         float(loss)  # wait for the step to finish (CUDA is asynchronous)
         times.append(time.perf_counter() - t0)
     timed = sum(times[loop["warmup"]:])
@@ -157,6 +163,7 @@ def _bench_loop(loop: dict) -> None:
         with open(loop["result_file"], "w") as f:
             json.dump({"samples_per_s": loop["steps"] * cfg.batch_size / timed, "seconds": timed,
                        "torch_threads": torch.get_num_threads(), "decode_threads": cfg.decode_threads, "gpu_busy": busy,
+                       "channels_last": cfg.channels_last,
                        "step_s": times[loop["warmup"]:]}, f)
 
 
@@ -170,7 +177,8 @@ def run(mode: str, args, real: str, synth: str) -> dict:
     cfg = TrainConfig(real=real, synthetic=synth, output=args.workdir, arch=args.arch, image_size=args.image_size,
                       batch_size=args.batch_size, backbone=args.backbone, num_workers=args.workers,
                       use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, alpha=args.alpha,
-                      shuffle_buffer=max(64, args.batch_size * 4), decode_threads=args.decode_threads)
+                      shuffle_buffer=max(64, args.batch_size * 4), decode_threads=args.decode_threads,
+                      channels_last=not args.contiguous)
     cfg = cfg.replace(decode_threads=decode_thread_count(cfg))  # as the train stage hands its workers
     data = streaming_data(cfg, cfg.alpha)
     result_file = os.path.join(args.workdir, f"result-{mode}-{time.time_ns()}.json")
@@ -203,6 +211,8 @@ def main() -> int:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--decode-threads", type=int, default=0,
                    help="train config decode_threads (rows decoded in parallel; 0, the default: one per whole CPU)")
+    p.add_argument("--contiguous", action="store_true",
+                   help="train config channels_last false on both sides (the stage's default is true)")
     p.add_argument("--backbone", default="finetune")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--m", type=int, default=4, help="synthetic images per real image")
@@ -235,9 +245,10 @@ def main() -> int:
             print(f"{mode:>9}: {metrics['samples_per_s']:.3f} samples/s over {args.steps} steps "
                   f"({metrics['seconds']:.1f}s; step s median {np.median(metrics['step_s']):.3f}; "
                   f"busy {metrics['gpu_busy']}; "
-                  f"torch threads {metrics['torch_threads']}, decode threads {metrics['decode_threads']})", flush=True)
+                  f"torch threads {metrics['torch_threads']}, decode threads {metrics['decode_threads']}, "
+                  f"channels_last {metrics['channels_last']})", flush=True)
     stream, preloaded = float(np.median(results["stream"])), float(np.median(results["preloaded"]))
-    summary = {"decode_threads": metrics["decode_threads"], "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+    summary = {"decode_threads": metrics["decode_threads"], "channels_last": metrics["channels_last"], "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
                "steps": args.steps, "warmup": args.warmup, "alpha": args.alpha, "m": args.m, "backbone": args.backbone,
                "stream_samples_per_s": stream, "preloaded_samples_per_s": preloaded, "ratio": stream / preloaded,
                "runs": results, "busy_last_run": busy, "use_gpu": args.use_gpu}
