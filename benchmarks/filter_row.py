@@ -4,7 +4,9 @@ For each seed at the given shot count: the sweep's da_fusion synthetic set is sc
 scorer: the same seed's baseline run, as ALIA; source_distance), then da_fusion is trained again
 with `synthetic_filter` and exactly the sweep's other settings, and every run (the sweep's
 unfiltered da_fusion runs and the filtered ones) is scored on the pool's test split in one
-evaluate. Nothing is regenerated: the filter only chooses among stored images.
+evaluate. Score and evaluate take the sweep's `score` and `evaluate` sections and its shared
+settings (endpoint, overwrite, stall times, prices), as the sweep builds them. Nothing is
+regenerated: the filter only chooses among stored images.
 
     .venv/bin/python benchmarks/filter_row.py --config jobs/configs/sweep_digits.yaml \\
         --workdir runs/sweep-digits --shots 1 --filter "classifier.top1_is_label == 1"
@@ -32,7 +34,8 @@ def main() -> None:
     import ray
 
     from ray_dafusion import storage
-    from ray_dafusion.config import EvaluateConfig, ScoreConfig, SweepConfig
+    from ray_dafusion.config import SweepConfig
+    from ray_dafusion.configlib import shared_settings
     from ray_dafusion.evaluate import evaluate
     from ray_dafusion.score import score
     from ray_dafusion.sweep import SUMMARY_JSON, Trial, _interval, _paths, _stage_configs
@@ -40,6 +43,7 @@ def main() -> None:
 
     cfg = SweepConfig.from_yaml(args.config).replace(workdir=args.workdir)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(cfg.seeds)
+    ep = cfg.endpoint_url
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     out_root = storage.join(args.workdir, "filtered")
@@ -47,19 +51,22 @@ def main() -> None:
     plain, filtered, kept = {}, {}, {}
     for seed in seeds:
         trial, base = Trial("da_fusion", args.shots, seed), Trial("baseline", args.shots, seed)
-        record = storage.read_json(_paths(cfg, trial)["record"])
-        baseline_run = storage.read_json(_paths(cfg, base)["record"])["run"]
+        record = storage.read_json(_paths(cfg, trial)["record"], ep)
+        baseline_run = storage.read_json(_paths(cfg, base)["record"], ep)["run"]
         synthetic = _paths(cfg, trial)["synthetic"]
-        score(ScoreConfig(synthetic=synthetic, run=baseline_run, scorers=["classifier", "source_distance"]))
+        # the sweep's score section and its shared settings (endpoint, overwrite, stall times, prices), as sweep.py
+        score(dataclasses.replace(cfg.score, synthetic=synthetic, run=baseline_run,
+                                  scorers=["classifier", "source_distance"], **shared_settings(cfg, cfg.score)))
         train_cfg = dataclasses.replace(_stage_configs(cfg, trial)["train"], synthetic_filter=args.filter,
                                         output=storage.join(out_root, "train"), name=f"{trial.name}-filtered")
         result = train(train_cfg)
         plain[seed], filtered[seed] = record["run"], result.output
-        report = json.loads(storage.read_bytes(storage.join(result.output, "train_result.json")))
+        report = json.loads(storage.read_bytes(storage.join(result.output, "train_result.json"), ep))
         kept[seed] = report.get("synthetic_filter", {})
-    scored = evaluate(EvaluateConfig(real=_paths(cfg, Trial("baseline", args.shots, seeds[0]))["pool"],
-                                     runs=list(plain.values()) + list(filtered.values()),
-                                     output=storage.join(out_root, f"results-k{args.shots}"), overwrite=True))
+    scored = evaluate(dataclasses.replace(cfg.evaluate, **{**shared_settings(cfg, cfg.evaluate), "overwrite": True},
+                                          real=_paths(cfg, Trial("baseline", args.shots, seeds[0]))["pool"],
+                                          runs=list(plain.values()) + list(filtered.values()),
+                                          output=storage.join(out_root, f"results-k{args.shots}")))
     acc = {r["run"]: 100 * r["mean_class_acc"] for r in scored.runs}
     a = [acc[plain[s]] for s in seeds]
     b = [acc[filtered[s]] for s in seeds]
@@ -74,8 +81,8 @@ def main() -> None:
           f"({sum(d > 0 for d in diff)}/{len(diff)} better); {time.time() - started:.0f}s")
     # against the sweep's own standard runs (the comparison), when its summary is there
     summary_uri = storage.join(args.workdir, SUMMARY_JSON)
-    if storage.exists(summary_uri):
-        standard = {r["seed"]: 100 * r["mean_class_acc"] for r in storage.read_json(summary_uri)["runs"]
+    if storage.exists(summary_uri, ep):
+        standard = {r["seed"]: 100 * r["mean_class_acc"] for r in storage.read_json(summary_uri, ep)["runs"]
                     if r["method"] == "standard" and r["shots"] == args.shots}
         for label, values in (("unfiltered", a), ("filtered", b)):
             paired = [v - standard[s] for s, v in zip(seeds, values) if s in standard]
