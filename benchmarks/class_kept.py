@@ -1,9 +1,10 @@
 """How often SDEdit keeps the class, by t0, with a learned token, the class word, or an empty prompt.
 
 An oracle (the project's small CNN, trained with labels on the *pretraining* half of the digits,
-which the experiments never use) labels every generated image; "kept" means the oracle's label is
-the source's. Tokens are learned by the project's own textual inversion (`learn_token`) on the
-k shots of each class drawn as the sweep draws them (experiment half, seed 0).
+which the experiments never use, with the sweep's rotation and white fill) labels every generated
+image; "kept" means the oracle's label is the source's. Tokens are learned by the project's own
+textual inversion (`learn_token`) on the k shots of each class drawn as the sweep draws them
+(experiment half, seed 0).
 
     python benchmarks/class_kept.py --model digits --shots 1,2 --m 5 --out result.json
 
@@ -27,13 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_dafusion.augment import draw_augmentation, from_model_size, to_model_size  # noqa: E402
 from ray_dafusion.classifier import build_model, make_transform  # noqa: E402
-from ray_dafusion.config import IngestConfig, InvertConfig  # noqa: E402
+from ray_dafusion.config import IngestConfig, InvertConfig, SweepConfig  # noqa: E402
 from ray_dafusion.ingest import split_class  # noqa: E402
 from ray_dafusion.inversion import learn_token  # noqa: E402
 from ray_dafusion.models import load_pipeline  # noqa: E402
 from ray_dafusion.perclass import class_seed  # noqa: E402
 from ray_dafusion.sample_data import DIGIT_NAMES, digit_halves  # noqa: E402
 from ray_dafusion.tokens import class_token  # noqa: E402
+
+SWEEP_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "configs",
+                            "sweep_digits.yaml")
 
 
 def digit_images(indices: np.ndarray, size: int = 32):
@@ -49,8 +53,10 @@ def digit_images(indices: np.ndarray, size: int = 32):
     return out, d.target[indices]
 
 
-def train_oracle(steps: int, seed: int = 0):
-    """small_cnn on the labelled pretraining half: 90% to train, 10% to report its accuracy."""
+def train_oracle(steps: int, augmentation, seed: int = 0):
+    """small_cnn on the labelled pretraining half: 90% to train, 10% to report its accuracy; flips,
+    rotation and the fill of the corners a rotation uncovers from `augmentation` (the sweep's train
+    section: dark digits on white are rotated with white corners, not torchvision's black)."""
     idx = digit_halves()["pretrain"]
     images, labels = digit_images(idx)
     to_tensor = lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1)  # noqa: E731  uint8 (3, H, W)
@@ -62,7 +68,9 @@ def train_oracle(steps: int, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model("small_cnn", 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train_tf, eval_tf = make_transform(32, True, rotation=10, hflip=False), make_transform(32, False)
+    train_tf = make_transform(32, True, rotation=augmentation.rotation, hflip=augmentation.hflip,
+                              fill=augmentation.fill)
+    eval_tf = make_transform(32, False)
     for step in range(steps):
         batch = rng.choice(fit, 64)
         xb = torch.stack([train_tf(x[i]) for i in batch])
@@ -114,13 +122,15 @@ def main() -> int:
     p.add_argument("--oracle-steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--sweep-config", default=SWEEP_CONFIG,
+                   help="the sweep whose train section (rotation, hflip, fill) the oracle trains with")
     p.add_argument("--caption-words", type=int, default=0, metavar="N",
                    help="instead: N images per caption word of a `pretrain` model, from noise, and their oracle classes")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() // 2))
     started = time.time()
 
-    oracle, eval_tf, oracle_acc = train_oracle(args.oracle_steps)
+    oracle, eval_tf, oracle_acc = train_oracle(args.oracle_steps, SweepConfig.from_yaml(args.sweep_config).train)
     print(f"oracle: small_cnn on the pretraining half, held-out accuracy {oracle_acc:.3f}", flush=True)
     if args.caption_words:
         pipe = load_pipeline(args.model, device="cpu", torch_dtype=torch.float32)
