@@ -4,8 +4,9 @@ Both modes run the same Ray Train TorchTrainer (same model, batch, workers, opti
 fractional CPUs). Only the batch source differs:
 
 * stream: the train stage's own path: parquet (real + M synthetic per real) -> Ray Data union ->
-  streaming_split -> per-epoch exact mixing filter, decode and train transforms in Ray Data's
-  prefetch threads -> exact-size batches (on a GPU, as in the train stage, the threads decode,
+  streaming_split -> per-pass exact mixing filter on each block, a seeded shuffle buffer of the
+  chosen rows, decode and train transforms in a thread pool ahead of the step -> exact-size
+  batches cut across passes (on a GPU, as in the train stage, the threads decode,
   resize and draw, and the timed step finishes flips, rotations and float conversion on the GPU);
 * preloaded: the same rows, mixed, decoded and transformed once into tensors in worker memory
   before the clock starts, then cycled.
@@ -108,7 +109,7 @@ def _bench_loop(loop: dict) -> None:
 
     from ray_dafusion.config import TrainConfig
     from ray_dafusion.classifier import build_model, make_transform
-    from ray_dafusion.train import MixedCollate, augments_in_step, batch_images, exact_batches, train_step
+    from ray_dafusion.train import _stream_pass, augments_in_step, batch_images, exact_batches, train_step
 
     cfg = TrainConfig.from_dict(loop["config"])
     world = ray.train.get_context().get_world_size()
@@ -125,15 +126,13 @@ def _bench_loop(loop: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     tf = make_transform(cfg.image_size, True, cfg.rotation, cfg.hflip, False)
 
-    def stream(in_step: bool):  # epoch after epoch of the train stage's exact mixed stream
+    rank = ray.train.get_context().get_world_rank()
+
+    def stream(in_step: bool):  # pass after pass of the train stage's exact mixed stream, batches cut across them
+        carry: list = []
         for epoch in itertools.count():
-            collate = MixedCollate(tf, cfg.image_size, loop["candidates"], cfg.seed, epoch, loop["alpha"],
-                                   threads=cfg.decode_threads, in_step=in_step)
-            chunks = shard.iter_torch_batches(
-                batch_size=local_batch * loop["rows_per_real"], collate_fn=collate, device="cpu",
-                prefetch_batches=cfg.prefetch_batches, local_shuffle_buffer_size=cfg.shuffle_buffer,
-                local_shuffle_seed=epoch)
-            yield from exact_batches(chunks, local_batch)
+            chunks = _stream_pass(shard, cfg, loop, tf, epoch, rank, local_batch, 0, in_step)
+            yield from exact_batches(chunks, local_batch, carry, last=False)
 
     total = loop["warmup"] + loop["steps"]
     if loop["mode"] == "preloaded":

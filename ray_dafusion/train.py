@@ -62,7 +62,7 @@ __all__ = [
     "TrainResult",
     "train",
     "method_settings",
-    "MixedCollate",
+    "ValCollate",
     "exact_batches",
     "train_step",
     "streaming_data",
@@ -192,31 +192,17 @@ def batch_images(transform: Any, x: Any, drawn: Any, device: Any) -> Any:
     return transform.finish(x.to(device, non_blocking=True), *drawn)
 
 
-class MixedCollate(NumpyBatchCollateFn):
-    """Ray Data collate: keep this pass's chosen rows, decode and transform only those.
+class ValCollate(NumpyBatchCollateFn):
+    """Ray Data collate for validation: decode and transform every row of the batch (no random
+    draw). Runs in Ray Data's prefetch threads; returns (images (B, 3, S, S), labels, aug_index,
+    ids, pass), as `_transform_rows` does."""
 
-    Runs in Ray Data's prefetch threads. Returns (images (B, 3, S, S), labels (B,), aug_index (B,),
-    ids (B,), pass (B,)), with `in_step` also each row's flip and angle (`_transform_rows`); B may
-    be 0 when no row of the batch is chosen. Train transforms are seeded per (seed, epoch, pass, row id).
-    """
-
-    def __init__(self, transform, image_size: int, candidates: Optional[dict] = None, seed: int = 0,
-                 epoch: int = 0, alpha: float = 0.0, keep_all: bool = False, pass_index: int = 0,
-                 threads: int = 1, in_step: bool = False):
-        self.transform, self.image_size = transform, image_size
-        self.candidates, self.seed, self.epoch, self.alpha = candidates or {}, seed, epoch, alpha
-        self.keep_all, self.pass_index, self.threads, self.in_step = keep_all, pass_index, threads, in_step
+    def __init__(self, transform, image_size: int, threads: int = 1):
+        self.transform, self.image_size, self.threads = transform, image_size, threads
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        if self.keep_all:
-            mask = np.ones(len(batch["label"]), dtype=bool)
-        else:
-            mask = mixing.keep_mask(batch["source_id"], batch["aug_index"], self.candidates,
-                                    self.seed, self.epoch, self.alpha, self.pass_index)
-        ids = batch["id"][mask]
-        seeds = None if self.keep_all else [item_seed(self.seed, self.epoch, self.pass_index, str(i)) for i in ids]
-        return _transform_rows(self.transform, self.image_size, batch["image_bytes"][mask], batch["label"][mask],
-                               batch["aug_index"][mask], ids, seeds, self.pass_index, self.threads, self.in_step)
+        return _transform_rows(self.transform, self.image_size, batch["image_bytes"], batch["label"],
+                               batch["aug_index"], batch["id"], None, 0, self.threads)
 
 
 def exact_batches(chunks, batch_size: int, carry: Optional[list] = None, last: bool = True) -> Iterator[tuple]:
@@ -731,8 +717,7 @@ def _validate(cfg: TrainConfig, bare: Any, val: Any, num_classes: int, world: in
             for i in range(0, len(val), batch))
     else:
         batches = val.iter_torch_batches(batch_size=batch, device="cpu", prefetch_batches=cfg.prefetch_batches,
-                                         collate_fn=MixedCollate(transform, cfg.image_size, keep_all=True,
-                                                                 threads=cfg.decode_threads))
+                                         collate_fn=ValCollate(transform, cfg.image_size, cfg.decode_threads))
     with torch.no_grad():
         for x, y, *_ in batches:
             if len(y) == 0:

@@ -202,18 +202,18 @@ def test_rows_transform_the_same_on_any_number_of_threads():
 def test_the_training_step_can_finish_the_transform():
     # in_step: the decoding threads hand over uint8 images and each row's flip and angle, the step
     # finishes them on its device; on the CPU the very same tensors, through the collate and re-cutting
-    from ray_dafusion.train import MixedCollate, batch_images, exact_batches
+    from ray_dafusion.train import _transform_rows, batch_images, exact_batches, item_seed
 
-    data = _random_pngs(11, seed=2)
-    batch = {"image_bytes": np.array(data, dtype=object), "label": np.arange(11) % 3, "aug_index": np.full(11, -1),
-             "id": np.array([f"r{i}" for i in range(11)], dtype=object),
-             "source_id": np.array([f"r{i}" for i in range(11)], dtype=object)}
+    data = np.array(_random_pngs(11, seed=2), dtype=object)
+    ids = np.array([f"r{i}" for i in range(11)], dtype=object)
+    seeds = [item_seed(5, 0, 0, i) for i in ids]
     cpu = torch.device("cpu")
     tf = make_transform(24, True, rotation=30, hflip=True, fill=255)
     ra = make_transform(24, True, rotation=30, hflip=True, randaugment=True, fill=255)
     for transform in (tf, ra):
         for threads in (1, 3):
-            made = [MixedCollate(transform, 24, seed=5, threads=threads, in_step=s)(batch) for s in (False, True)]
+            made = [_transform_rows(transform, 24, data, np.arange(11) % 3, np.full(11, -1), ids, seeds, 0, threads, s)
+                    for s in (False, True)]
             assert len(made[0]) == 5 and len(made[1]) == (7 if transform is tf else 5)
             for (x, *_), (raw, _, _, _, _, *drawn) in zip(exact_batches([made[0]], 4), exact_batches([made[1]], 4)):
                 if transform is tf:
