@@ -651,7 +651,7 @@ class SweepConfig(StageConfig):
     score: ScoreConfig = field(default_factory=ScoreConfig)
     """Score section, for methods with a filter (da_fusion_filtered); synthetic, run and scorers are the trial's."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    """Evaluate section (scores every run on the pool's fixed test split)."""
+    """Evaluate section (scores every run on the pool's fixed test split; `split` must stay test: checkpoints are chosen on val)."""
 
     def validate(self) -> None:
         if not self.methods:
@@ -667,6 +667,14 @@ class SweepConfig(StageConfig):
             raise bad("shots", self.shots, "needs one or more shot counts >= 1")
         if not self.seeds:
             raise bad("seeds", self.seeds, "needs at least one seed")
+        for name in ("shots", "seeds", "methods"):
+            values = getattr(self, name)
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise bad(name, values, f"names {', '.join(map(str, repeated))} more than once; give each once")
+        if self.evaluate.split != "test":
+            raise bad("evaluate.split", self.evaluate.split, "each run's checkpoint is chosen on val, so its val "
+                      "accuracy is optimistic and the summary reports test; leave it at test")
         _one_model(self, [SWEEP_VARIANTS[m].method for m in self.methods], ["invert"])
 
 

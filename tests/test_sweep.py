@@ -102,6 +102,21 @@ def test_shots_beyond_a_class_pool_are_refused_before_any_trial(make_real):
                                                        "ingest": {"allow_fewer": True}}), pool)
 
 
+def test_repeated_seeds_shots_or_methods_and_a_val_evaluation_are_refused():
+    from ray_dafusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'seeds': names 0 more than once"):
+        SweepConfig(source="x", seeds=[0, 0, 1])
+    with pytest.raises(ConfigError, match=r"'shots': names 1 more than once"):
+        SweepConfig(source="x", shots=[1, 1])
+    with pytest.raises(ConfigError, match=r"'methods': names baseline more than once"):
+        SweepConfig(source="x", methods=["baseline", "baseline"])
+    # the checkpoint is chosen on val: a summary of val accuracy would be optimistic, and it says test
+    with pytest.raises(ConfigError, match=r"'evaluate.split': .*chosen on val"):
+        SweepConfig.from_dict({"source": "x", "evaluate": {"split": "val"}})
+    SweepConfig(source="x", seeds=[1, 0], shots=[2, 1], methods=["standard", "baseline"])
+
+
 @pytest.mark.slow
 def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_path):
     from ray_dafusion.sample_data import write_digits
