@@ -17,8 +17,9 @@ Shape of a run (everything under ``workdir``)::
 
 Every stage skips a complete output, so a trial reuses what an earlier trial made, and a re-run of
 the sweep skips finished trials (their trial record holds the fingerprint of the configs they ran
-with and of the pool they drew from). Shots beyond a class's train pool are refused right after the
-pool is ingested (unless ``ingest.allow_fewer``).
+with, of the pool they drew from and, for methods with a synthetic set, of the diffusion model's
+files). Shots beyond a class's train pool are refused right after the pool is ingested (unless
+``ingest.allow_fewer``).
 Two trials that need the same shared output at once do not collide: the second waits for the
 first's lease, then finds the output complete.
 """
@@ -158,8 +159,9 @@ def _stage_configs(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
     return out
 
 
-def run_trial(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
-    """Make (or find) every output the trial needs, train its run, write its record."""
+def run_trial(cfg: SweepConfig, trial: Trial, model: str) -> dict[str, Any]:
+    """Make (or find) every output the trial needs, train its run, write its record (`model`: the
+    sweep's `_model_fingerprint`)."""
     from .augment import augment
     from .ingest import ingest
     from .inversion import invert
@@ -179,17 +181,37 @@ def run_trial(cfg: SweepConfig, trial: Trial) -> dict[str, Any]:
     record = {"trial": dataclasses.asdict(trial), "name": trial.name, "run": result.output,
               "best_val_mean_class_acc": result.best_val_mean_class_acc, "optimizer_steps": result.optimizer_steps,
               "seconds": round(time.time() - started, 1), "stage_seconds": seconds,
-              "fingerprint": _trial_fingerprint(cfg, trial)}
+              "fingerprint": _trial_fingerprint(cfg, trial, model)}
     storage.write_json(_paths(cfg, trial)["record"], record, cfg.endpoint_url)
     return record
 
 
-def _trial_fingerprint(cfg: SweepConfig, trial: Trial) -> str:
-    """The trial's stage configs and the pool they draw from (by its ingest fingerprint): a pool
-    ingested again from another source leaves no trial finished."""
+def _trial_fingerprint(cfg: SweepConfig, trial: Trial, model: str) -> str:
+    """The trial's stage configs, the pool they draw from (by its ingest fingerprint) and, if the
+    trial makes a synthetic set, the diffusion model's files (`model`): a pool ingested again from
+    another source, or a model rebuilt at the same path, leaves no trial of it finished."""
     pool = storage.read_manifest(_paths(cfg, trial)["pool"], cfg.endpoint_url) or {}
-    return storage.fingerprint({"pool": pool.get("config_fingerprint"),
-                                **{k: config_fingerprint(v) for k, v in _stage_configs(cfg, trial).items()}})
+    made_of = {"pool": pool.get("config_fingerprint"),
+               **{k: config_fingerprint(v) for k, v in _stage_configs(cfg, trial).items()}}
+    if _uses_model(trial.method):  # (methods without one keep the fingerprint they had before it was added)
+        made_of["model"] = model
+    return storage.fingerprint(made_of)
+
+
+def _uses_model(method: str) -> bool:
+    return TRAIN_METHODS[SWEEP_VARIANTS[method].method].synthetic_mode is not None
+
+
+def _model_fingerprint(cfg: SweepConfig) -> str:
+    """The content fingerprint of augment's model, as augment computes it ('' when no method makes a
+    synthetic set); computed once per sweep, on the driver (an s3 model is staged there too)."""
+    from . import models
+
+    if not any(_uses_model(m) for m in cfg.methods):
+        return ""
+    augment = dataclasses.replace(cfg.augment, **shared_settings(cfg, cfg.augment))
+    local = models.resolve_model(augment.model, augment.cache_dir, augment.endpoint_url)
+    return models.model_fingerprint(local, augment.cache_dir)
 
 
 def _tune_trainable(config: dict[str, Any]) -> None:
@@ -197,25 +219,25 @@ def _tune_trainable(config: dict[str, Any]) -> None:
     import ray.tune
 
     cfg = SweepConfig.from_dict(config["sweep"])
-    record = run_trial(cfg, Trial(**config["trial"]))
+    record = run_trial(cfg, Trial(**config["trial"]), config["model"])
     ray.tune.report({"best_val_mean_class_acc": record["best_val_mean_class_acc"] or 0.0,
                      "optimizer_steps": record["optimizer_steps"]})
 
 
-def _finished(cfg: SweepConfig, trials: list[Trial]) -> set[str]:
-    """Trials whose record says they finished with the current config."""
+def _finished(cfg: SweepConfig, trials: list[Trial], model: str) -> set[str]:
+    """Trials whose record says they finished with the current config, pool and model."""
     done = set()
     for trial in trials:
         try:
             record = storage.read_json(_paths(cfg, trial)["record"], cfg.endpoint_url)
         except FileNotFoundError:
             continue
-        if record.get("fingerprint") == _trial_fingerprint(cfg, trial):
+        if record.get("fingerprint") == _trial_fingerprint(cfg, trial, model):
             done.add(trial.name)
     return done
 
 
-def _run_trials(cfg: SweepConfig, todo: list[Trial]) -> None:
+def _run_trials(cfg: SweepConfig, todo: list[Trial], model: str) -> None:
     """The trials on Ray Tune, at most max_concurrent_trials at once; a failed trial is an error."""
     import ray.tune
     from ray.tune import RunConfig, TuneConfig, Tuner
@@ -225,7 +247,8 @@ def _run_trials(cfg: SweepConfig, todo: list[Trial]) -> None:
     fs, path = storage.resolve(storage.join(cfg.workdir, "tune"), cfg.endpoint_url)
     tuner = Tuner(
         trainable,
-        param_space={"sweep": cfg.to_dict(), "trial": ray.tune.grid_search([dataclasses.asdict(t) for t in todo])},
+        param_space={"sweep": cfg.to_dict(), "model": model,
+                     "trial": ray.tune.grid_search([dataclasses.asdict(t) for t in todo])},
         # reused trial processes keep torch, the models and the stage code loaded from trial to trial
         tune_config=TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
         run_config=RunConfig(name=f"trials-{int(time.time())}", storage_path=path,
@@ -344,13 +367,14 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     ingest(pool_cfg)
     _check_pool_holds_the_shots(cfg, pool_cfg.output)
 
-    # 2. the trials not finished with this config, on Ray Tune
-    done = _finished(cfg, trials)
+    # 2. the trials not finished with this config, pool and model, on Ray Tune
+    model = _model_fingerprint(cfg)
+    done = _finished(cfg, trials, model)
     todo = [t for t in trials if t.name not in done]
     log.info("%d trials (%d shots x %d seeds x %d methods): %d finished earlier, %d to run", len(trials),
              len(cfg.shots), len(cfg.seeds), len(cfg.methods), len(done), len(todo))
     if todo:
-        _run_trials(cfg, todo)
+        _run_trials(cfg, todo, model)
 
     # 3. every run scored on the pool's test split (the same images for every shot count and seed)
     records = [storage.read_json(_paths(cfg, t)["record"], ep) for t in trials]

@@ -82,10 +82,34 @@ def test_a_pool_ingested_again_from_another_source_leaves_no_trial_finished(tmp_
     trial = Trial("da_fusion", 2, 0)
     pool = str(tmp_path / "real" / "pool")
     storage.write_manifest(pool, {"stage": "ingest", "config_fingerprint": "pool-of-a"})
-    of_a = _trial_fingerprint(cfg, trial)
-    assert _trial_fingerprint(cfg, trial) == of_a
+    of_a = _trial_fingerprint(cfg, trial, "model")
+    assert _trial_fingerprint(cfg, trial, "model") == of_a
     storage.write_manifest(pool, {"stage": "ingest", "config_fingerprint": "pool-of-b"})
-    assert _trial_fingerprint(cfg.replace(source="/data/b"), trial) != of_a
+    assert _trial_fingerprint(cfg.replace(source="/data/b"), trial, "model") != of_a
+
+
+def test_a_model_rebuilt_at_the_same_path_leaves_no_trial_of_it_finished(tmp_path):
+    """The stage configs name the model by its path only: its files' fingerprint is part of the
+    fingerprint of every trial that makes a synthetic set (and of no other)."""
+    from ray_dafusion.sweep import Trial, _finished, _model_fingerprint, _paths, _trial_fingerprint
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "unet" / "weights.bin").write_bytes(b"first")
+    cfg = SweepConfig.from_dict({"source": "/data/a", "workdir": str(tmp_path / "w"), "shots": [1], "seeds": [0],
+                                 "methods": ["baseline", "da_fusion"], "invert": {"model": str(model)},
+                                 "augment": {"model": str(model), "cache_dir": str(tmp_path / "cache")}})
+    trials = [Trial("baseline", 1, 0), Trial("da_fusion", 1, 0)]
+    first = _model_fingerprint(cfg)
+    for trial in trials:
+        storage.write_json(_paths(cfg, trial)["record"], {"fingerprint": _trial_fingerprint(cfg, trial, first)})
+    assert _finished(cfg, trials, first) == {"baseline-k1-s0", "da_fusion-k1-s0"}
+    (model / "unet" / "weights.bin").write_bytes(b"again")  # pretrain wrote it again, at the same path
+    second = _model_fingerprint(cfg)
+    assert second != first
+    assert _finished(cfg, trials, second) == {"baseline-k1-s0"}
+    assert _model_fingerprint(cfg.replace(methods=["baseline", "standard"])) == ""
 
 
 def test_shots_beyond_a_class_pool_are_refused_before_any_trial(make_real):
