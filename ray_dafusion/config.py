@@ -633,7 +633,7 @@ class SweepConfig(StageConfig):
     workdir: str = location("./runs/sweep")
     """URI under which the pool, every subset, token set, synthetic set, run, the trials and the results live."""
     shots: list[int] = field(default_factory=lambda: [1, 2, 4])
-    """Examples per class of each trial (every class's train pool must hold the largest, checked before any trial, unless ingest.allow_fewer)."""
+    """Examples per class of each trial (every class's train pool must hold the largest, checked before any trial, unless ingest.allow_fewer: then the summary marks a row whose classes fell short, e.g. `8 (min 5)`)."""
     seeds: list[int] = field(default_factory=lambda: list(range(10)))
     """Seeds: which shots are drawn, and the seed of every stage of the trial."""
     methods: list[str] = field(default_factory=lambda: ["baseline", "standard", "real_guidance", "da_fusion"])

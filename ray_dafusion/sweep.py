@@ -19,7 +19,8 @@ Every stage skips a complete output, so a trial reuses what an earlier trial mad
 the sweep skips finished trials (their trial record holds the fingerprint of the configs they ran
 with, of the pool they drew from and, for methods with a synthetic set, of the diffusion model's
 files). Shots beyond a class's train pool are refused right after the pool is ingested (unless
-``ingest.allow_fewer``).
+``ingest.allow_fewer``, whose short classes the summary marks). The summary names the plan it
+covers and when it was written, so one left by an earlier or failed sweep is told from this one's.
 Two trials that need the same shared output at once do not collide: the second waits for the
 first's lease, then finds the output complete.
 """
@@ -279,16 +280,21 @@ def _interval(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows per (method, shots) from evaluated runs (each with method, shots, seed, mean_class_acc):
-    mean accuracy with its 95% interval, and paired differences (same shots and seed) against
-    baseline and standard, with theirs."""
+    """Rows per (method, shots) from evaluated runs (each with method, shots, seed, mean_class_acc,
+    and optionally fewest_per_class): mean accuracy with its 95% interval, the fewest train images
+    any class had in any of its seeds (None when unknown), and paired differences (same shots and
+    seed) against baseline and standard, with theirs."""
     acc: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
+    fewest: dict[tuple[str, int], list[int]] = defaultdict(list)
     for r in runs:
         acc[(r["method"], r["shots"])][r["seed"]] = r["mean_class_acc"]
+        if r.get("fewest_per_class") is not None:
+            fewest[(r["method"], r["shots"])].append(r["fewest_per_class"])
     rows = []
     for (method, shots), by_seed in sorted(acc.items(), key=lambda kv: (kv[0][1], list(SWEEP_VARIANTS).index(kv[0][0]))):
         mean, half = _interval(list(by_seed.values()))
-        row = {"method": method, "shots": shots, "n": len(by_seed), "mean": mean, "ci95": half}
+        row = {"method": method, "shots": shots, "n": len(by_seed), "mean": mean, "ci95": half,
+               "fewest_per_class": min(fewest[(method, shots)], default=None)}
         for ref in ("baseline", "standard"):
             other = acc.get((ref, shots))
             if other is None or ref == method:
@@ -306,7 +312,12 @@ def _pct(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def _markdown(rows: list[dict[str, Any]]) -> str:
+def _short(row: dict[str, Any]) -> bool:
+    """Whether some class of some seed had fewer train images than the row's shots (ingest.allow_fewer)."""
+    return row.get("fewest_per_class") is not None and row["fewest_per_class"] < row["shots"]
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| method | shots | seeds | test mean per-class accuracy (%) | vs baseline (points) | vs standard (points) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -315,12 +326,59 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
             d = r.get(f"vs_{ref}")
             cells.append("-" if d is None else
                          f"{'+' if d['mean'] >= 0 else ''}{_pct(d['mean'])} ± {_pct(d['ci95'])} ({d['wins']}/{d['n']} better)")
-        lines.append(f"| {r['method']} | {r['shots']} | {r['n']} | {_pct(r['mean'])} ± {_pct(r['ci95'])} | "
+        shots = f"{r['shots']} (min {r['fewest_per_class']})" if _short(r) else str(r["shots"])
+        lines.append(f"| {r['method']} | {shots} | {r['n']} | {_pct(r['mean'])} ± {_pct(r['ci95'])} | "
                      f"{cells[0]} | {cells[1]} |")
-    return "\n".join(lines) + "\n\n± is the half-width of a 95% t-interval over seeds; differences are paired by seed.\n"
+    return lines
 
 
-def _plot(rows: list[dict[str, Any]], uri: str, endpoint_url: Optional[str]) -> None:
+def _references(cfg: SweepConfig) -> dict[str, str]:
+    """What the summary's reference columns compare against, as `_stage_configs` sets them up."""
+    standard = _stage_configs(cfg, Trial("standard", cfg.shots[0], cfg.seeds[0]))["train"]
+    return {
+        "vs baseline": "the row's test accuracy minus that of the `baseline` run of the same shots and seed: real "
+                       "images only, with no augmentation at all (no rotation, no flips, no RandAugment, whatever "
+                       "the train section says); it is not a run without synthetic images under the same "
+                       "augmentation (alpha = 0), which is `standard`",
+        "vs standard": "the row's test accuracy minus that of the `standard` run of the same shots and seed: real "
+                       f"images only, with the augmentation every other method also trains with (rotation "
+                       f"{standard.rotation:g} degrees, horizontal flips {'on' if standard.hflip else 'off'}, "
+                       f"RandAugment {'on' if standard.randaugment else 'off'})",
+    }
+
+
+def _plan(cfg: SweepConfig) -> dict[str, Any]:
+    """What a summary covers: the sweep's shots, seeds and methods."""
+    return {"shots": list(cfg.shots), "seeds": list(cfg.seeds), "methods": list(cfg.methods)}
+
+
+def _markdown(rows: list[dict[str, Any]], plan: dict[str, Any], written: str, references: dict[str, str]) -> str:
+    head = (f"Sweep of shots {_listed(plan['shots'])} x seeds {_listed(plan['seeds'])} x methods "
+            f"{_listed(plan['methods'])}, written {written}; test split, each run's checkpoint chosen on val.\n\n")
+    notes = ["± is the half-width of a 95% t-interval over seeds (- with 1 seed); differences are paired by seed.",
+             *(f"{column}: {text}." for column, text in references.items())]
+    if any(_short(r) for r in rows):
+        notes.append("k (min j) under shots: ingest.allow_fewer let some class of some seed have only j train "
+                     "images, fewer than k.")
+    return head + "\n".join(_table(rows)) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def _listed(values: list[Any]) -> str:
+    return ", ".join(map(str, values))
+
+
+def _no_nan(obj: Any) -> Any:
+    """`obj` with every NaN float as None, so json writes null (a bare NaN is not JSON)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
+
+
+def _figure(rows: list[dict[str, Any]]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,15 +387,26 @@ def _plot(rows: list[dict[str, Any]], uri: str, endpoint_url: Optional[str]) -> 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["shots"])
+        # no interval (1 seed) draws no bar, rather than a bar of zero width
         ax.errorbar([r["shots"] for r in mine], [100 * r["mean"] for r in mine],
-                    yerr=[100 * (0 if math.isnan(r["ci95"]) else r["ci95"]) for r in mine],
+                    yerr=[100 * (r["ci95"] if r["ci95"] is not None else math.nan) for r in mine],
                     marker="o", capsize=3, label=method)
+    one_seed = any(r["n"] < 2 for r in rows)
+    ax.set_title("mean over seeds; bars: 95% t-interval over seeds" + ("; none with 1 seed" if one_seed else ""),
+                 fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r["shots"] for r in rows}), [str(s) for s in sorted({r["shots"] for r in rows})])
     ax.set_xlabel("examples per class")
     ax.set_ylabel("test mean per-class accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def _plot(rows: list[dict[str, Any]], uri: str, endpoint_url: Optional[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _figure(rows)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -358,6 +427,7 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     started = time.time()
     ep = cfg.endpoint_url
     trials = trial_plan(cfg)
+    _note_earlier_summary(cfg)
     if cfg.source == "digits":  # the experiment half of scikit-learn's digits (the `digits` model never saw it)
         cfg = cfg.replace(source=_write_digits(cfg))
 
@@ -384,24 +454,72 @@ def sweep(cfg: SweepConfig) -> SweepResult:
                                    output=storage.join(cfg.workdir, "results"))
     scored = evaluate(eval_cfg)
     by_run = {r["run"]: r for r in scored.runs}
+    fewest = _fewest_per_class(cfg, trials)
     runs = [{"method": t.method, "shots": t.shots, "seed": t.seed, "run": rec["run"],
-             "mean_class_acc": by_run[rec["run"]]["mean_class_acc"],
+             "mean_class_acc": by_run[rec["run"]]["mean_class_acc"], "fewest_per_class": fewest[t.name],
              "best_val_mean_class_acc": rec["best_val_mean_class_acc"], "optimizer_steps": rec["optimizer_steps"],
              "seconds": rec["seconds"], "stage_seconds": rec.get("stage_seconds", {})}
             for t, rec in zip(trials, records)]
 
-    # 4. the summary: table, json, plot
+    # 4. the summary: table, json, plot, each naming the plan it covers
     rows = summarize(runs)
-    files = [storage.join(cfg.workdir, name) for name in (SUMMARY_MD, SUMMARY_JSON, SUMMARY_PLOT)]
-    storage.write_bytes(files[0], _markdown(rows).encode(), ep)
+    _warn_short(rows)
     seconds = round(time.time() - started, 1)
-    storage.write_json(files[1], {"rows": rows, "runs": runs, "config": cfg.to_dict(), "seconds": seconds,
-                                  "metric": "test mean per-class accuracy, checkpoint chosen on val"}, ep)
-    _plot(rows, files[2], ep)
+    files = _write_summary(cfg, rows, runs, seconds)
     log.info("%d trials (%d run now) in %.0fs; summary in %s", len(trials), len(todo), seconds, files[0])
-    for line in _markdown(rows).splitlines()[2:2 + len(rows)]:
+    for line in _table(rows)[2:]:
         log.info("%s", line)
     return SweepResult(cfg.workdir, len(trials), len(todo), rows, files, seconds)
+
+
+def _write_summary(cfg: SweepConfig, rows: list[dict[str, Any]], runs: list[dict[str, Any]],
+                   seconds: float) -> list[str]:
+    """summary.md, summary.json and the plot under the workdir; returns their URIs."""
+    ep = cfg.endpoint_url
+    files = [storage.join(cfg.workdir, name) for name in (SUMMARY_MD, SUMMARY_JSON, SUMMARY_PLOT)]
+    plan, written, references = _plan(cfg), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), _references(cfg)
+    storage.write_bytes(files[0], _markdown(rows, plan, written, references).encode(), ep)
+    storage.write_json(files[1], _no_nan({
+        "plan": plan, "written": written, "rows": rows, "runs": runs, "config": cfg.to_dict(), "seconds": seconds,
+        "metric": "test mean per-class accuracy, checkpoint chosen on val", "references": references}), ep)
+    _plot(rows, files[2], ep)
+    return files
+
+
+def _fewest_per_class(cfg: SweepConfig, trials: list[Trial]) -> dict[str, Optional[int]]:
+    """Trial name -> the fewest train images any class has in its real set (ingest's per-class counts)."""
+    by_set: dict[str, Optional[int]] = {}
+    for trial in trials:
+        real = _paths(cfg, trial)["real"]
+        if real not in by_set:
+            manifest = storage.read_manifest(real, cfg.endpoint_url) or {}
+            per_class = manifest.get("counts", {}).get("per_class", {}).get("train") or {}
+            by_set[real] = min(per_class.values()) if per_class else None
+    return {t.name: by_set[_paths(cfg, t)["real"]] for t in trials}
+
+
+def _warn_short(rows: list[dict[str, Any]]) -> None:
+    for shots in sorted({r["shots"] for r in rows if _short(r)}):
+        fewest = min(r["fewest_per_class"] for r in rows if r["shots"] == shots and _short(r))
+        log.warning("shots %d: some class has only %d train images in some seed's set (ingest.allow_fewer); its "
+                    "rows are marked '%d (min %d)'", shots, fewest, shots, fewest)
+
+
+def _note_earlier_summary(cfg: SweepConfig) -> None:
+    """Say so when the workdir's summary covers another plan (it stays until this sweep writes its own)."""
+    try:
+        earlier = storage.read_json(storage.join(cfg.workdir, SUMMARY_JSON), cfg.endpoint_url)
+        plan = earlier.get("plan") or {k: earlier["config"][k] for k in ("shots", "seeds", "methods")}
+    except FileNotFoundError:
+        return
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # unreadable: this sweep replaces it anyway
+        log.info("%s: cannot read the plan of the summary there (%s); this sweep replaces it", cfg.workdir, exc)
+        return
+    mine = _plan(cfg)
+    if any(sorted(map(str, plan.get(k) or [])) != sorted(map(str, mine[k])) for k in mine):
+        log.info("the summary in %s (written %s) covers shots %s x seeds %s x methods %s, not this sweep's plan; "
+                 "it stays until this sweep finishes", cfg.workdir, earlier.get("written", "at an unknown time"),
+                 *(_listed(plan.get(k) or []) for k in ("shots", "seeds", "methods")))
 
 
 def _check_pool_holds_the_shots(cfg: SweepConfig, pool: str) -> None:

@@ -141,6 +141,75 @@ def test_repeated_seeds_shots_or_methods_and_a_val_evaluation_are_refused():
     SweepConfig(source="x", seeds=[1, 0], shots=[2, 1], methods=["standard", "baseline"])
 
 
+def _runs(seeds, shots=8, fewest=None):
+    return [{"method": m, "shots": shots, "seed": s, "mean_class_acc": 0.5 + 0.01 * s + (0.1 if m == "standard" else 0),
+             "fewest_per_class": fewest} for s in seeds for m in ("baseline", "standard")]
+
+
+def test_the_summary_names_its_plan_marks_short_classes_and_writes_valid_json(tmp_path, caplog):
+    from ray_dafusion.sweep import SUMMARY_JSON, Trial, _fewest_per_class, _paths, _warn_short, _write_summary
+
+    cfg = SweepConfig.from_dict({"source": "x", "workdir": str(tmp_path), "shots": [8], "seeds": [0],
+                                 "methods": ["baseline", "standard"], "ingest": {"allow_fewer": True},
+                                 "train": {"rotation": 10, "hflip": True, "randaugment": False}})
+    # a real set of 8 shots in which one class had only 5 train images (ingest's per-class counts)
+    trials = [Trial("baseline", 8, 0), Trial("standard", 8, 0)]
+    storage.write_manifest(_paths(cfg, trials[0])["real"],
+                           {"stage": "ingest", "counts": {"per_class": {"train": {"cat": 8, "dog": 5}}}})
+    assert _fewest_per_class(cfg, trials) == {"baseline-k8-s0": 5, "standard-k8-s0": 5}
+    rows = summarize(_runs([0], fewest=5))
+    with caplog.at_level("WARNING", logger="ray_dafusion.sweep"):
+        _warn_short(rows)
+    assert "shots 8: some class has only 5 train images" in caplog.text
+    md_uri, json_uri, png_uri = _write_summary(cfg, rows, _runs([0], fewest=5), 1.0)
+    md = storage.read_bytes(md_uri).decode()
+    assert md.startswith("Sweep of shots 8 x seeds 0 x methods baseline, standard, written 20")
+    assert "| baseline | 8 (min 5) | 1 | 50.0 ± - |" in md and "only j train images" in md
+    # each reference column defined as the code sets it up
+    assert "vs baseline: " in md and "no rotation, no flips, no RandAugment" in md and "which is `standard`" in md
+    assert "vs standard: " in md and "rotation 10 degrees, horizontal flips on, RandAugment off" in md
+    # one seed: no interval, written as null (a bare NaN is not JSON)
+    text = storage.read_bytes(json_uri).decode()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{SUMMARY_JSON} holds {c}"))
+    assert summary["rows"][0]["ci95"] is None and summary["rows"][0]["fewest_per_class"] == 5
+    assert summary["plan"] == {"shots": [8], "seeds": [0], "methods": ["baseline", "standard"]}
+    assert summary["written"] == md.split("written ")[1].split(";")[0]
+    assert storage.read_bytes(png_uri)[:4] == b"\x89PNG"
+    # enough train images: no mark
+    plain = storage.read_bytes(_write_summary(cfg, summarize(_runs([0, 1], fewest=8)), [], 1.0)[0]).decode()
+    assert "| baseline | 8 | 2 |" in plain and "(min" not in plain
+
+
+def test_the_plot_says_what_its_bars_are_and_draws_none_for_one_seed():
+    from ray_dafusion.sweep import _figure
+
+    fig = _figure(summarize(_runs([0])))
+    ax = fig.axes[0]
+    assert ax.get_title() == "mean over seeds; bars: 95% t-interval over seeds; none with 1 seed"
+    assert all(len(seg) == 0 for c in ax.containers for seg in c[2][0].get_segments())  # not a bar of zero height
+    fig = _figure(summarize(_runs([0, 1, 2])))
+    assert fig.axes[0].get_title() == "mean over seeds; bars: 95% t-interval over seeds"
+    assert all(len(seg) == 2 for c in fig.axes[0].containers for seg in c[2][0].get_segments())
+
+
+def test_a_summary_of_another_plan_is_named_at_the_start(tmp_path, caplog):
+    from ray_dafusion.sweep import SUMMARY_JSON, _note_earlier_summary
+
+    cfg = SweepConfig.from_dict({"source": "x", "workdir": str(tmp_path), "shots": [1, 2], "seeds": [0, 1],
+                                 "methods": ["baseline", "standard"]})
+    with caplog.at_level("INFO", logger="ray_dafusion.sweep"):
+        _note_earlier_summary(cfg)  # none yet
+        storage.write_json(str(tmp_path / SUMMARY_JSON), {"plan": {"shots": [2, 1], "seeds": [1, 0],
+                                                                   "methods": ["standard", "baseline"]}})
+        _note_earlier_summary(cfg)  # the same plan
+        assert caplog.text == ""
+        # a summary written before it named its plan: the plan is its config's
+        storage.write_json(str(tmp_path / SUMMARY_JSON), {"config": {"shots": [1], "seeds": [0],
+                                                                     "methods": ["baseline"]}})
+        _note_earlier_summary(cfg)
+    assert "covers shots 1 x seeds 0 x methods baseline, not this sweep's plan" in caplog.text
+
+
 @pytest.mark.slow
 def test_a_small_sweep_reuses_outputs_and_resumes(ray_session, tiny_model, tmp_path):
     from ray_dafusion.sample_data import write_digits
