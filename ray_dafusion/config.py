@@ -618,6 +618,7 @@ class PipelineConfig(StageConfig):
         for m in self.methods:
             if m not in TRAIN_METHODS:
                 raise bad("methods", self.methods, f"each must be one of {', '.join(TRAIN_METHODS)}")
+        _no_repeats(self, "methods")
         if self.real_guidance_strengths is not None and (
                 not self.real_guidance_strengths or not all(0 < s <= 1 for s in self.real_guidance_strengths)):
             raise bad("real_guidance_strengths", self.real_guidance_strengths, "needs t0 levels in (0, 1]")
@@ -667,15 +668,21 @@ class SweepConfig(StageConfig):
             raise bad("shots", self.shots, "needs one or more shot counts >= 1")
         if not self.seeds:
             raise bad("seeds", self.seeds, "needs at least one seed")
-        for name in ("shots", "seeds", "methods"):
-            values = getattr(self, name)
-            repeated = sorted({v for v in values if values.count(v) > 1})
-            if repeated:
-                raise bad(name, values, f"names {', '.join(map(str, repeated))} more than once; give each once")
+        _no_repeats(self, "shots", "seeds", "methods")
         if self.evaluate.split != "test":
             raise bad("evaluate.split", self.evaluate.split, "each run's checkpoint is chosen on val, so its val "
                       "accuracy is optimistic and the summary reports test; leave it at test")
         _one_model(self, [SWEEP_VARIANTS[m].method for m in self.methods], ["invert"])
+
+
+def _no_repeats(cfg: Any, *names: str) -> None:
+    """Each of these list fields names each value once (a method trained twice under one name, or a
+    seed counted twice, fails late or weighs double)."""
+    for name in names:
+        values = getattr(cfg, name)
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise bad(name, values, f"names {', '.join(map(str, repeated))} more than once; give each once")
 
 
 def _same_place(model: str) -> str:

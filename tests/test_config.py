@@ -96,6 +96,11 @@ def test_stall_times_are_positive_or_null():
         assert getattr(C.TrainConfig.from_args(None, {field: "null"}), field) is None
 
 
+def test_a_pipeline_trains_each_method_once():
+    with pytest.raises(C.ConfigError, match="'methods': names baseline more than once"):
+        C.PipelineConfig.from_args(None, {"methods": "baseline,da_fusion,baseline"})
+
+
 def test_the_batch_splits_evenly_across_train_workers():
     with pytest.raises(C.ConfigError, match="'batch_size': must be a multiple of num_workers .3."):
         C.TrainConfig.from_args(None, {"batch_size": "32", "num_workers": "3"})
