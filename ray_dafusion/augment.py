@@ -12,7 +12,12 @@ re-run reads only the committed pairs and generates the missing ones. The driver
 manifest last, after checking that every (source_id, aug_index) exists exactly once.
 
 Reproducible per image: the seed, t0 and prompt template of augmentation k of source s are
-drawn from (run seed, s, k) alone, so an image does not depend on batch size, actors or order.
+drawn from (run seed, s, k) alone, so what an image is made from does not depend on batch size,
+actors or order. Its pixels depend on them only through float rounding: images of one t0 are
+denoised in one call, and a convolution over 5 images may round a value differently from one
+over 1 (a grey level here and there on CPU; on a GPU, channels_last, compile, fused QKV and
+cuDNN's kernel choice do the same). The same config and resources on the same hardware give the
+same bytes; `pad_calls` fixes every call's shape, so call sizes stop mattering too.
 """
 
 from __future__ import annotations
@@ -218,7 +223,8 @@ class DiffusionAugmenter:
         if cfg.erasure:
             self.erasure = weights.ErasureWeights(cfg.erasure, endpoint_url=cfg.endpoint_url)
             self.erasure_fingerprints = {c: self.erasure.fingerprint(c) for c in self.erasure.classes()}
-        mine = {"model": self.model_fingerprint, "embeddings": self.embeddings_fingerprint}
+        mine = {"model": self.model_fingerprint, "embeddings": self.embeddings_fingerprint,
+                "erasure": self.erasure_fingerprints}
         for key, value in (expected_fingerprints or {}).items():
             if key in mine and mine[key] != value:
                 raise RuntimeError(
@@ -540,7 +546,8 @@ def _map_augmenter(ds: Any, cfg: AugmentConfig, classes: list[schema.ClassInfo],
         "cfg": cfg,
         "classes": classes,
         "present": partial,
-        "expected_fingerprints": {"model": fingerprints["model"], "embeddings": fingerprints["embeddings"]},
+        "expected_fingerprints": {"model": fingerprints["model"], "embeddings": fingerprints["embeddings"],
+                                  "erasure": fingerprints.get("erasure", {})},
         "_faults": faults,
     }
     if cfg.compute == "tasks":
@@ -550,9 +557,10 @@ def _map_augmenter(ds: Any, cfg: AugmentConfig, classes: list[schema.ClassInfo],
     else:
         udf = DiffusionAugmenter
         # An actor that was starting on a node as the node was lost dies "during initialization", and Ray
-        # Data's default (0 such deaths) then fails the whole job: a lost node may cost max_restarts.
-        context = ray.data.DataContext.get_current()
-        context.max_consecutive_actor_init_deaths = max(context.max_consecutive_actor_init_deaths, cfg.max_restarts)
+        # Data's default (0 such deaths) then fails the whole job: a lost node may cost max_restarts. The
+        # dataset's own context (a copy taken when it was read; the global one would not reach this run).
+        ds.context.max_consecutive_actor_init_deaths = max(ds.context.max_consecutive_actor_init_deaths,
+                                                           cfg.max_restarts)
         options = {"fn_constructor_kwargs": kwargs,
                    "compute": ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, actors), max_size=actors),
                    # Ray Data's defaults are unlimited restarts; bound them so a broken node fails the job.

@@ -619,6 +619,11 @@ class PipelineConfig(StageConfig):
             if m not in TRAIN_METHODS:
                 raise bad("methods", self.methods, f"each must be one of {', '.join(TRAIN_METHODS)}")
         _no_repeats(self, "methods")
+        modes = sorted({TRAIN_METHODS[m].synthetic_mode for m in self.methods} - {None})
+        if len(modes) > 1 and self.augment.output:
+            raise bad("augment.output", self.augment.output, f"would hold the synthetic sets of {' and '.join(modes)} "
+                      "at once (the second refused, or with overwrite deleting the first): leave it unset, each "
+                      "then goes to <workdir>/synthetic/<mode>")
         if self.real_guidance_strengths is not None and (
                 not self.real_guidance_strengths or not all(0 < s <= 1 for s in self.real_guidance_strengths)):
             raise bad("real_guidance_strengths", self.real_guidance_strengths, "needs t0 levels in (0, 1]")

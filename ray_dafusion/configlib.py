@@ -64,7 +64,8 @@ def _kind_field(kind: str, default: Any = dataclasses.MISSING, default_factory: 
 
 
 def resource(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A field that says where or with what a stage runs; it never changes the output."""
+    """A field that says where or with what a stage runs; it never changes what the output is made of
+    (and so is not fingerprinted), though a batch or call size may change pixels by float rounding."""
     return _kind_field("resource", default, default_factory)
 
 

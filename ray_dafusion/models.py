@@ -201,7 +201,9 @@ def load_tokenizer_and_schedule(uri: str, cache_dir: Optional[str] = None,
 
 def speed_up(pipe: Any, compile: bool = False, channels_last: bool = True, static_shapes: bool = False,
              fuse_qkv: bool = False) -> list[str]:
-    """Make a loaded pipeline faster on CUDA without changing what it computes; returns what was done.
+    """Make a loaded pipeline faster on CUDA, computing the same images up to float rounding (each
+    option reorders or fuses arithmetic; cuDNN's timed kernel choice may differ between runs);
+    returns what was done.
 
     channels_last: the UNet's and VAE's convolutions in NHWC (cuDNN's fast layout on tensor cores);
     cuDNN picks its fastest kernels per shape (`cudnn.benchmark`). `compile`: torch.compile of the
@@ -445,7 +447,13 @@ def model_fingerprint(local_dir: str, cache_dir: Optional[str] = None) -> str:
     if not os.path.isdir(local_dir):
         return hashlib.sha256(local_dir.encode()).hexdigest()[:16]  # a hub id: its name
     h = hashlib.sha256()
-    for root, dirs, names in os.walk(local_dir):
+    walked: set[str] = set()
+    # followlinks: a folder linked in (a unet/ swapped for another) is weights too; a link loop is walked once
+    for root, dirs, names in os.walk(local_dir, followlinks=True):
+        if os.path.realpath(root) in walked:
+            dirs[:] = []
+            continue
+        walked.add(os.path.realpath(root))
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))  # a pretrain run's checkpoints are not weights
         for name in sorted(names):
             if name.startswith((".", "_")) or (root == local_dir and name == "manifest.json"):

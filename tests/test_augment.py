@@ -583,6 +583,22 @@ def test_erasure_is_applied_per_class_group(setup, tmp_path):
     assert (summary["rows"], summary["errors"]) == (2 * M, 2)
 
 
+def test_an_erasure_changed_since_the_driver_planned_is_refused_by_the_worker(setup):
+    real, _, cfg = setup
+    with pytest.raises(RuntimeError, match="erasure fingerprint on this worker is \\{\\} but the driver planned"):
+        DiffusionAugmenter(cfg(), schema.read_class_table(real), expected_fingerprints={"erasure": {"cat": "e1"}})
+
+
+def test_the_actor_pool_may_lose_actors_while_they_start(ray_session, setup):
+    from ray_dafusion.augment import _map_augmenter
+
+    real, _, cfg = setup
+    ds = storage.ray_dataset(storage.list_files(storage.join(real, "train"), ".parquet"), None, None)
+    mapped = _map_augmenter(ds, cfg(max_restarts=5), schema.read_class_table(real), {},
+                            {"model": "m", "embeddings": "e"}, None, 1, {})
+    assert mapped.context.max_consecutive_actor_init_deaths == 5  # this run's own context
+
+
 def test_tokens_and_erasures_of_another_model_or_data_set_are_refused(setup, tmp_path, monkeypatch):
     """Tokens learned, or classes erased, on another model of the same shape pass every shape check:
     the invert and erase manifests' model fingerprints must be augment's model's."""

@@ -96,9 +96,14 @@ def test_stall_times_are_positive_or_null():
         assert getattr(C.TrainConfig.from_args(None, {field: "null"}), field) is None
 
 
-def test_a_pipeline_trains_each_method_once():
+def test_a_pipeline_trains_each_method_once_and_puts_each_synthetic_set_apart():
     with pytest.raises(C.ConfigError, match="'methods': names baseline more than once"):
         C.PipelineConfig.from_args(None, {"methods": "baseline,da_fusion,baseline"})
+    with pytest.raises(C.ConfigError, match="'augment.output': would hold the synthetic sets of da_fusion and "
+                                            "real_guidance at once"):
+        C.PipelineConfig.from_args(None, {"methods": "real_guidance,da_fusion", "augment.output": "/tmp/syn"})
+    one = C.PipelineConfig.from_args(None, {"methods": "baseline,da_fusion", "augment.output": "/tmp/syn"})
+    assert one.augment.output == "/tmp/syn"
 
 
 def test_the_batch_splits_evenly_across_train_workers():

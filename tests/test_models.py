@@ -153,3 +153,22 @@ def test_fingerprint_sees_a_file_rewritten_in_place_with_its_old_mtime(tmp_path,
     assert (os.stat(weights).st_size, os.stat(weights).st_mtime_ns, os.stat(weights).st_ino) == (
         stat.st_size, stat.st_mtime_ns, stat.st_ino)
     assert model_fingerprint(str(model), model_cache) != before
+
+
+def test_fingerprint_follows_a_linked_folder_and_survives_a_link_loop(tmp_path, model_cache):
+    from ray_dafusion.models import model_fingerprint
+
+    for name, byte in (("unet-a", b"\x00"), ("unet-b", b"\x01")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.bin").write_bytes(byte * 1024)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    (model / "unet").symlink_to(tmp_path / "unet-a", target_is_directory=True)
+    before = model_fingerprint(str(model), model_cache)
+    (model / "unet").unlink()
+    (model / "unet").symlink_to(tmp_path / "unet-b", target_is_directory=True)  # other weights, same names
+    after = model_fingerprint(str(model), model_cache)
+    assert after != before
+    (tmp_path / "unet-b" / "loop").symlink_to(model, target_is_directory=True)
+    assert model_fingerprint(str(model), model_cache) == after  # the loop adds nothing, and the walk ends
