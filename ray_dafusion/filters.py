@@ -36,32 +36,43 @@ class Filter:
         self.text, self._tree, self.columns = text, tree, columns
 
     def mask(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Boolean mask from `values`: "scorer.column" -> array (all the same length)."""
-        return np.asarray(self._eval(self._tree, values), dtype=bool)
+        """Boolean mask from `values`: "scorer.column" -> array (all the same length).
 
-    def _eval(self, node: ast.AST, values: Mapping[str, np.ndarray]) -> Any:
-        if isinstance(node, ast.Expression):
-            return self._eval(node.body, values)
+        A missing score (NaN) makes a comparison unknown, as NULL does in SQL: `not` of unknown is
+        unknown, `and` is false when either side is, `or` true when either side is, and a row whose
+        filter stays unknown is dropped, however the condition is written (`x >= 0.5` and
+        `not x < 0.5` drop the same rows)."""
+        truth, known = self._condition(self._tree.body, values)  # type: ignore[attr-defined]
+        return np.asarray(truth & known, dtype=bool)
+
+    def _condition(self, node: ast.AST, values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(truth, known) of a condition, row by row; truth is False where unknown."""
         if isinstance(node, ast.BoolOp):
-            parts = [np.asarray(self._eval(v, values), dtype=bool) for v in node.values]
-            combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
-            out = parts[0]
-            for p in parts[1:]:
-                out = combine(out, p)
-            return out
+            truth, known = self._condition(node.values[0], values)
+            for value in node.values[1:]:
+                t, k = self._condition(value, values)
+                if isinstance(node.op, ast.And):  # known false on either side decides it
+                    truth, known = truth & t, (known & k) | (known & ~truth) | (k & ~t)
+                else:  # known true on either side decides it
+                    truth, known = truth | t, (known & k) | truth | t
+            return truth, known
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            return np.logical_not(np.asarray(self._eval(node.operand, values), dtype=bool))
+            truth, known = self._condition(node.operand, values)
+            return ~truth & known, known
+        # a comparison, chained or not: known where no value it compares is NaN
+        left = self._value(node.left, values)  # type: ignore[attr-defined]
+        truth, known = None, None
+        for op, right_node in zip(node.ops, node.comparators):  # type: ignore[attr-defined]
+            right = self._value(right_node, values)
+            k = ~np.isnan(np.asarray(left, dtype=float)) & ~np.isnan(np.asarray(right, dtype=float))
+            t = np.asarray(_COMPARE[type(op)](left, right), dtype=bool) & k
+            truth, known = (t, k) if truth is None else (truth & t, (known & k) | (known & ~truth) | (k & ~t))
+            left = right
+        return truth, known
+
+    def _value(self, node: ast.AST, values: Mapping[str, np.ndarray]) -> Any:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -self._eval(node.operand, values)
-        if isinstance(node, ast.Compare):
-            left = self._eval(node.left, values)
-            out = None
-            for op, right_node in zip(node.ops, node.comparators):
-                right = self._eval(right_node, values)
-                part = np.asarray(_COMPARE[type(op)](left, right), dtype=bool)
-                out = part if out is None else np.logical_and(out, part)
-                left = right
-            return out
+            return -self._value(node.operand, values)
         if isinstance(node, ast.Attribute):
             return values[f"{node.value.id}.{node.attr}"]  # type: ignore[attr-defined]
         if isinstance(node, ast.Constant):
@@ -126,6 +137,9 @@ def _check_condition(node: ast.AST) -> None:
     elif isinstance(node, ast.Compare):
         for side in (node.left, *node.comparators):
             _check_value(side)
+        if not any(isinstance(n, ast.Attribute) for n in ast.walk(node)):  # `or 0 < 1` would keep every row
+            raise ConfigError(f"config field 'synthetic_filter': {ast.unparse(node)!r} compares no score column; "
+                              "each comparison names a scorer.column")
     else:  # numpy would take it as true wherever it is nonzero, NaN included
         raise ConfigError(f"config field 'synthetic_filter': {ast.unparse(node)!r} is not a condition; and, or, not "
                           "and the whole filter take comparisons, e.g. source_distance.value > 0.05")

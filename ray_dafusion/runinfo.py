@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 __all__ = ["versions", "CostMeter", "max_rss_bytes"]
 
-_PACKAGES = ("ray-dafusion", "ray", "torch", "torchvision", "diffusers", "transformers", "pyarrow")
+_PACKAGES = ("ray-dafusion", "ray", "torch", "torchvision", "diffusers", "transformers", "pyarrow", "numpy", "pillow",
+             "safetensors", "scikit-learn")  # numpy draws, Pillow decodes and resizes, sklearn holds the digits
 
 
 def versions() -> dict[str, str]:

@@ -77,19 +77,20 @@ class LeakageError(ValueError):
 
 
 def _variants(class_name: str) -> set[str]:
-    base = " ".join(class_name.replace("_", " ").split())
+    base = " ".join(class_name.replace("_", " ").replace("-", " ").split())
     return {v for v in (class_name, base, base.replace(" ", "_"), base.replace(" ", "-")) if v}
 
 
 def find_leak(prompt: str, class_names: Iterable[str], tokens: Iterable[str] = ()) -> str | None:
-    """The first class name that appears as whole words in `prompt` (learned tokens removed)."""
+    """The first class name that appears as whole words in `prompt` (learned tokens removed), its
+    words joined by spaces, underscores or hyphens, singular or with a plural -s/-es."""
     text = prompt
     for tok in sorted(tokens, key=len, reverse=True):
         if tok:
             text = text.replace(tok, " ")
     for name in class_names:
         for variant in _variants(name):
-            pattern = r"(?<![\w])" + re.escape(variant).replace(r"\ ", r"[\s_\-]+") + r"(?![\w])"
+            pattern = (r"(?<![\w])" + re.escape(variant).replace(r"\ ", r"[\s_\-]+") + r"(?:e?s)?(?![\w])")
             if re.search(pattern, text, flags=re.IGNORECASE):
                 return name
     return None

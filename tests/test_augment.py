@@ -307,6 +307,12 @@ def test_leak_check_matches_case_underscore_and_space_variants_as_whole_words():
     for prompt in ("a photo of a <leafy_spurge>", "a photo of a <cat>", "a category of <cat>", "leafyspurge"):
         assert find_leak(prompt, names, toks) is None, prompt
     check_prompts({"leafy_spurge": ["a photo of a <leafy_spurge>"]}, names, toks)
+    # plurals, and a hyphenated class written with a space or an underscore
+    names, toks = ["dog", "glass", "T-shirt"], ["<dog>", "<glass>", "<T-shirt>"]
+    for prompt in ("two dogs, <dog>", "Glasses on a table", "a t shirt", "a T_shirt", "t-shirts"):
+        assert find_leak(prompt, names, toks) is not None, prompt
+    for prompt in ("a photo of a <T-shirt>", "dogsled", "a doge", "shirts"):
+        assert find_leak(prompt, names, toks) is None, prompt
 
 
 def test_missing_or_malformed_embeddings_are_errors(setup, tmp_path):

@@ -56,7 +56,25 @@ def test_the_filter_names_a_refused_operator_and_refuses_bare_values_as_conditio
         parse_filter("(classifier.p_label > 0.5) == (source_distance.value > 1)", available)
     kept = parse_filter("classifier.p_label > 0.5 or not source_distance.value <= -0.5", available)
     values = {"classifier.p_label": np.array([0.9, 0.1, 0.1]), "source_distance.value": np.array([0.0, np.nan, -1.0])}
-    assert kept.mask(values).tolist() == [True, True, False]
+    assert kept.mask(values).tolist() == [True, False, False]  # row 2: false or unknown stays unknown: dropped
+    with pytest.raises(ConfigError, match="'0 < 1' compares no score column"):
+        parse_filter("classifier.p_label > 0.5 or 0 < 1", available)
+
+
+def test_a_missing_score_drops_a_row_however_the_filter_is_written():
+    """NaN compares as SQL's NULL: unknown, kept unknown by not, decided by a known side of and/or."""
+    available = {"classifier": {"p_label"}, "source_distance": {"value"}}
+    p = {"classifier.p_label": np.array([0.2, 0.8, np.nan, np.nan, 0.8]),
+         "source_distance.value": np.array([0.1, 0.1, 0.1, 0.0, np.nan])}
+    for text in ("classifier.p_label >= 0.5", "not classifier.p_label < 0.5", "not not classifier.p_label >= 0.5",
+                 "0.5 <= classifier.p_label <= 2"):
+        assert parse_filter(text, available).mask(p).tolist() == [False, True, False, False, True], text
+    assert parse_filter("classifier.p_label != 0.3", available).mask(p).tolist() == [True, True, False, False, True]
+    # a known side decides and/or; otherwise unknown, dropped
+    both = "classifier.p_label >= 0.5 {} source_distance.value > 0.05"
+    assert parse_filter(both.format("and"), available).mask(p).tolist() == [False, True, False, False, False]
+    assert parse_filter(both.format("or"), available).mask(p).tolist() == [True, True, True, False, True]
+    assert parse_filter(f"not ({both.format('and')})", available).mask(p).tolist() == [True, False, False, True, False]
 
 
 def test_scores_have_one_place_where_train_and_gallery_find_them():
