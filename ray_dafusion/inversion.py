@@ -38,7 +38,7 @@ from .logs import setup_logging
 from .models import file_fingerprint
 from .runinfo import CostMeter, max_rss_bytes, versions
 from .schema import ClassInfo
-from .tokens import INVERSION_TEMPLATES, case_collision, make_prompt, taken_ignoring_case
+from .tokens import INVERSION_TEMPLATES, case_collision, make_prompt, taken_ignoring_case, templates_for
 from .weights import EMBEDDINGS_FILE
 
 __all__ = ["InvertResult", "LearnedToken", "invert", "learn_token", "learn_tokens", "class_file_name"]
@@ -102,9 +102,12 @@ def invert(cfg: InvertConfig) -> InvertResult:
     meter = CostMeter(cfg.cost)
 
     # 1. classes to learn; the model checked once here, not in every task, before the output records this config
-    classes = perclass.select_classes(schema.read_class_table(cfg.real, cfg.endpoint_url), cfg.classes,
-                                      lambda c: class_file_name(c.token))
+    table = schema.read_class_table(cfg.real, cfg.endpoint_url)
+    classes = perclass.select_classes(table, cfg.classes, lambda c: class_file_name(c.token))
     _check_model(cfg, [c.token for c in classes])
+    left_out = sorted(set(INVERSION_TEMPLATES) - set(templates_for([c.name for c in table])))
+    if left_out:  # the prompts never name a class, here either
+        log.info("inversion prompts leave out %s: they name a class of this data set", ", ".join(map(repr, left_out)))
 
     # 2. refuse another config's output, skip classes already learned
     plan = perclass.plan_classes("invert", cfg, classes, lambda c: _class_uri(cfg.output, c))
@@ -198,9 +201,10 @@ def _invert_classes(cfg: InvertConfig, infos: list[ClassInfo]) -> list[dict[str,
     for info in infos:
         log.info("%s: %d images, token %s, %d steps on %s", info.name, len(images[info.token]), info.token, cfg.steps,
                  device)
-    # 3. train
+    # 3. train, on prompts that name no class of the data set
     seeds = {info.token: perclass.class_seed(cfg.seed, info.name) for info in infos}
-    learned = learn_tokens(pipe, images, cfg, seeds)
+    templates = templates_for([c.name for c in schema.read_class_table(cfg.real, cfg.endpoint_url)])
+    learned = learn_tokens(pipe, images, cfg, seeds, templates)
     # 4. each class file: {token: tensor}, its record in the metadata
     fingerprint, records = model_fingerprint(local, cfg.cache_dir), []
     for info, tok in zip(infos, learned):
@@ -209,7 +213,7 @@ def _invert_classes(cfg: InvertConfig, infos: list[ClassInfo]) -> list[dict[str,
             "file": f"{CLASSES_DIR}/{class_file_name(info.token)}", "num_images": len(images[info.token]),
             "steps": cfg.steps, "seconds": round(tok.seconds / len(infos), 3),  # this class's share of the task
             "task_seconds": round(tok.seconds, 3), "task_classes": len(infos),
-            "device": tok.device, "model_fingerprint": fingerprint, "losses": tok.losses,
+            "device": tok.device, "model_fingerprint": fingerprint, "losses": tok.losses, "templates": list(templates),
             "max_rss_bytes": max_rss_bytes(),
         }
         data = save_safetensors({info.token: tok.embedding.contiguous()}, metadata={"record": json.dumps(record)})
@@ -238,6 +242,7 @@ class _ClassDraws:
     stds: Any
     rng: Any
     gen: Any
+    templates: Sequence[str] = INVERSION_TEMPLATES
     order: list[int] = field(default_factory=list)
 
     def batch(self, cfg: InvertConfig, tokenizer: Any, scheduler: Any, scaling: float, device: Any) -> tuple:
@@ -252,7 +257,7 @@ class _ClassDraws:
         idx = torch.tensor(picks)
         flip = torch.from_numpy((self.rng.random(cfg.batch_size) < 0.5) & cfg.hflip).long()
         placeholder = " ".join(self.names)
-        prompts = [make_prompt(str(self.rng.choice(INVERSION_TEMPLATES)), placeholder) for _ in picks]
+        prompts = [make_prompt(str(self.rng.choice(self.templates)), placeholder) for _ in picks]
         mean = self.means[idx, flip]
         eps = torch.randn(mean.shape, generator=self.gen).to(device)
         latents = (mean + self.stds[idx, flip] * eps) * scaling  # (B, 4, R/8, R/8)
@@ -265,13 +270,14 @@ class _ClassDraws:
         return noisy, t, target, input_ids
 
 
-def learn_tokens(pipe: Any, classes: dict[str, Sequence[Any]], cfg: InvertConfig,
-                 seeds: dict[str, int]) -> list[LearnedToken]:
+def learn_tokens(pipe: Any, classes: dict[str, Sequence[Any]], cfg: InvertConfig, seeds: dict[str, int],
+                 templates: Sequence[str] = INVERSION_TEMPLATES) -> list[LearnedToken]:
     """Add each token of `classes` ({token: PIL images}) to `pipe` and learn its embedding from its
     images; only the new rows change. One forward pass per step holds every class's batch; the
     loss is the sum of the per-class losses, so each token's gradient is its own class's and
     (AdamW being elementwise) each token follows the path it would alone, up to float rounding.
 
+    Prompts are drawn from `templates` (those naming no class of the data set: `tokens.templates_for`).
     Uses cfg's steps, batch_size, gradient_accumulation_steps, learning_rate (scaled when
     scale_lr), resolution, num_vectors and initializer_token. The pipeline keeps the tokens.
     On CUDA the frozen VAE and UNet run in fp16 under autocast with a GradScaler while the
@@ -329,7 +335,7 @@ def learn_tokens(pipe: Any, classes: dict[str, Sequence[Any]], cfg: InvertConfig
             posteriors = [vae.encode(torch.stack([p, p.flip(-1)])).latent_dist for p in pixels]
         draws.append(_ClassDraws(names[token], torch.stack([p.mean for p in posteriors]).float(),
                                  torch.stack([p.std for p in posteriors]).float(), np.random.default_rng(seeds[token]),
-                                 torch.Generator(device="cpu").manual_seed(seeds[token])))
+                                 torch.Generator(device="cpu").manual_seed(seeds[token]), templates))
 
     # 5. train: each step, every class's micro-batch in one forward pass, the loss summed over classes
     losses: list[list[float]] = [[] for _ in draws]

@@ -18,6 +18,7 @@ __all__ = [
     "make_prompt",
     "LeakageError",
     "find_leak",
+    "templates_for",
     "check_prompts",
 ]
 
@@ -37,6 +38,15 @@ INVERSION_TEMPLATES: tuple[str, ...] = (
     "a clean photo of the {}",
     "a rendition of a {}",
 )
+
+
+def templates_for(class_names: Sequence[str], templates: Sequence[str] = INVERSION_TEMPLATES) -> tuple[str, ...]:
+    """The templates that name none of these classes (the digits have a class `one`, so "a photo of
+    one {}" would teach <eight> beside the word one); a ValueError when none is left."""
+    kept = tuple(t for t in templates if find_leak(make_prompt(t, " "), class_names) is None)
+    if not kept:
+        raise ValueError(f"every inversion template names a class of this data set ({', '.join(class_names[:5])}...)")
+    return kept
 
 
 def class_token(class_name: str) -> str:

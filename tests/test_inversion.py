@@ -16,6 +16,7 @@ from ray_dafusion import storage, weights
 from ray_dafusion.config import InvertConfig
 from ray_dafusion.inversion import class_file_name, invert, learn_token, learn_tokens
 from ray_dafusion.models import load_pipeline
+from ray_dafusion.tokens import INVERSION_TEMPLATES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,6 +191,7 @@ def test_invert_outputs_load_and_rerun_skips(ray_session, make_real, tiny_model,
         assert len(record["losses"]) == 6 and all(np.isfinite(record["losses"]))
         assert record["seconds"] > 0 and record["num_images"] == 2
         assert storage.exists(storage.join(out, record["file"]))
+        assert record["templates"] == list(INVERSION_TEMPLATES)  # none names cat or leafy spurge
     assert set(manifest["timings"]["seconds_per_class"]) == {"cat", "leafy spurge"}
 
     # 2. round trip into a fresh pipeline: the rows equal the learned tensors, the token matters
@@ -390,6 +392,19 @@ def test_a_stage_that_stops_early_cancels_its_running_class_tasks(ray_session, t
                         ctrl_c_once_dog_runs)
     time.sleep(10)  # long enough for a dog task left running to finish
     assert sorted(os.listdir(tmp_path)) == ["started-cat", "started-dog"]
+
+
+def test_inversion_prompts_name_no_class_of_the_data_set():
+    """The digits have a class `one`: "a photo of one <eight>" would teach the token beside a class name."""
+    from ray_dafusion.sample_data import DIGIT_NAMES
+    from ray_dafusion.tokens import find_leak, make_prompt, templates_for
+
+    kept = templates_for(DIGIT_NAMES)
+    assert set(INVERSION_TEMPLATES) - set(kept) == {"a photo of one {}"}
+    assert all(find_leak(make_prompt(t, "<eight>"), DIGIT_NAMES, ["<eight>"]) is None for t in kept)
+    assert set(INVERSION_TEMPLATES) - set(templates_for(["small car", "large"])) == {"a photo of the large {}"}
+    with pytest.raises(ValueError, match="every inversion template names a class"):
+        templates_for(["photo", "rendition"])
 
 
 def test_per_class_seeds_are_hashed_not_added():
