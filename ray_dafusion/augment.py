@@ -179,6 +179,7 @@ class DiffusionAugmenter:
     ) -> None:
         import torch
 
+        setup_started = time.perf_counter()
         self.cfg = cfg = cfg.replace(strengths=cfg.t0_levels())
         self.mode = AUGMENT_MODES[cfg.mode]
         self.classes = list(classes)
@@ -234,6 +235,11 @@ class DiffusionAugmenter:
         self.schema = schema.synthetic_schema(self.class_names)
         self.data_dir = storage.join(cfg.output, DATA_DIR)
         self.errors_dir = storage.join(cfg.output, ERRORS_DIR)
+        self._setup_seconds = time.perf_counter() - setup_started  # billed with the first batch
+
+    def _summary(self, file: str, rows: int, errors: int, skipped: int, seconds: float) -> pa.Table:
+        setup, self._setup_seconds = self._setup_seconds, 0.0
+        return _summary(file, rows, errors, skipped, seconds, setup)
 
     # ---- one batch -------------------------------------------------------------------
 
@@ -253,11 +259,11 @@ class DiffusionAugmenter:
                 missing.append((row, todo))
         pairs = [(row["id"], k) for row, todo in missing for k in todo]
         if not pairs:
-            return _summary("", 0, 0, skipped, time.perf_counter() - start)
+            return self._summary("", 0, 0, skipped, time.perf_counter() - start)
         name = _batch_name(pairs)
         data_uri = storage.join(self.data_dir, name)
         if storage.exists(data_uri, self.cfg.endpoint_url):  # a retried batch whose file got committed
-            return _summary(name, 0, 0, skipped + len(pairs), time.perf_counter() - start)
+            return self._summary(name, 0, 0, skipped + len(pairs), time.perf_counter() - start)
 
         # 2. quarantine bad rows, plan the good ones
         jobs, errors = [], []
@@ -295,7 +301,7 @@ class DiffusionAugmenter:
             storage.write_parquet(table, data_uri, self.cfg.endpoint_url)
         self._maybe_crash("after_write")
         self.batches_done += 1
-        return _summary(name if out_rows else "", len(out_rows), len(errors), skipped, time.perf_counter() - start)
+        return self._summary(name if out_rows else "", len(out_rows), len(errors), skipped, time.perf_counter() - start)
 
     def _check_row(self, row: dict[str, Any]) -> tuple[Any, Any, Optional[str]]:
         label = row.get("label")
@@ -485,13 +491,15 @@ def even_chunks(items: Sequence[Any], max_size: int) -> list[Sequence[Any]]:
     return out
 
 
-def _summary(file: str, rows: int, errors: int, skipped: int, seconds: float) -> pa.Table:
+def _summary(file: str, rows: int, errors: int, skipped: int, seconds: float, setup_seconds: float = 0.0) -> pa.Table:
+    """One batch's summary row; `setup_seconds`: the actor's model load, on its first batch only."""
     return pa.table({
         "file": pa.array([file], pa.string()),
         "rows": pa.array([rows], pa.int64()),
         "errors": pa.array([errors], pa.int64()),
         "skipped": pa.array([skipped], pa.int64()),
         "seconds": pa.array([seconds], pa.float64()),
+        "setup_seconds": pa.array([setup_seconds], pa.float64()),
         "max_rss_bytes": pa.array([max_rss_bytes()], pa.int64()),
         "max_gpu_bytes": pa.array([_max_gpu_bytes()], pa.int64()),
     })
@@ -616,7 +624,8 @@ def augment(cfg: AugmentConfig, *, _faults: Optional[dict[str, Any]] = None) -> 
     # 5. verify exactly N x M unique pairs (minus quarantined rows), then the manifest, last
     pairs, quarantined = _verify(cfg, real_ids)
     for s in summaries:
-        meter.add_actor_seconds(s["seconds"], cfg.num_cpus, cfg.num_gpus, s.get("max_rss_bytes", 0))
+        meter.add_actor_seconds(s["seconds"] + s.get("setup_seconds", 0.0), cfg.num_cpus, cfg.num_gpus,
+                                s.get("max_rss_bytes", 0))
     return _write_manifest(cfg, classes, real_ids, pairs, quarantined, summaries, progress, fingerprints, config_fp,
                            started, meter)
 

@@ -191,16 +191,19 @@ def _erase_class(cfg: EraseConfig, info: ClassInfo) -> dict[str, Any]:
 
     from .models import load_pipeline, model_fingerprint, resolve_model
 
+    setup_started = time.time()
     setup_logging()
     device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     local = resolve_model(cfg.model, cfg.cache_dir, cfg.endpoint_url)
     pipe = load_pipeline(local, device=device, torch_dtype=torch.float32)
+    setup = time.time() - setup_started
     log.info("%s: %s, %d iterations on %s", info.name, cfg.method, cfg.iterations, device)
     erased = erase_concept(pipe, info.name, cfg, seed=perclass.class_seed(cfg.seed, info.name))
     record = {
         "name": info.name, "label": info.label, "method": cfg.method,
         "file": f"{CLASSES_DIR}/{class_file_name(info.name)}", "prompt": erase_prompt(info.name),
-        "iterations": cfg.iterations, "seconds": round(erased.seconds, 3), "device": erased.device,
+        "iterations": cfg.iterations, "seconds": round(erased.seconds, 3), "setup_seconds": round(setup, 3),
+        "device": erased.device,
         "model_fingerprint": model_fingerprint(local, cfg.cache_dir), "losses": erased.losses,
         "max_rss_bytes": max_rss_bytes(),
     }

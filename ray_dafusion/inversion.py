@@ -191,6 +191,7 @@ def _invert_classes(cfg: InvertConfig, infos: list[ClassInfo]) -> list[dict[str,
 
     from .models import load_pipeline, model_fingerprint, resolve_model
 
+    task_started = time.time()
     setup_logging()
     # 1. each class's images (few-shot: read here, not shipped through the task arguments)
     images = {info.token: _read_class_images(cfg.real, info.name, cfg.endpoint_url) for info in infos}
@@ -207,12 +208,14 @@ def _invert_classes(cfg: InvertConfig, infos: list[ClassInfo]) -> list[dict[str,
     learned = learn_tokens(pipe, images, cfg, seeds, templates)
     # 4. each class file: {token: tensor}, its record in the metadata
     fingerprint, records = model_fingerprint(local, cfg.cache_dir), []
+    setup = max(0.0, time.time() - task_started - learned[0].seconds) if learned else 0.0  # reads and model load
     for info, tok in zip(infos, learned):
         record = {
             "name": info.name, "label": info.label, "token": info.token,
             "file": f"{CLASSES_DIR}/{class_file_name(info.token)}", "num_images": len(images[info.token]),
             "steps": cfg.steps, "seconds": round(tok.seconds / len(infos), 3),  # this class's share of the task
             "task_seconds": round(tok.seconds, 3), "task_classes": len(infos),
+            "setup_seconds": round(setup / len(infos), 3),  # this class's share of the task's reads and model load
             "device": tok.device, "model_fingerprint": fingerprint, "losses": tok.losses, "templates": list(templates),
             "max_rss_bytes": max_rss_bytes(),
         }

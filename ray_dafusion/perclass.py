@@ -125,9 +125,10 @@ def run_class_tasks(stage: str, cfg: Any, todo: Sequence[ClassInfo], task: Calla
                     continue
                 for info, record in zip(group, done):
                     records[info.name] = record
-                    if meter is not None:  # a record's seconds are its class's share of the task's
-                        meter.add_task_seconds(record["seconds"], cfg.num_cpus, cfg.num_gpus,
-                                               record.get("max_rss_bytes", 0))
+                    if meter is not None:  # a record's seconds are its class's share of the task's, with
+                        # its share of the task's setup (reads, model load)
+                        meter.add_task_seconds(record["seconds"] + record.get("setup_seconds", 0.0), cfg.num_cpus,
+                                               cfg.num_gpus, record.get("max_rss_bytes", 0))
                     log.info("%s: %s", info.name, describe(record))
         finally:  # left early (a stall, Ctrl-C, an error here): the tasks would go on holding GPUs for nothing
             _cancel(pending, log)

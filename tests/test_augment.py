@@ -94,6 +94,8 @@ def test_call_without_ray_writes_one_file_and_returns_a_summary(setup):
     aug = DiffusionAugmenter(c, schema.read_class_table(real))
     summary = aug(_real_rows(real)).to_pylist()
     assert len(summary) == 1 and summary[0]["rows"] == 4 * M and summary[0]["errors"] == 0
+    assert summary[0]["setup_seconds"] > 0  # the model load is billed, with the first batch only
+    assert aug(_real_rows(real).slice(0, 0)).to_pylist()[0]["setup_seconds"] == 0.0
     files = storage.list_files(storage.join(c.output, "data"), ".parquet")
     assert [os.path.basename(f) for f in files] == [summary[0]["file"]]
     out = pq.read_table(files[0])
