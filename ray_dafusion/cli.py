@@ -143,14 +143,19 @@ def connect_ray() -> None:
     ray.init(address=address, log_to_driver=True)
 
 
+# the fields that name where a stage reads or writes its data (score writes under its synthetic set)
+_PLACES = ("output", "workdir", "real", "synthetic", "source")
+
+
 def _warn_local_output(stage: str, cfg: StageConfig) -> None:
-    """Warn when a stage's output or workdir is a local path while Ray spans several machines, or
-    its autoscaler can add some: each node would write its part to its own disk, and read only
-    what its own disk holds (unless the path is a filesystem that every node mounts)."""
+    """Warn when a stage's output, workdir or data inputs are local paths while Ray spans several
+    machines, or its autoscaler can add some: each node would write its part to its own disk, and
+    read only what its own disk holds (unless the path is a filesystem that every node mounts)."""
     from . import plan, storage
 
-    local = [(name, getattr(cfg, name)) for name in ("output", "workdir")
-             if getattr(cfg, name, None) and not storage.is_s3(getattr(cfg, name))]
+    local = [(name, getattr(cfg, name)) for name in _PLACES
+             if isinstance(getattr(cfg, name, None), str) and getattr(cfg, name)
+             and not storage.is_s3(getattr(cfg, name))]
     if not local:
         return
     import ray
@@ -160,8 +165,8 @@ def _warn_local_output(stage: str, cfg: StageConfig) -> None:
         return
     where = f"spans {len(hosts)} machines" if len(hosts) > 1 else "can add machines (autoscaler)"
     for name, path in local:
-        log.warning("%s: %s %s is a local path and this Ray cluster %s: each node writes its part to its "
-                    "own disk; give s3:// URIs, unless every node mounts %s", stage, name, path, where, path)
+        log.warning("%s: %s %s is a local path and this Ray cluster %s: each node reads and writes its own "
+                    "disk there; give s3:// URIs, unless every node mounts %s", stage, name, path, where, path)
 
 
 def _print_result(result: Any) -> None:

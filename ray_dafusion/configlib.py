@@ -212,8 +212,7 @@ def shared_settings(parent: StageConfig, section: StageConfig) -> dict[str, Any]
     """The shared fields that `parent` (a pipeline, a sweep) sets and `section` leaves at its own
     default: the whole run's setting, for that stage. A value the section sets itself stays."""
     def default(cfg: StageConfig, name: str) -> Any:
-        f = next(f for f in dataclasses.fields(cfg) if f.name == name)
-        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return field_default(next(f for f in dataclasses.fields(cfg) if f.name == name))
 
     return {name: getattr(parent, name) for name in SHARED_FIELDS
             if getattr(parent, name) != default(parent, name) and getattr(section, name) == default(section, name)}

@@ -24,7 +24,7 @@ import pyarrow as pa
 from . import plan, schema, storage
 from .classifier import CHECKPOINT_MODEL, decode_uint8, eval_transform, load_classifier
 from .config import AugmentConfig, EvaluateConfig, TrainConfig, callable_stage_module
-from .configlib import config_record, field_kind
+from .configlib import config_record, field_default, field_kind
 from .errors import StageError
 from .modes import AUGMENT_MODES
 from .runinfo import CostMeter, versions
@@ -386,21 +386,24 @@ def _score_runs(cfg: EvaluateConfig, records: list[tuple[str, dict[str, Any]]], 
 
 
 # what else moves a run's numbers, beside the method, alpha, t0, filter and RandAugment: the train
-# fields that are neither a location, a resource nor an input, and how its synthetic set was made
+# and augment fields that are neither a location, a resource nor an input (and not the seed)
 _SETTING_FROM_TRAIN = tuple(
     f.name for f in dataclasses.fields(TrainConfig)
     if field_kind(f) in ("output", "extent")
     and f.name not in ("seed", "real", "synthetic", "method", "alpha", "randaugment", "synthetic_filter"))
-_SETTING_FROM_AUGMENT = ("model", "num_augmentations", "guidance_scale", "num_inference_steps",
-                         "prompt_templates", "resolution", "resize")
+_SETTING_FROM_AUGMENT = tuple(
+    f.name for f in dataclasses.fields(AugmentConfig)
+    if field_kind(f) in ("output", "extent")
+    and f.name not in ("seed", "real", "embeddings", "erasure", "mode", "strengths"))
 
 
 def _setting(record: dict[str, Any], endpoint_url: Optional[str]) -> dict[str, Any]:
     """Besides its method, shots and seed, what a run was trained with that moves its numbers: alpha,
     the synthetic set's t0 levels, the synthetic filter, RandAugment, then the other train fields
-    (arch, epochs, ...) and how the synthetic set was made (model, M, guidance, ...). A sweep's
-    da_fusion, da_fusion_k1 and da_fusion_filtered share the method and differ here; runs that differ
-    in their seed only share a setting, so they are averaged together."""
+    (arch, epochs, ...), how the synthetic set was made (model, M, guidance, ...) and the erasure it
+    was made with (by content). A sweep's da_fusion, da_fusion_k1 and da_fusion_filtered share the
+    method and differ here; runs that differ in their seed only share a setting, so they are
+    averaged together."""
     train = {**_defaults(TrainConfig), **(record.get("config") or {})}
     setting = {"alpha": record.get("alpha"), "t0": None, "filter": train.get("synthetic_filter"),
                "randaugment": record.get("randaugment"), **{k: train.get(k) for k in _SETTING_FROM_TRAIN}}
@@ -410,12 +413,13 @@ def _setting(record: dict[str, Any], endpoint_url: Optional[str]) -> dict[str, A
         augment = {**_defaults(AugmentConfig), **(made.get("config") or {})}
         setting["t0"] = augment.get("strengths") or (list(mode.default_strengths) if mode else None)
         setting.update({k: augment.get(k) for k in _SETTING_FROM_AUGMENT})
+        erased = made.get("erasure_fingerprints")
+        setting["erasure"] = storage.fingerprint(erased)[:8] if erased else None
     return setting
 
 
 def _defaults(config_class: type) -> dict[str, Any]:
-    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            for f in dataclasses.fields(config_class)}
+    return {f.name: field_default(f) for f in dataclasses.fields(config_class)}
 
 
 def _line_labels(runs: list[dict[str, Any]]) -> list[str]:

@@ -51,8 +51,8 @@ class Filter:
             truth, known = self._condition(node.values[0], values)
             for value in node.values[1:]:
                 t, k = self._condition(value, values)
-                if isinstance(node.op, ast.And):  # known false on either side decides it
-                    truth, known = truth & t, (known & k) | (known & ~truth) | (k & ~t)
+                if isinstance(node.op, ast.And):
+                    truth, known = _and(truth, known, t, k)
                 else:  # known true on either side decides it
                     truth, known = truth | t, (known & k) | truth | t
             return truth, known
@@ -66,7 +66,7 @@ class Filter:
             right = self._value(right_node, values)
             k = ~np.isnan(np.asarray(left, dtype=float)) & ~np.isnan(np.asarray(right, dtype=float))
             t = np.asarray(_COMPARE[type(op)](left, right), dtype=bool) & k
-            truth, known = (t, k) if truth is None else (truth & t, (known & k) | (known & ~truth) | (k & ~t))
+            truth, known = (t, k) if truth is None else _and(truth, known, t, k)
             left = right
         return truth, known
 
@@ -78,6 +78,11 @@ class Filter:
         if isinstance(node, ast.Constant):
             return node.value
         raise AssertionError(f"unchecked node {type(node).__name__}")  # parse_filter admits none other
+
+
+def _and(truth: np.ndarray, known: np.ndarray, t: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, known) of `a and b`: known where both are, or where either is known false."""
+    return truth & t, (known & k) | (known & ~truth) | (k & ~t)
 
 
 def parse_filter(text: str, available: Optional[Mapping[str, set[str]]]) -> Filter:

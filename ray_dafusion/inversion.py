@@ -7,7 +7,8 @@ each step, and the UNet, VAE and text encoder stay frozen. Classes sharing a tas
 pass (their batches side by side) but not their losses: a token's gradient is its own class's, so
 each class learns what it would alone, while a small model's per-call overhead is paid once. The
 objective is the usual diffusion loss (MSE on the noise, or on the velocity for v-prediction
-models) with random templates from ``tokens.INVERSION_TEMPLATES``.
+models) with random templates from ``tokens.INVERSION_TEMPLATES``, less those that name a class of
+the data set (``tokens.templates_for``: the digits' class `one` drops "a photo of one {}").
 
 Output (``cfg.output``)::
 
@@ -207,8 +208,8 @@ def _invert_classes(cfg: InvertConfig, infos: list[ClassInfo]) -> list[dict[str,
     templates = templates_for([c.name for c in schema.read_class_table(cfg.real, cfg.endpoint_url)])
     learned = learn_tokens(pipe, images, cfg, seeds, templates)
     # 4. each class file: {token: tensor}, its record in the metadata
-    fingerprint, records = model_fingerprint(local, cfg.cache_dir), []
     setup = max(0.0, time.time() - task_started - learned[0].seconds) if learned else 0.0  # reads and model load
+    fingerprint, records = model_fingerprint(local, cfg.cache_dir), []
     for info, tok in zip(infos, learned):
         record = {
             "name": info.name, "label": info.label, "token": info.token,

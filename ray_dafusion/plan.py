@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -90,7 +91,9 @@ def _connect() -> None:
     try:
         from ray._private.auto_init_hook import auto_init_ray  # what ray.data.read_* call first
     except ImportError:  # a private module: without it, what it does
-        auto_init_ray = ray.init
+        def auto_init_ray() -> None:
+            if os.environ.get("RAY_ENABLE_AUTO_CONNECT", "") != "0":
+                ray.init()
     log.info("no Ray connected: ray.init() with Ray's defaults, as Ray Data would")
     auto_init_ray()
 

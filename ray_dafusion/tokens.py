@@ -93,14 +93,16 @@ def _variants(class_name: str) -> set[str]:
 
 def find_leak(prompt: str, class_names: Iterable[str], tokens: Iterable[str] = ()) -> str | None:
     """The first class name that appears as whole words in `prompt` (learned tokens removed), its
-    words joined by spaces, underscores or hyphens, singular or with a plural -s/-es."""
+    words joined by spaces, underscores or hyphens, singular or (names of 3 letters or more, so
+    that a class `it` does not refuse "its") with a plural -s/-es."""
     text = prompt
     for tok in sorted(tokens, key=len, reverse=True):
         if tok:
             text = text.replace(tok, " ")
     for name in class_names:
         for variant in _variants(name):
-            pattern = (r"(?<![\w])" + re.escape(variant).replace(r"\ ", r"[\s_\-]+") + r"(?:e?s)?(?![\w])")
+            plural = r"(?:e?s)?" if len(variant) >= 3 else ""
+            pattern = r"(?<![\w])" + re.escape(variant).replace(r"\ ", r"[\s_\-]+") + plural + r"(?![\w])"
             if re.search(pattern, text, flags=re.IGNORECASE):
                 return name
     return None

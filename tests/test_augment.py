@@ -315,6 +315,7 @@ def test_leak_check_matches_case_underscore_and_space_variants_as_whole_words():
         assert find_leak(prompt, names, toks) is not None, prompt
     for prompt in ("a photo of a <T-shirt>", "dogsled", "a doge", "shirts"):
         assert find_leak(prompt, names, toks) is None, prompt
+    assert find_leak("a photo of <it> in its habitat", ["it"], ["<it>"]) is None  # short names: no plural
 
 
 def test_missing_or_malformed_embeddings_are_errors(setup, tmp_path):

@@ -101,13 +101,16 @@ def test_runs_of_one_method_differing_in_a_train_field_or_the_synthetic_set_are_
     assert _setting({"method": "baseline", "alpha": 0.0, "config": {"seed": 2}}, None) == runs[0]["setting"]
     # the synthetic set: M and the guidance scale count, the augment seed does not
     made = []
-    for i, (m, seed) in enumerate(((10, 0), (10, 1), (5, 0))):
+    for i, (m, seed, erased) in enumerate(((10, 0, None), (10, 1, None), (5, 0, None), (10, 0, {"cat": "e1"}))):
         synthetic = str(tmp_path / f"aug{i}")
-        storage.write_manifest(synthetic, {"stage": "augment", "mode": "da_fusion",
+        storage.write_manifest(synthetic, {"stage": "augment", "mode": "da_fusion", "erasure_fingerprints": erased,
                                            "config": {"num_augmentations": m, "seed": seed}})
         made.append({"method": "da_fusion", "setting": _setting(
             {"method": "da_fusion", "alpha": 0.5, "synthetic": synthetic, "config": {}}, None)})
-    assert _line_labels(made) == ["da_fusion (num_augmentations 10)"] * 2 + ["da_fusion (num_augmentations 5)"]
+    labels = _line_labels(made)
+    assert labels[:3] == ["da_fusion (num_augmentations 10, erasure none)"] * 2 + [
+        "da_fusion (num_augmentations 5, erasure none)"]
+    assert labels[3].startswith("da_fusion (num_augmentations 10, erasure ") and labels[3] != labels[0]
 
 
 def test_results_md_names_seed_and_setting_and_averages_over_seeds():

@@ -413,3 +413,18 @@ def test_per_class_seeds_are_hashed_not_added():
     assert class_seed(1, "cat") != class_seed(0, "dog")  # `seed + label` made these equal
     assert class_seed(0, "cat") == class_seed(0, "cat") and class_seed(0, "cat") != class_seed(1, "cat")
     assert len({class_seed(s, c) for s in range(10) for c in ("cat", "dog", "fox")}) == 30
+
+
+def test_a_class_draws_prompts_from_the_templates_it_was_given(tiny_model):
+    """learn_tokens hands each class the data set's safe templates; its prompts come from those only."""
+    from diffusers import DDPMScheduler
+
+    from ray_dafusion.inversion import _ClassDraws
+
+    pipe = _pipe(tiny_model)
+    draws = _ClassDraws(["<eight>"], torch.zeros(2, 2, 4, 8, 8), torch.ones(2, 2, 4, 8, 8), np.random.default_rng(0),
+                        torch.Generator().manual_seed(0), templates=("a dark photo of the {}",))
+    *_, input_ids = draws.batch(_cfg(batch_size=8), pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config),
+                                1.0, torch.device("cpu"))
+    texts = pipe.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    assert len(texts) == 8 and all(t.startswith("a dark photo of the") for t in texts), texts

@@ -536,6 +536,10 @@ def test_a_streamed_pass_shuffles_the_rows_it_chose():
     assert sorted(str(i).split("-")[0] for c in chunks for i in c[3]) == sorted(real["id"])  # each real id once
     kinds = [set((c[2] >= 0).tolist()) for c in chunks]
     assert len(chunks) == 4 and sum(kind == {True, False} for kind in kinds) >= 3, kinds
+    # a buffer smaller than what a pass chooses: drawn from while the blocks stream, nothing lost or repeated
+    small = list(_stream_pass(shard, cfg.replace(shuffle_buffer=8), loop, make_transform(8, True), 0, 0, 6, 0, False))
+    assert sorted(str(i).split("-")[0] for c in small for i in c[3]) == sorted(real["id"])
+    assert [len(c[3]) for c in small] == [6, 6, 6, 6]
 
 
 def test_shipped_train_yaml_parses():
