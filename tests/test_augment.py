@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -88,13 +89,22 @@ def setup(tmp_path, make_real, tiny_model):
 # ---- the actor on its own ------------------------------------------------------------------
 
 
-def test_call_without_ray_writes_one_file_and_returns_a_summary(setup):
+def test_call_without_ray_writes_one_file_and_returns_a_summary(setup, monkeypatch):
+    from ray_dafusion import models
+
     real, _, cfg = setup
     c = cfg()
+    load = models.load_pipeline
+
+    def slow_load(*args, **kwargs):  # a model load that takes 0.3 s: billed with the first batch
+        time.sleep(0.3)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_pipeline", slow_load)
     aug = DiffusionAugmenter(c, schema.read_class_table(real))
     summary = aug(_real_rows(real)).to_pylist()
     assert len(summary) == 1 and summary[0]["rows"] == 4 * M and summary[0]["errors"] == 0
-    assert summary[0]["setup_seconds"] > 0  # the model load is billed, with the first batch only
+    assert summary[0]["setup_seconds"] >= 0.3  # the model load is billed, with the first batch only
     assert aug(_real_rows(real).slice(0, 0)).to_pylist()[0]["setup_seconds"] == 0.0
     files = storage.list_files(storage.join(c.output, "data"), ".parquet")
     assert [os.path.basename(f) for f in files] == [summary[0]["file"]]
@@ -601,11 +611,15 @@ def test_an_erasure_changed_since_the_driver_planned_is_refused_by_the_worker(se
 def test_the_actor_pool_may_lose_actors_while_they_start(ray_session, setup):
     from ray_dafusion.augment import _map_augmenter
 
+    import ray.data
+
     real, _, cfg = setup
+    before = ray.data.DataContext.get_current().max_consecutive_actor_init_deaths
     ds = storage.ray_dataset(storage.list_files(storage.join(real, "train"), ".parquet"), None, None)
     mapped = _map_augmenter(ds, cfg(max_restarts=5), schema.read_class_table(real), {},
                             {"model": "m", "embeddings": "e"}, None, 1, {})
-    assert mapped.context.max_consecutive_actor_init_deaths == 5  # this run's own context
+    assert mapped.context.max_consecutive_actor_init_deaths == 5 != before  # this run's own context
+    assert ray.data.DataContext.get_current().max_consecutive_actor_init_deaths == before  # no leak into later runs
 
 
 def test_tokens_and_erasures_of_another_model_or_data_set_are_refused(setup, tmp_path, monkeypatch):

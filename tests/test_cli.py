@@ -113,7 +113,7 @@ def test_a_local_output_on_a_cluster_of_several_machines_is_warned_about(monkeyp
     import ray
 
     from ray_dafusion import cli, plan
-    from ray_dafusion.config import PipelineConfig, ScoreConfig, TrainConfig
+    from ray_dafusion.config import IngestConfig, PipelineConfig, ScoreConfig, TrainConfig
 
     laptop = plan.ClusterCapacity(nodes=[{"CPU": 2.0}])
     scaling = plan.ClusterCapacity(nodes=[{"CPU": 0.0}], can_add=[({"CPU": 8.0}, 8)], autoscaling=True)
@@ -127,6 +127,8 @@ def test_a_local_output_on_a_cluster_of_several_machines_is_warned_about(monkeyp
         (["a", "b"], laptop, PipelineConfig(workdir="runs/x"), True),
         (["a", "b"], laptop, ScoreConfig(synthetic="runs/x/synthetic"), True),  # score writes under it
         (["a", "b"], laptop, TrainConfig(output="s3://bucket/t", real="runs/x/real"), True),  # read on every node
+        (["a", "b"], laptop, IngestConfig(source="data/x", output="s3://bucket/r"), True),
+        (["a", "b"], laptop, IngestConfig(source="s3://bucket/src", output="s3://bucket/r"), False),
     ]
     for hosts, cap, cfg, warned in cases:
         caplog.clear()

@@ -101,16 +101,21 @@ def test_runs_of_one_method_differing_in_a_train_field_or_the_synthetic_set_are_
     assert _setting({"method": "baseline", "alpha": 0.0, "config": {"seed": 2}}, None) == runs[0]["setting"]
     # the synthetic set: M and the guidance scale count, the augment seed does not
     made = []
-    for i, (m, seed, erased) in enumerate(((10, 0, None), (10, 1, None), (5, 0, None), (10, 0, {"cat": "e1"}))):
+    sets = ((10, 0, 7.5, None), (10, 1, 7.5, None), (5, 0, 7.5, None), (10, 0, 7.5, {"cat": "e1"}),
+            (10, 1, 7.5, {"cat": "e1"}), (10, 0, 7.5, {"cat": "e2"}), (10, 0, 3.0, None))
+    for i, (m, seed, guidance, erased) in enumerate(sets):
         synthetic = str(tmp_path / f"aug{i}")
         storage.write_manifest(synthetic, {"stage": "augment", "mode": "da_fusion", "erasure_fingerprints": erased,
-                                           "config": {"num_augmentations": m, "seed": seed}})
+                                           "config": {"num_augmentations": m, "seed": seed,
+                                                      "guidance_scale": guidance}})
         made.append({"method": "da_fusion", "setting": _setting(
             {"method": "da_fusion", "alpha": 0.5, "synthetic": synthetic, "config": {}}, None)})
     labels = _line_labels(made)
-    assert labels[:3] == ["da_fusion (num_augmentations 10, erasure none)"] * 2 + [
-        "da_fusion (num_augmentations 5, erasure none)"]
-    assert labels[3].startswith("da_fusion (num_augmentations 10, erasure ") and labels[3] != labels[0]
+    assert labels[0] == labels[1] == "da_fusion (num_augmentations 10, guidance_scale 7.5, erasure none)"
+    assert labels[2] == "da_fusion (num_augmentations 5, guidance_scale 7.5, erasure none)"
+    assert labels[3] == labels[4] != labels[0]  # the same erasure (by content) on two seeds: one setting
+    assert labels[5] not in (labels[0], labels[3])  # another erasure: another setting
+    assert labels[6] == "da_fusion (num_augmentations 10, guidance_scale 3.0, erasure none)"
 
 
 def test_results_md_names_seed_and_setting_and_averages_over_seeds():

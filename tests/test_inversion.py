@@ -428,3 +428,20 @@ def test_a_class_draws_prompts_from_the_templates_it_was_given(tiny_model):
                                 1.0, torch.device("cpu"))
     texts = pipe.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
     assert len(texts) == 8 and all(t.startswith("a dark photo of the") for t in texts), texts
+
+
+def test_learn_tokens_hands_its_templates_to_every_class(tiny_model, monkeypatch):
+    from ray_dafusion import inversion
+
+    given = []
+
+    class Spy(inversion._ClassDraws):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            given.append(tuple(self.templates))
+
+    monkeypatch.setattr(inversion, "_ClassDraws", Spy)
+    templates = ("a dark photo of the {}", "a rendition of a {}")
+    learn_tokens(_pipe(tiny_model), {"<cat>": _images(), "<dog>": _images(seed=1)}, _cfg(steps=1),
+                 {"<cat>": 0, "<dog>": 1}, templates)
+    assert given == [templates, templates]

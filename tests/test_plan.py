@@ -161,6 +161,16 @@ def test_a_stage_called_without_ray_init_starts_ray_as_ray_data_would(monkeypatc
     assert calls == [((), {})]  # Ray's defaults: RAY_ADDRESS, a running local Ray, else a new one
     plan.capacity()
     assert len(calls) == 1  # connected: never again
+    # RAY_ENABLE_AUTO_CONNECT=0 turns it off, as for Ray; also where Ray's private hook cannot be imported
+    calls.clear()
+    monkeypatch.setattr(auto_init_hook, "enable_auto_connect", False)
+    with pytest.raises(RuntimeError, match="not been started"):
+        plan.capacity()
+    monkeypatch.setenv("RAY_ENABLE_AUTO_CONNECT", "0")
+    monkeypatch.setitem(__import__("sys").modules, "ray._private.auto_init_hook", None)  # import fails
+    with pytest.raises(RuntimeError, match="not been started"):
+        plan.capacity()
+    assert calls == []
 
 
 def test_capacity_of_the_session_cluster(ray_session):
@@ -266,3 +276,6 @@ def test_a_run_pruning_its_checkpoints_still_shows_progress(tmp_path, caplog):
             (tmp_path / f"checkpoint_{epoch:06d}").mkdir()
             shutil.rmtree(tmp_path / f"checkpoint_{epoch - 2:06d}")
     assert "no epoch finished for" not in caplog.text
+    with Watchdog("train", "epoch", 0.6, probe=probe, poll_seconds=0.05):  # the same probe, nothing new: a stall
+        time.sleep(1.0)
+    assert "no epoch finished for" in caplog.text

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray_dafusion.runinfo import CostMeter, max_rss_bytes, versions
+from ray_dafusion.runinfo import CostMeter, max_rss_bytes, rss_bytes, versions
 
 
 def test_versions_name_every_package_that_shapes_an_output():
@@ -22,3 +22,9 @@ def test_a_stage_does_not_report_an_earlier_stages_peak_memory():
     assert 0 < reported < peak - 400 * 2**20
     meter.add_actor_seconds(1.0, 1.0, peak_memory=peak)  # a worker's peak still counts
     assert meter.report()["peak_memory_bytes"] == peak
+    # a stage that raises the driver's peak itself reports that peak
+    meter = CostMeter()
+    more = bytearray(max_rss_bytes() - rss_bytes() + 300 * 2**20)
+    more[::4096] = b"\x01" * len(more[::4096])
+    del more
+    assert meter.report()["peak_memory_bytes"] >= max_rss_bytes() > peak

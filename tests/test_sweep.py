@@ -186,10 +186,11 @@ def test_the_plot_says_what_its_bars_are_and_draws_none_for_one_seed():
     fig = _figure(summarize(_runs([0])))
     ax = fig.axes[0]
     assert ax.get_title() == "mean over seeds; bars: 95% t-interval over seeds; none with 1 seed"
-    assert all(len(seg) == 0 for c in ax.containers for seg in c[2][0].get_segments())  # not a bar of zero height
+    assert ax.containers and all(len(seg) == 0 for c in ax.containers for seg in c[2][0].get_segments())  # no zero bar
     fig = _figure(summarize(_runs([0, 1, 2])))
     assert fig.axes[0].get_title() == "mean over seeds; bars: 95% t-interval over seeds"
-    assert all(len(seg) == 2 for c in fig.axes[0].containers for seg in c[2][0].get_segments())
+    bars = [seg for c in fig.axes[0].containers for seg in c[2][0].get_segments()]
+    assert len(fig.axes[0].containers) == len(ax.containers) and bars and all(len(seg) == 2 for seg in bars)
 
 
 def test_a_summary_of_another_plan_is_named_at_the_start(tmp_path, caplog):

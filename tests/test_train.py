@@ -540,6 +540,10 @@ def test_a_streamed_pass_shuffles_the_rows_it_chose():
     small = list(_stream_pass(shard, cfg.replace(shuffle_buffer=8), loop, make_transform(8, True), 0, 0, 6, 0, False))
     assert sorted(str(i).split("-")[0] for c in small for i in c[3]) == sorted(real["id"])
     assert [len(c[3]) for c in small] == [6, 6, 6, 6]
+    from ray_dafusion import mixing
+
+    assert mixing.keep_mask(real["source_id"], real["aug_index"], loop["candidates"], 3, 0, 0.5, 0).sum() >= 8
+    assert set((small[0][2] >= 0).tolist()) == {False}  # drawn while only the real block had arrived
 
 
 def test_shipped_train_yaml_parses():
