@@ -403,8 +403,10 @@ def _decode(batch: dict[str, np.ndarray], endpoint_url: Optional[str], max_size:
             error = "image file listed by the annotations does not exist"
         except ValueError as exc:
             error = str(exc)
-        except OSError as exc:
+        except (PermissionError, IsADirectoryError) as exc:  # the file itself: quarantined with the reason
             error = f"unreadable file ({exc})"
+        # any other OSError (storage throttled, connection dropped, credentials refused) is the store's,
+        # not the image's: it fails the task (Ray retries it) instead of dropping the image for good
         out["key"].append(str(key))
         out["class_name"].append(str(cls))
         out["data"].append(data)

@@ -127,8 +127,9 @@ def _decode(batch: dict[str, np.ndarray], resolution: int, endpoint_url: Optiona
             pixels = np.asarray(image, dtype=np.uint8).tobytes()
             grey = image.convert("L").resize((FEATURE_SIZE, FEATURE_SIZE), Image.BILINEAR)
             thumb = (np.asarray(grey, dtype=np.float32) / 255.0).tobytes()
-        except (ValueError, OSError) as exc:
+        except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:  # the image's own fault
             error = str(exc)
+        # another OSError (a storage failure) fails the task, so Ray retries it: the image is not dropped
         out["uri"].append(uri)
         out["pixels"].append(pixels)
         out["thumb"].append(thumb)

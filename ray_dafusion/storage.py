@@ -241,8 +241,8 @@ def list_files(uri: str, suffix: str = "", endpoint_url: Optional[str] = None, r
 def delete(uri: str, endpoint_url: Optional[str] = None) -> None:
     """Remove a file or a directory tree; missing is fine."""
     fs, path = resolve(uri, endpoint_url)
-    info = fs.get_file_info(path)
     try:
+        info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
             fs.delete_dir(path)
         elif info.type == pafs.FileType.File:
@@ -454,7 +454,12 @@ def ensure_fresh_output(
         raise StorageError(f"{uri} holds a {owner} output, not a {stage} one; choose another output "
                            "(overwrite never deletes another stage's output)")
     previous = (manifest or {}).get("config_fingerprint") or (run or {}).get("config_fingerprint")
-    if previous is not None and previous != config_fp:
+    wrote_nothing = manifest is None and run is not None and previous != config_fp and \
+        all(f == run_uri for f in _foreign_files(uri, endpoint_url))
+    if wrote_nothing:  # a run stopped by its first checks (a bad input): nothing to keep, so the corrected
+        # config starts afresh instead of being refused as another config's output
+        log.info("%s: replacing the record of a %s run that wrote nothing (fingerprint %s)", uri, stage, previous)
+    if previous is not None and previous != config_fp and not wrote_nothing:
         if not overwrite:
             changed = _changes((run or {}).get("made_of"), made_of)
             raise StorageError(
@@ -514,8 +519,20 @@ def _short(text: Optional[str]) -> str:
 
 
 def delete_output(uri: str, endpoint_url: Optional[str] = None) -> None:
-    """Delete a stage's output directory, keeping this process's lease on it."""
+    """Delete a stage's output directory, keeping this process's lease on it: its manifest first (a
+    half-deleted output is never complete), its run record last (a delete stopped halfway leaves an
+    output that names its stage and config, which overwrite deletes again, not a foreign folder
+    every run refuses)."""
     held = _LEASES.get(_lease_key(uri, endpoint_url))
+    delete(join(uri, MANIFEST), endpoint_url)
+    fs, path = resolve(uri, endpoint_url)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except Exception as exc:
+        raise _wrap(uri, exc) from None
+    for entry in sorted(entries, key=lambda e: e.path):
+        if posixpath.basename(entry.path) not in (RUN_RECORD, LEASE):
+            delete(join(uri, posixpath.basename(entry.path)), endpoint_url)
     delete(uri, endpoint_url)
     if held is not None:
         held.write()
@@ -672,12 +689,21 @@ def lease(uri: str, stage: str, endpoint_url: Optional[str] = None, ttl: float =
             mine.made_dirs.append(missing)
             missing = os.path.dirname(missing)
         os.makedirs(os.path.dirname(local_path), exist_ok=True)
+        # the record is written whole to a file of its own, then linked into place: the link is the
+        # exclusive create, and no lease file is ever seen empty (a crash between create and write
+        # left one that read as "being written" forever)
+        tmp = _tmp_name(local_path)  # a temp file name the overwrite and emptiness checks know
         try:
-            fd = os.open(local_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with open(tmp, "x") as f:
+                json.dump(mine.record(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, local_path)
         except FileExistsError:
             raise LeaseError(_held_message(uri, _read_lease(path, endpoint_url))) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine.record(), f)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     else:  # object stores: write, let a concurrent writer land, and see who won (the last write)
         mine.write()
         time.sleep(_LEASE_SETTLE_SECONDS)
@@ -698,13 +724,17 @@ def lease(uri: str, stage: str, endpoint_url: Optional[str] = None, ttl: float =
 
 
 def _read_lease(path: str, endpoint_url: Optional[str]) -> Optional[dict[str, Any]]:
-    """The lease record, None when there is none; a file caught half-written counts as fresh."""
+    """The lease record, None when there is none; a file that is not a record (caught half-written,
+    or left empty by an older version's crash) is as old as its last modification."""
     try:
         return read_json(path, endpoint_url)
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError):
-        return {"heartbeat_at": time.time(), "host": "unknown (lease being written)", "pid": "?"}
+        fs, local = resolve(path, endpoint_url)
+        info = fs.get_file_info(local)
+        modified = info.mtime.timestamp() if info.mtime is not None else time.time()
+        return {"heartbeat_at": modified, "host": "unknown (lease being written)", "pid": "?"}
 
 
 def leased(stage: str, uri_of: Callable[[Any], str] = lambda cfg: cfg.output):

@@ -508,3 +508,25 @@ def test_a_subset_of_a_pool_equals_a_direct_ingest(tmp_path):
     with pytest.raises(ValueError, match="examples_per_class: null to take k-shot subsets"):
         ingest(IngestConfig(source=str(tmp_path / "direct-1-0"), format="real", output=str(tmp_path / "x"),
                             examples_per_class=1))
+
+
+def test_a_storage_failure_is_not_quarantined_as_a_bad_image(monkeypatch, tmp_path):
+    """A throttled or dropped read is the store's failure: the task fails (Ray retries it) instead of
+    the image being quarantined and lost for good; a file that is not an image is quarantined."""
+    import numpy as np
+
+    from ray_dafusion import pretrain, storage
+    from ray_dafusion.ingest import _decode
+
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    batch = {"key": np.array(["k"]), "uri": np.array([str(tmp_path / "junk.png")]), "class_name": np.array(["cat"])}
+    assert "not a readable image" in _decode(batch, None, None)["error"][0]
+
+    def throttled(uri, endpoint_url=None):
+        raise storage.StorageError(f"{uri}: SlowDown (throttled)")
+
+    monkeypatch.setattr(storage, "read_bytes", throttled)
+    with pytest.raises(storage.StorageError, match="SlowDown"):
+        _decode(batch, None, None)
+    with pytest.raises(storage.StorageError, match="SlowDown"):
+        pretrain._decode({"uri": np.array([str(tmp_path / "junk.png")])}, 8, None)

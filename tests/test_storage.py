@@ -1,5 +1,6 @@
 """Storage: local, file:// and s3:// (a real loopback S3 server) behave the same."""
 
+import json
 import os
 
 import pyarrow as pa
@@ -74,6 +75,7 @@ def test_a_refusal_names_the_fields_and_inputs_that_changed(root):
     before = AugmentConfig(real="runs/a/real", output=root, seed=0, strengths=[0.25, 0.5])
     made_of = config_record(before, model="m1", real={"config_fingerprint": "r1", "classes": ["cat"]})
     storage.ensure_fresh_output(root, "augment", storage.fingerprint(made_of), False, made_of=made_of)
+    storage.write_bytes(storage.join(root, "data", "part-0.parquet"), b"data")  # a run that wrote some output
     after = before.replace(real="runs/b/real", strengths=[0.25, 0.75], batch_size=99)  # batch_size: a resource
     changed = config_record(after, model="m1", real={"config_fingerprint": "r2", "classes": ["cat"]})
     with pytest.raises(storage.StorageError) as refused:
@@ -85,6 +87,17 @@ def test_a_refusal_names_the_fields_and_inputs_that_changed(root):
     storage.write_json(storage.join(root, storage.RUN_RECORD), {"stage": "augment", "config_fingerprint": "old"})
     with pytest.raises(storage.StorageError, match=r"different config \(fingerprint old, now "):
         storage.ensure_fresh_output(root, "augment", storage.fingerprint(changed), False, made_of=changed)
+
+
+def test_a_run_that_wrote_nothing_does_not_hold_its_output_to_its_config(root):
+    """A first run stopped by its own checks (e.g. 'set allow_fewer: true') left only its record:
+    the corrected config starts afresh instead of being refused as another config's output."""
+    assert storage.ensure_fresh_output(root, "ingest", "fp1", overwrite=False) is None
+    assert storage.ensure_fresh_output(root, "ingest", "fp2", overwrite=False) is None
+    assert storage.read_json(storage.join(root, storage.RUN_RECORD))["config_fingerprint"] == "fp2"
+    storage.write_bytes(storage.join(root, "train", "part-0.parquet"), b"data")  # now it wrote something
+    with pytest.raises(storage.StorageError, match="different config"):
+        storage.ensure_fresh_output(root, "ingest", "fp3", overwrite=False)
 
 
 def test_absolute_keeps_a_file_uri_and_makes_its_path_absolute(tmp_path, monkeypatch):
@@ -320,6 +333,24 @@ def test_a_lease_from_another_host_lives_by_its_heartbeat(tmp_path):
         pass
 
 
+def test_a_lease_file_left_empty_ages_by_its_modification_time(tmp_path):
+    """A crash between creating a lease file and writing it (an older version wrote in two steps)
+    left an empty file that read as "being written" forever; it is as old as its last write."""
+    import time
+
+    uri = str(tmp_path / "out")
+    os.makedirs(uri)
+    empty = os.path.join(uri, "_lease.json")
+    open(empty, "w").close()
+    with pytest.raises(storage.LeaseError, match="being written"):  # fresh: maybe a driver writing it now
+        with storage.lease(uri, "train"):
+            pass
+    os.utime(empty, (time.time() - 3600, time.time() - 3600))
+    with storage.lease(uri, "train"):  # an hour old: taken over
+        assert json.load(open(empty))["stage"] == "train"  # written whole, in one step
+    assert os.listdir(uri) == []
+
+
 def test_a_stage_refuses_an_output_another_driver_holds(ray_session, make_real, tmp_path):
     from ray_dafusion import IngestConfig
     from ray_dafusion.ingest import ingest
@@ -355,3 +386,28 @@ def test_ray_dataset_reads_the_files_without_a_footer_reader_pool(root, ray_sess
     assert ds._logical_plan.dag.name == "ReadParquet"  # Ray Data's default here: ReadFilesParquetV2
     assert sorted(ds.take_all(), key=lambda r: r["id"]) == [
         {"id": "0a", "v": 0}, {"id": "0b", "v": 10}, {"id": "1a", "v": 1}, {"id": "1b", "v": 11}]
+
+
+def test_an_overwrite_stopped_halfway_leaves_an_output_overwrite_can_delete(root, monkeypatch):
+    """The manifest goes first (never complete when half-deleted), the run record last: a delete
+    stopped after the first folder leaves the record, so the next overwrite deletes the rest."""
+    assert storage.ensure_fresh_output(root, "t", "fp1", overwrite=False) is None
+    for rel in ("a/part-0.parquet", "b/part-0.parquet"):
+        storage.write_bytes(storage.join(root, *rel.split("/")), b"data")
+    storage.write_manifest(root, {"stage": "t", "config_fingerprint": "fp1"})
+    real_delete, deleted = storage.delete, []
+
+    def stops_after_two(uri, endpoint_url=None):
+        if len(deleted) == 2:
+            raise KeyboardInterrupt
+        deleted.append(uri)
+        real_delete(uri, endpoint_url)
+
+    monkeypatch.setattr(storage, "delete", stops_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        storage.ensure_fresh_output(root, "t", "fp2", overwrite=True)
+    monkeypatch.setattr(storage, "delete", real_delete)
+    assert deleted == [storage.join(root, "manifest.json"), storage.join(root, "a")]
+    assert storage.read_manifest(root) is None and storage.exists(storage.join(root, "b", "part-0.parquet"))
+    storage.ensure_fresh_output(root, "t", "fp2", overwrite=True)  # the record names it: deleted again
+    assert not storage.exists(storage.join(root, "b", "part-0.parquet"))
