@@ -698,7 +698,13 @@ def lease(uri: str, stage: str, endpoint_url: Optional[str] = None, ttl: float =
                 json.dump(mine.record(), f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.link(tmp, local_path)
+            try:
+                os.link(tmp, local_path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: an exclusive create, then the record
+                with open(local_path, "x") as f:
+                    json.dump(mine.record(), f)
         except FileExistsError:
             raise LeaseError(_held_message(uri, _read_lease(path, endpoint_url))) from None
         finally:
