@@ -5,13 +5,15 @@ cache, the streamed pass, validation): PNG decode, resize, random flip and rotat
 when on, float conversion; and "in step", what the threads do when the training step finishes the
 transform on a GPU (`augment_in_step`, the default there): decode, resize and the random draws only. Sources are smooth random PNGs of `--source-size` px made here, the
 output `--image-size` px. Per setting: rows/s over `--repeats` batches of `--batch-size` rows after
-one untimed batch, with `--threads` decoding threads (the train config's `decode_threads`).
+one untimed batch, with `--threads` decoding threads (the train config's `decode_threads`), and
+with `--processes`, in that many Ray tasks of one CPU each (`decode_processes`: separate
+processes, so no interpreter lock shared between them).
 
 On a GPU node this says whether the CPUs can feed the model: ResNet-50 at 224 px on one H200
 took 1716 samples/s from preloaded tensors (docs/benchmarks.md), so the stream needs at least that
 many rows/s from the threads a worker has.
 
-    python benchmarks/decode_rate.py --threads 1,2 --image-size 224 --source-size 160
+    python benchmarks/decode_rate.py --threads 1,2 --processes 1,2 --image-size 224 --source-size 160
     PYTHONPATH=<another checkout> python benchmarks/decode_rate.py ...   # the same for other code
 """
 
@@ -61,6 +63,31 @@ def rate(image_bytes: np.ndarray, image_size: int, threads: int, randaugment: bo
     return repeats * n / (time.perf_counter() - start)
 
 
+def process_rate(image_bytes: np.ndarray, image_size: int, processes: int, randaugment: bool, repeats: int,
+                 in_step: bool = False) -> float:
+    """Rows/s of the same work in Ray tasks of one CPU each (`decode_processes`): the train stage's
+    `_decoded_ahead`, `processes` batches at a time, over `repeats` x `processes` batches after two
+    untimed rounds (which start the worker processes)."""
+    from ray_dafusion.classifier import make_transform
+    from ray_dafusion.config import TrainConfig
+    from ray_dafusion.train import _decoded_ahead
+
+    n = len(image_bytes)
+    transform = make_transform(image_size, True, rotation=15.0, hflip=True, randaugment=randaugment, fill=0)
+    rows = {"id": np.array([f"row-{i}" for i in range(n)], dtype=object), "image_bytes": image_bytes,
+            "label": np.zeros(n, dtype=np.int64), "aug_index": np.full(n, -1)}
+    cfg = TrainConfig(image_size=image_size, decode_processes=processes, prefetch_batches=1)
+
+    def run(batches: int) -> None:
+        for _ in _decoded_ahead(((p, rows) for p in range(batches)), cfg, transform, 0, in_step):
+            pass
+
+    run(2 * processes)
+    start = time.perf_counter()
+    run(repeats * processes)
+    return repeats * processes * n / (time.perf_counter() - start)
+
+
 def finish_on_gpu(image_bytes: np.ndarray, image_size: int, repeats: int = 20) -> dict:
     """What the training step spends on a GPU finishing one batch (`train.batch_images`: the uint8
     copy to the GPU, flip, rotation, float), in ms, and how many output values differ from the
@@ -92,6 +119,8 @@ def main() -> None:
     p.add_argument("--threads", default="1,2", help="comma-separated decode_threads values")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--source-size", type=int, default=160)
+    p.add_argument("--processes", default="",
+                   help="comma-separated decode_processes values: the same work in Ray tasks (starts a local Ray)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--torch-threads", type=int, default=1,
@@ -99,6 +128,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
 
+    import ray
     import torch
 
     import ray_dafusion
@@ -106,6 +136,10 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     print(f"code: {os.path.dirname(ray_dafusion.__file__)}; {os.cpu_count()} CPUs; torch threads {args.torch_threads}")
     image_bytes = sources(args.batch_size, args.source_size)
+    if args.processes:  # started before any timing: its start-up work would slow the threads' rows too
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        time.sleep(5)
     from ray_dafusion.train import _transform_rows
 
     rows = []
@@ -118,6 +152,10 @@ def main() -> None:
             r = rate(image_bytes, args.image_size, threads, randaugment, args.repeats, in_step)
             rows.append({"transform": name, "threads": threads, "rows_per_s": r})
             print(f"{name:<14} threads {threads:>2}: {r:8.1f} rows/s", flush=True)
+        for processes in [int(n) for n in args.processes.split(",") if n]:
+            r = process_rate(image_bytes, args.image_size, processes, randaugment, args.repeats, in_step)
+            rows.append({"transform": name, "processes": processes, "rows_per_s": r})
+            print(f"{name:<14} processes {processes:>2}: {r:8.1f} rows/s", flush=True)
     if torch.cuda.is_available():
         rows.append({"transform": "finish on GPU", **finish_on_gpu(image_bytes, args.image_size)})
         print(f"finish on GPU: {rows[-1]['ms_per_batch']:.2f} ms per batch of {args.batch_size} (copy included); "

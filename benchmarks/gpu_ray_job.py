@@ -22,9 +22,9 @@ measured bf16 GEMM ceiling (useful work only: the padded images of `pad_calls` a
 compile seconds (first batch minus its rows at the steady rate); the
 actor's peak GPU memory; the largest pixel difference against eager on the rows both generated.
 
-Then, if `--stages`: train (Ray Train, ResNet-50 at 224 px, use_gpu, `cache_mb: 0` so that every
-pass streams the alpha-mixed real+synthetic union from parquet through Ray Data, as growth.py
-measures it), evaluate and score on the GPU, one line each, on the synthetic rows of fast (else
+Then, if `--stages`: train (Ray Train, ResNet-50 at 224 px, use_gpu, the alpha-mixed real+synthetic
+union in the workers' row cache as the stage does for a union this small, batches decoded in Ray
+tasks, `decode_processes`; the streamed path's rate is train_overhead.py's), evaluate and score on the GPU, one line each, on the synthetic rows of fast (else
 compiled, else eager) and the real set that synthetic set was made from (its manifest's `real`).
 With `--configs ""` they use the synthetic sets of the latest call that made any
 (`<workdir>/latest.json`); the real sets (`<workdir>/real-n<rows>-s<size>`, one per
@@ -221,7 +221,7 @@ def pixel_difference(work: str, a: str, b: str) -> dict:
 
 
 def stages(real: str, synthetic: str, run_dir: str, args: argparse.Namespace) -> dict:
-    """Train (streamed: cache_mb 0), evaluate and score on the GPU, one line each, into `run_dir`."""
+    """Train (row cache, batches decoded in Ray tasks), evaluate and score on the GPU, one line each, into `run_dir`."""
     import shutil
 
     from ray_dafusion.config import EvaluateConfig, ScoreConfig, TrainConfig
@@ -235,13 +235,13 @@ def stages(real: str, synthetic: str, run_dir: str, args: argparse.Namespace) ->
     tcfg = TrainConfig(real=real, synthetic=synthetic, output=os.path.join(run_dir, "train"), method="da_fusion",
                        arch=arch, image_size=size, batch_size=32, epochs=2, iterations_per_epoch=args.train_steps,
                        num_workers=1, use_gpu=args.gpu, cpus_per_worker=4 if args.gpu else 0.5, backbone="finetune",
-                       decode_threads=4 if args.gpu else 1, cache_mb=0)
+                       decode_processes=4 if args.gpu else 1)
     tr = train(tcfg)
     if tr.optimizer_steps == 0 or not tr.metrics:
         raise StaleResult(f"{tr.output}: train took no optimiser step; its samples/s would not be measured")
     out["train"] = {"seconds": round(time.perf_counter() - start, 1), "cache_mb": tcfg.cache_mb, "result": _plain(tr),
                     "samples_per_s_by_epoch": [m.get("samples_per_s") for m in tr.metrics]}
-    print(f"train on GPU (streamed, cache_mb 0): {out['train']}", flush=True)
+    print(f"train on GPU (row cache, decode_processes {tcfg.decode_processes}): {out['train']}", flush=True)
     start = time.perf_counter()
     ev = evaluate(EvaluateConfig(real=real, runs=[tr.output], output=os.path.join(run_dir, "eval"),
                                  num_gpus=int(args.gpu), num_cpus=1))

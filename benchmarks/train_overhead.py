@@ -5,7 +5,8 @@ fractional CPUs). Only the batch source differs:
 
 * stream: the train stage's own path: parquet (real + M synthetic per real) -> Ray Data union ->
   streaming_split -> per-pass exact mixing filter on each block, a seeded shuffle buffer of the
-  chosen rows, decode and train transforms in a thread pool ahead of the step -> exact-size
+  chosen rows, decode and train transforms ahead of the step (in a thread pool, or with
+  `--decode-processes` in Ray tasks) -> exact-size
   batches cut across passes (on a GPU, as in the train stage, the threads decode,
   resize and draw, and the timed step finishes flips, rotations and float conversion on the GPU);
 * preloaded: the same rows, mixed, decoded and transformed once into tensors in worker memory
@@ -161,7 +162,8 @@ def _bench_loop(loop: dict) -> None:
     if ray.train.get_context().get_world_rank() == 0:  # V2 Result.metrics only carry checkpointed reports
         with open(loop["result_file"], "w") as f:
             json.dump({"samples_per_s": loop["steps"] * cfg.batch_size / timed, "seconds": timed,
-                       "torch_threads": torch.get_num_threads(), "decode_threads": cfg.decode_threads, "gpu_busy": busy,
+                       "torch_threads": torch.get_num_threads(), "decode_threads": cfg.decode_threads,
+                       "decode_processes": cfg.decode_processes, "gpu_busy": busy,
                        "channels_last": cfg.channels_last,
                        "step_s": times[loop["warmup"]:]}, f)
 
@@ -177,6 +179,7 @@ def run(mode: str, args, real: str, synth: str) -> dict:
                       batch_size=args.batch_size, backbone=args.backbone, num_workers=args.workers,
                       use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, alpha=args.alpha,
                       shuffle_buffer=max(64, args.batch_size * 4), decode_threads=args.decode_threads,
+                      decode_processes=args.decode_processes,
                       channels_last=not args.contiguous)
     cfg = cfg.replace(decode_threads=decode_thread_count(cfg))  # as the train stage hands its workers
     data = streaming_data(cfg, cfg.alpha)
@@ -210,6 +213,8 @@ def main() -> int:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--decode-threads", type=int, default=0,
                    help="train config decode_threads (rows decoded in parallel; 0, the default: one per whole CPU)")
+    p.add_argument("--decode-processes", type=int, default=0,
+                   help="train config decode_processes (Ray tasks of one CPU that decode batches; 0: the threads)")
     p.add_argument("--contiguous", action="store_true",
                    help="train config channels_last false on both sides (the stage's default is true)")
     p.add_argument("--backbone", default="finetune")
@@ -245,9 +250,10 @@ def main() -> int:
                   f"({metrics['seconds']:.1f}s; step s median {np.median(metrics['step_s']):.3f}; "
                   f"busy {metrics['gpu_busy']}; "
                   f"torch threads {metrics['torch_threads']}, decode threads {metrics['decode_threads']}, "
+                  f"decode processes {metrics['decode_processes']}, "
                   f"channels_last {metrics['channels_last']})", flush=True)
     stream, preloaded = float(np.median(results["stream"])), float(np.median(results["preloaded"]))
-    summary = {"decode_threads": metrics["decode_threads"], "channels_last": metrics["channels_last"], "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+    summary = {"decode_threads": metrics["decode_threads"], "decode_processes": metrics["decode_processes"], "channels_last": metrics["channels_last"], "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
                "steps": args.steps, "warmup": args.warmup, "alpha": args.alpha, "m": args.m, "backbone": args.backbone,
                "stream_samples_per_s": stream, "preloaded_samples_per_s": preloaded, "ratio": stream / preloaded,
                "runs": results, "busy_last_run": busy, "use_gpu": args.use_gpu}

@@ -372,6 +372,8 @@ class TrainConfig(StageConfig):
     """Train in the channels-last memory layout (faster convolutions on CPUs and on GPUs under AMP: 31.6 vs 46.0 ms per small_cnn step on one core, benchmarks/sweep_parts.py)."""
     decode_threads: int = resource(0)
     """Threads per training worker that decode and transform the images of a batch; 0: one per whole CPU the worker reserves (cpus_per_worker, at least 1). Any number trains the same bytes; on a GPU node fewer than the worker's CPUs feed the GPU fewer images."""
+    decode_processes: int = resource(0)
+    """Ray tasks (one CPU each, on the worker's node when it has CPUs free) that decode and transform a training worker's batches, up to this many batches at once; 0: threads in the training process (decode_threads). On a GPU node they leave the training process the step alone: threads share its interpreter and CPU time with it. Trains the same bytes either way."""
     augment_in_step: Optional[bool] = resource(None)
     """Where a batch's flips, rotations and float conversion run: in the training step on the training device (true) or in the decoding threads (false); null: in the step when training on a GPU, so the threads only decode and resize. The same images on a CPU; on a GPU up to a rare pixel on a rounding tie of the rotation. With RandAugment the whole transform stays in the threads."""
     cache_mb: float = resource(1024.0)
@@ -383,7 +385,7 @@ class TrainConfig(StageConfig):
 
     def validate(self) -> None:
         positive(self, "num_to_keep", "prefetch_batches", "shuffle_buffer", "iterations_per_epoch")
-        positive(self, "cache_mb", "decode_threads", allow_zero=True)
+        positive(self, "cache_mb", "decode_threads", "decode_processes", allow_zero=True)
         one_of(self, "method", TRAIN_METHODS)
         one_of(self, "arch", ARCHS)
         one_of(self, "backbone", BACKBONES)

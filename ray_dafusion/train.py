@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -527,25 +528,110 @@ def _cache_passes(cache: _RowCache, cfg: TrainConfig, loop: dict[str, Any], tran
     yield from _decoded_ahead(plan(), cfg, transform, epoch, in_step)
 
 
-def _decoded_ahead(plan: Iterator[tuple[int, dict[str, np.ndarray]]], cfg: TrainConfig, transform: Any, epoch: int,
+def _decode_chunk(transform: Any, image_size: int, seed: int, epoch: int, in_step: bool, threads: int,
+                  pass_index: int, rows: dict[str, np.ndarray]) -> tuple:
+    """One chunk of chosen rows decoded and transformed, each row's draws seeded by its id."""
+    seeds = [item_seed(seed, epoch, pass_index, str(i)) for i in rows["id"]]
+    return _transform_rows(transform, image_size, rows["image_bytes"], rows["label"], rows["aug_index"], rows["id"],
+                           seeds, pass_index, threads, in_step)
+
+
+def _decode_chunk_in_task(setup: tuple, pass_index: int, rows: dict[str, np.ndarray]) -> tuple[tuple, tuple, float]:
+    """A Ray task's side of `_TaskDecoder`: the chunk as numpy arrays (read from the object store
+    without a copy on the same node), which of them were tensors, and the task's seconds."""
+    import torch
+
+    start = time.perf_counter()
+    out = _decode_chunk(*setup, 1, pass_index, rows)
+    return (tuple(c.numpy() if isinstance(c, torch.Tensor) else c for c in out),
+            tuple(isinstance(c, torch.Tensor) for c in out), time.perf_counter() - start)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_task() -> Any:
+    import ray
+
+    return ray.remote(_decode_chunk_in_task)
+
+
+class _TaskDecoder:
+    """Chunks decoded in Ray tasks of one CPU each (`decode_processes`), preferably on this
+    worker's node: the training process then only masks, submits and steps. Threads in the training
+    process share its interpreter and CPU time with the step: on an H100 a ResNet-50 step slowed
+    from 38 to 84 ms beside 12 decoding threads (docs/benchmarks.md)."""
+
+    spent = 0.0
+    """Seconds the tasks of this process's decoders worked (their CPU for the stage's cost)."""
+
+    def __init__(self, transform: Any, cfg: TrainConfig, epoch: int, in_step: bool) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        plan._connect()  # the local runner (num_workers 0) may be the first to use Ray
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.task = _decode_task().options(num_cpus=1, scheduling_strategy=here, name="decode_rows")
+        self.setup = ray.put((transform, cfg.image_size, cfg.seed, epoch, in_step))
+        self.pending: collections.deque = collections.deque()
+
+    def submit(self, pass_index: int, rows: dict[str, np.ndarray]) -> None:
+        self.pending.append(self.task.remote(self.setup, pass_index, rows))
+
+    def next(self) -> tuple:
+        import ray
+        import torch
+
+        arrays, tensors, seconds = ray.get(self.pending.popleft())
+        _TaskDecoder.spent += seconds
+        # copies: arrays from the object store are read-only, and the batch is ours to keep
+        return tuple(torch.from_numpy(a.copy()) if t else a.copy() for a, t in zip(arrays, tensors))
+
+    def close(self) -> None:
+        import ray
+
+        for ref in self.pending:  # a stopped epoch (an error, a closed stream) leaves nothing running
+            ray.cancel(ref)
+        self.pending.clear()
+
+
+class _ThreadDecoder:
+    """Chunks decoded in this process: two chunks at a time, each over `decode_threads` threads."""
+
+    def __init__(self, transform: Any, cfg: TrainConfig, epoch: int, in_step: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.setup = (transform, cfg.image_size, cfg.seed, epoch, in_step, cfg.decode_threads)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        self.pending: collections.deque = collections.deque()
+
+    def submit(self, pass_index: int, rows: dict[str, np.ndarray]) -> None:
+        self.pending.append(self.pool.submit(_decode_chunk, *self.setup, pass_index, rows))
+
+    def next(self) -> tuple:
+        return self.pending.popleft().result()
+
+    def close(self) -> None:
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _decoded_ahead(planned: Iterator[tuple[int, dict[str, np.ndarray]]], cfg: TrainConfig, transform: Any, epoch: int,
                    in_step: bool) -> Iterator[tuple]:
-    """Transformed chunks of `plan`'s (pass, rows), each decoded in a thread pool while the ones
-    before it train (up to prefetch_batches ahead); every row's transform is seeded by its id."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def work(pass_index: int, rows: dict[str, np.ndarray]) -> tuple:
-        seeds = [item_seed(cfg.seed, epoch, pass_index, str(i)) for i in rows["id"]]
-        return _transform_rows(transform, cfg.image_size, rows["image_bytes"], rows["label"], rows["aug_index"],
-                               rows["id"], seeds, pass_index, cfg.decode_threads, in_step)
-
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
-        ahead: collections.deque = collections.deque()
-        for pass_index, rows in plan:
-            ahead.append(pool.submit(work, pass_index, rows))
-            if len(ahead) > cfg.prefetch_batches:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
+    """Transformed chunks of `planned` (pass, rows), in order, each decoded while the ones before it
+    train: up to prefetch_batches ahead in this process's threads, or with decode_processes, up to
+    that many (at least prefetch_batches) in Ray tasks. Every row's transform is seeded by its id, so
+    either way the same bytes are trained on."""
+    decoder = (_TaskDecoder if cfg.decode_processes else _ThreadDecoder)(transform, cfg, epoch, in_step)
+    ahead = max(cfg.prefetch_batches, cfg.decode_processes)
+    try:
+        for pass_index, rows in planned:
+            decoder.submit(pass_index, rows)
+            if len(decoder.pending) > ahead:
+                yield decoder.next()
+        while decoder.pending:
+            yield decoder.next()
+    finally:
+        decoder.close()
 
 
 def _stream_pass(shard: Any, cfg: TrainConfig, loop: dict[str, Any], transform: Any, epoch: int, rank: int,
@@ -614,7 +700,7 @@ def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: 
     loss_sum = seen = synthetic = steps = 0
     seen_rows: list[list[Any]] = []
     carry: list = []  # a streamed pass's rows short of a batch, trained at the head of the next pass
-    start = time.perf_counter()
+    start, spent = time.perf_counter(), _TaskDecoder.spent
     for segment, last in _segments(shard, cache, cfg, loop, transform, epoch, rank, local_batch, in_step):
         # uneven shards: a worker that runs out shadows the others' collectives until they finish
         segment_steps = 0
@@ -637,9 +723,11 @@ def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: 
     if cfg.debug_dir:
         _debug_write(cfg.debug_dir, f"optimizer-epoch{epoch}-rank{rank}-{os.getpid()}.json",
                      {"steps": steps, "optimizer": _state_digest(optimizer)})
-    loss_sum, seen, synthetic = _allreduce_sum([loss_sum, seen, synthetic], device)
+    loss_sum, seen, synthetic, decoding = _allreduce_sum([loss_sum, seen, synthetic, _TaskDecoder.spent - spent],
+                                                         device)
     (steps,) = _allreduce_max([steps], device)  # with Join, the longest worker's steps are everyone's
-    return {"loss_sum": loss_sum, "seen": seen, "synthetic": synthetic, "seconds": seconds, "steps": steps}
+    return {"loss_sum": loss_sum, "seen": seen, "synthetic": synthetic, "seconds": seconds, "steps": steps,
+            "decode_task_seconds": decoding}
 
 
 def _share_training_state(optimizer: Any, scaler: Any, steps: int, device: Any) -> None:
@@ -741,6 +829,8 @@ def _epoch_metrics(epoch: int, stats: dict[str, float], confusion: np.ndarray) -
         "steps": int(stats["steps"]),
         "val_mean_class_acc": float(per_class.mean()) if len(per_class) else 0.0,
         "val_top1": float(np.trace(confusion) / max(confusion.sum(), 1)),
+        **({"decode_task_seconds": round(float(stats["decode_task_seconds"]), 3)}
+           if stats.get("decode_task_seconds") else {}),  # decode_processes: the tasks' time, all workers
     }
 
 
@@ -1002,13 +1092,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     storage.ensure_fresh_output(run_uri, "train", config_fp, cfg.overwrite, ep, made_of)
 
     # 4. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
-    fitting = time.time()
+    fitting, trained_before = time.time(), _epochs_trained(run_uri, ep)
     result = _fit(cfg, name, data, alpha, randaugment)
     meter.add_actor_seconds((time.time() - fitting) * cfg.num_workers, cfg.cpus_per_worker,
                             1.0 if cfg.use_gpu else 0.0)  # the worker group held its reservation throughout
 
     # 5. results: best on val and the per-epoch history; the manifest last
-    out = _write_results(cfg, name, run_uri, data, result, alpha, randaugment, config_fp, started, meter)
+    out = _write_results(cfg, name, run_uri, data, result, alpha, randaugment, config_fp, started, meter,
+                         trained_before)
     acc = f"{out.best_val_mean_class_acc:.3f}" if out.best_val_mean_class_acc is not None else "n/a"
     log.info("%s: %d epochs (%d optimiser steps) on %d real + %d synthetic images, best val mean per-class "
              "accuracy %s; run, checkpoints and %s in %s (%.1fs)", name, out.epochs_completed, out.optimizer_steps,
@@ -1108,6 +1199,18 @@ def _fit(cfg: TrainConfig, name: str, data: StreamingData, alpha: float, randaug
     return _FitOutcome(_checkpoint_uri(cfg, result.checkpoint) if result.checkpoint is not None else None, best)
 
 
+def _epochs_trained(run_uri: str, ep: Optional[str]) -> int:
+    """Epochs held by the run's latest checkpoint before this call trains: 0 for a new run. Both
+    runners' checkpoint names sort by when they were made (checkpoint_<epoch>, checkpoint_<time>)."""
+    names = sorted(d for d in storage.list_dirs(run_uri, ep) if d.startswith("checkpoint_"))
+    for name in reversed(names):
+        try:
+            return len(storage.read_json(storage.join(run_uri, name, CHECKPOINT_META), ep)["history"])
+        except FileNotFoundError:  # one being written when an earlier call stopped
+            continue
+    return 0
+
+
 def _check_same_runner(cfg: TrainConfig, run_uri: str) -> None:
     """An unfinished run resumes only on the runner that started it: the local loop (num_workers 0)
     keeps its checkpoints in _local_checkpoints.json, Ray Train its own (checkpoint_<time>), and
@@ -1138,7 +1241,7 @@ def _ray_train(cfg: TrainConfig, name: str, data: StreamingData, loop: dict[str,
     plan.check("train", plan.Demand(
         "training workers", cfg.num_workers, {"CPU": cfg.cpus_per_worker, "GPU": 1.0 if cfg.use_gpu else 0.0, **pin},
         size_fields={"cpus_per_worker": cfg.cpus_per_worker, "num_gpus (use_gpu)": 1.0 if cfg.use_gpu else 0.0},
-        count_field=None, needs_data_tasks=not cache), cap)
+        count_field=None, needs_data_tasks=not cache or cfg.decode_processes > 0), cap)
     fs, path = storage.resolve(cfg.output, cfg.endpoint_url)
     run_config = RunConfig(
         name=name,
@@ -1160,12 +1263,16 @@ def _ray_train(cfg: TrainConfig, name: str, data: StreamingData, loop: dict[str,
 
 
 def _write_results(cfg: TrainConfig, name: str, run_uri: str, data: StreamingData, result: _FitOutcome, alpha: float,
-                   randaugment: bool, config_fp: str, started: float, meter: CostMeter) -> TrainResult:
-    """train_result.json (best checkpoint on val, history) and the manifest, last."""
+                   randaugment: bool, config_fp: str, started: float, meter: CostMeter,
+                   trained_before: int = 0) -> TrainResult:
+    """train_result.json (best checkpoint on val, history) and the manifest, last. The cost adds
+    the decoding tasks' seconds (decode_processes) of the epochs this call trained, those after
+    `trained_before`."""
     ep = cfg.endpoint_url
     history: list[dict[str, Any]] = []
     if result.latest is not None:  # the history rides in every checkpoint, so it survives resumes
         history = storage.read_json(storage.join(result.latest, CHECKPOINT_META), ep)["history"]
+    meter.add_task_seconds(sum(m.get("decode_task_seconds", 0.0) for m in history[trained_before:]), 1.0)
     best_uri, best_acc = None, None
     scored = [(m.get("val_mean_class_acc", -1.0), m.get("epoch", -1), c) for c, m in result.best]
     if scored:

@@ -158,10 +158,20 @@ def test_the_same_config_gives_the_same_checkpoint_bytes(ray_session, make_real,
     runs = [train(TrainConfig(**base, output=str(tmp_path / d))) for d in ("a", "b")]
     runs.append(train(TrainConfig(**{**base, "seed": 1}, output=str(tmp_path / "c"))))
     runs.append(train(TrainConfig(**{**base, "decode_threads": 3}, output=str(tmp_path / "d"))))
+    runs.append(train(TrainConfig(**{**base, "decode_processes": 2}, output=str(tmp_path / "g"))))
     weights = [storage.read_bytes(storage.join(r.best_checkpoint, "model.pt")) for r in runs]
     assert weights[0] == weights[1]
     assert weights[0] != weights[2]
     assert weights[0] == weights[3], "decoding threads changed what was trained on"
+    assert weights[0] == weights[4], "decoding in Ray tasks changed what was trained on"
+    # the tasks' time is in the epoch's metrics and in the stage's cost; the threads' is the worker's own
+    assert runs[4].metrics[0]["decode_task_seconds"] > 0 and "decode_task_seconds" not in runs[0].metrics[0]
+    # streamed from storage on every pass (cache_mb 0; its order follows the blocks' arrival, so
+    # not compared by bytes), decoded in Ray tasks, the step finishing the transform: exact per pass
+    debug = str(tmp_path / "debug")
+    train(TrainConfig(**{**base, "cache_mb": 0, "augment_in_step": True, "decode_processes": 2, "debug_dir": debug},
+                      output=str(tmp_path / "s")))
+    _check_exact(_epoch_rows(debug)[0][0][1], _real_ids(real), passes=2)
     # decode_threads 0 (the default): one thread per whole CPU the worker reserves
     from ray_dafusion import train as train_module
 
@@ -222,6 +232,49 @@ def test_the_training_step_can_finish_the_transform():
                 assert torch.equal(finished, x)
                 if drawn:
                     assert torch.equal(batch_images(transform, raw, drawn, cpu), x), "finishing changed its input"
+
+
+def test_epochs_trained_before_a_call_come_from_the_latest_checkpoint(tmp_path):
+    from ray_dafusion.classifier import CHECKPOINT_META
+    from ray_dafusion.train import _epochs_trained
+
+    run = str(tmp_path / "run")
+    assert _epochs_trained(run, None) == 0  # a new run
+    for epoch in range(3):
+        storage.write_json(os.path.join(run, f"checkpoint_{epoch:06d}", CHECKPOINT_META),
+                           {"epoch": epoch, "history": [{"epoch": e} for e in range(epoch + 1)]})
+    os.makedirs(os.path.join(run, "checkpoint_000003"))  # being written when the call stopped
+    os.makedirs(os.path.join(run, "other"))
+    assert _epochs_trained(run, None) == 3
+
+
+def test_ray_tasks_decode_the_same_chunks_as_threads(ray_session):
+    # decode_processes: chunks decoded in Ray tasks come back in order, the same tensors and arrays
+    # (uint8 images with each row's flip and angle when the step finishes them) as the threads make
+    from ray_dafusion import train as train_module
+
+    data = np.array(_random_pngs(10, seed=4), dtype=object)
+    rows = {"id": np.array([f"r{i}" for i in range(10)], dtype=object), "image_bytes": data,
+            "label": np.arange(10) % 3, "aug_index": np.array([-1, 0, 1, -1, 2, 0, -1, -1, 1, 0])}
+    chunks = [(p, {c: v[s:s + 3] for c, v in rows.items()}) for p, s in ((0, 0), (0, 3), (1, 6), (1, 9))]
+    tf = make_transform(24, True, rotation=30, hflip=True, fill=255)
+    for in_step in (False, True):
+        made = []
+        for processes in (0, 2):
+            cfg = TrainConfig(seed=7, image_size=24, prefetch_batches=1, decode_threads=2, decode_processes=processes)
+            made.append(list(train_module._decoded_ahead(iter(chunks), cfg, tf, 3, in_step)))
+        threads, tasks = made
+        assert [len(c[1]) for c in tasks] == [3, 3, 3, 1] and len(tasks[0]) == (7 if in_step else 5)
+        for a, b in zip(threads, tasks):
+            for x, y in zip(a, b):
+                assert type(x) is type(y)
+                assert torch.equal(x, y) if isinstance(x, torch.Tensor) else np.array_equal(x, y)
+        assert tasks[0][0].dtype == (torch.uint8 if in_step else torch.float32)
+        assert list(tasks[2][4]) == [1, 1, 1] and list(tasks[1][3]) == ["r3", "r4", "r5"]
+    # a stream stopped early cancels what it had asked for and leaves no task behind
+    stream = train_module._decoded_ahead(iter(chunks), cfg, tf, 3, True)
+    next(stream)
+    stream.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
