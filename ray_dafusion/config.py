@@ -373,7 +373,7 @@ class TrainConfig(StageConfig):
     decode_threads: int = resource(0)
     """Threads per training worker that decode and transform the images of a batch; 0: one per whole CPU the worker reserves (cpus_per_worker, at least 1). Any number trains the same bytes; on a GPU node fewer than the worker's CPUs feed the GPU fewer images."""
     decode_processes: int = resource(0)
-    """Ray tasks (one CPU each, on the worker's node when it has CPUs free) that decode and transform a training worker's batches, up to this many batches at once; 0: threads in the training process (decode_threads). On a GPU node they leave the training process the step alone: threads share its interpreter and CPU time with it. Trains the same bytes either way."""
+    """Ray tasks (one CPU each; Ray places them on the worker's node while it has CPUs free, else on another) that decode and transform a training worker's batches, this many batches at once; 0: threads in the training process (decode_threads). On a GPU node they leave the training process the step alone: threads share its interpreter and CPU time with it. Trains the same bytes either way."""
     augment_in_step: Optional[bool] = resource(None)
     """Where a batch's flips, rotations and float conversion run: in the training step on the training device (true) or in the decoding threads (false); null: in the step when training on a GPU, so the threads only decode and resize. The same images on a CPU; on a GPU up to a rare pixel on a rounding tie of the rotation. With RandAugment the whole transform stays in the threads."""
     cache_mb: float = resource(1024.0)

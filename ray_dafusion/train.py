@@ -161,7 +161,7 @@ def _transform_rows(transform: Any, image_size: int, image_bytes: Any, labels: A
         drawn = _concat_columns(parts)
     else:
         drawn = part(range(n))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    y = torch.from_numpy(np.array(labels, dtype=np.int64))  # a copy: a Ray task's arguments are read-only
     return drawn[0], y, np.asarray(aug), np.asarray(ids), np.full(len(ids), pass_index), *drawn[1:]
 
 
@@ -555,8 +555,10 @@ def _decode_task() -> Any:
 
 
 class _TaskDecoder:
-    """Chunks decoded in Ray tasks of one CPU each (`decode_processes`), preferably on this
-    worker's node: the training process then only masks, submits and steps. Threads in the training
+    """Chunks decoded in Ray tasks of one CPU each (`decode_processes`): the training process then
+    only masks, submits and steps. Ray's default placement prefers this node (the caller's, holding
+    the arguments) and spills to another when it has no CPU free; a hard or soft node affinity
+    would wait forever behind a worker that reserved all of its node's CPUs. Threads in the training
     process share its interpreter and CPU time with the step: on an H100 a ResNet-50 step slowed
     from 38 to 84 ms beside 12 decoding threads (docs/benchmarks.md)."""
 
@@ -565,11 +567,9 @@ class _TaskDecoder:
 
     def __init__(self, transform: Any, cfg: TrainConfig, epoch: int, in_step: bool) -> None:
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         plan._connect()  # the local runner (num_workers 0) may be the first to use Ray
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.task = _decode_task().options(num_cpus=1, scheduling_strategy=here, name="decode_rows")
+        self.task = _decode_task().options(num_cpus=1, name="decode_rows")
         self.setup = ray.put((transform, cfg.image_size, cfg.seed, epoch, in_step))
         self.pending: collections.deque = collections.deque()
 
@@ -589,7 +589,10 @@ class _TaskDecoder:
         import ray
 
         for ref in self.pending:  # a stopped epoch (an error, a closed stream) leaves nothing running
-            ray.cancel(ref)
+            try:
+                ray.cancel(ref)
+            except Exception as e:  # never in place of the error that stopped the epoch
+                log.debug("could not cancel a decoding task: %s", e)
         self.pending.clear()
 
 
@@ -618,16 +621,19 @@ class _ThreadDecoder:
 def _decoded_ahead(planned: Iterator[tuple[int, dict[str, np.ndarray]]], cfg: TrainConfig, transform: Any, epoch: int,
                    in_step: bool) -> Iterator[tuple]:
     """Transformed chunks of `planned` (pass, rows), in order, each decoded while the ones before it
-    train: up to prefetch_batches ahead in this process's threads, or with decode_processes, up to
-    that many (at least prefetch_batches) in Ray tasks. Every row's transform is seeded by its id, so
-    either way the same bytes are trained on."""
+    train: prefetch_batches chunks ahead in this process's threads, or with decode_processes, that
+    many in Ray tasks (never more at once). Every row's transform is seeded by its id, so either way
+    the same bytes are trained on."""
     decoder = (_TaskDecoder if cfg.decode_processes else _ThreadDecoder)(transform, cfg, epoch, in_step)
-    ahead = max(cfg.prefetch_batches, cfg.decode_processes)
+    ahead = cfg.decode_processes or cfg.prefetch_batches
     try:
         for pass_index, rows in planned:
-            decoder.submit(pass_index, rows)
-            if len(decoder.pending) > ahead:
-                yield decoder.next()
+            if len(decoder.pending) >= ahead:  # take the oldest, then refill: `ahead` decode during the step
+                done = decoder.next()
+                decoder.submit(pass_index, rows)
+                yield done
+            else:
+                decoder.submit(pass_index, rows)
         while decoder.pending:
             yield decoder.next()
     finally:
@@ -1092,7 +1098,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     storage.ensure_fresh_output(run_uri, "train", config_fp, cfg.overwrite, ep, made_of)
 
     # 4. Ray Train: DDP workers with fractional CPUs so Ray Data keeps CPUs for reading
-    fitting, trained_before = time.time(), _epochs_trained(run_uri, ep)
+    # (a checkpoint uploaded but not yet recorded when a local run was killed counts here though
+    # it trains again: that epoch's decoding tasks then go unbilled)
+    fitting, trained_before = time.time(), _epochs_trained(run_uri, ep) if cfg.decode_processes else 0
     result = _fit(cfg, name, data, alpha, randaugment)
     meter.add_actor_seconds((time.time() - fitting) * cfg.num_workers, cfg.cpus_per_worker,
                             1.0 if cfg.use_gpu else 0.0)  # the worker group held its reservation throughout
@@ -1206,7 +1214,7 @@ def _epochs_trained(run_uri: str, ep: Optional[str]) -> int:
     for name in reversed(names):
         try:
             return len(storage.read_json(storage.join(run_uri, name, CHECKPOINT_META), ep)["history"])
-        except FileNotFoundError:  # one being written when an earlier call stopped
+        except (FileNotFoundError, ValueError, KeyError):  # one being written when an earlier call stopped
             continue
     return 0
 

@@ -164,7 +164,7 @@ def test_the_same_config_gives_the_same_checkpoint_bytes(ray_session, make_real,
     assert weights[0] != weights[2]
     assert weights[0] == weights[3], "decoding threads changed what was trained on"
     assert weights[0] == weights[4], "decoding in Ray tasks changed what was trained on"
-    # the tasks' time is in the epoch's metrics and in the stage's cost; the threads' is the worker's own
+    # the tasks' time is in the epoch's metrics (and billed); the threads' is the worker's own
     assert runs[4].metrics[0]["decode_task_seconds"] > 0 and "decode_task_seconds" not in runs[0].metrics[0]
     # streamed from storage on every pass (cache_mb 0; its order follows the blocks' arrival, so
     # not compared by bytes), decoded in Ray tasks, the step finishing the transform: exact per pass
@@ -246,9 +246,16 @@ def test_epochs_trained_before_a_call_come_from_the_latest_checkpoint(tmp_path):
     os.makedirs(os.path.join(run, "checkpoint_000003"))  # being written when the call stopped
     os.makedirs(os.path.join(run, "other"))
     assert _epochs_trained(run, None) == 3
+    # Ray Train's names sort by time; a truncated record is skipped like a missing one
+    ray_run = str(tmp_path / "ray-run")
+    for stamp, epochs in (("2026-11-28_01-49-32.636061", 1), ("2026-11-28_01-50-02.000001", 2)):
+        storage.write_json(os.path.join(ray_run, f"checkpoint_{stamp}", CHECKPOINT_META),
+                           {"history": [{"epoch": e} for e in range(epochs)]})
+    storage.write_bytes(os.path.join(ray_run, "checkpoint_2026-11-28_01-51-00.000000", CHECKPOINT_META), b'{"hist')
+    assert _epochs_trained(ray_run, None) == 2
 
 
-def test_ray_tasks_decode_the_same_chunks_as_threads(ray_session):
+def test_ray_tasks_decode_the_same_chunks_as_threads(ray_session, monkeypatch):
     # decode_processes: chunks decoded in Ray tasks come back in order, the same tensors and arrays
     # (uint8 images with each row's flip and angle when the step finishes them) as the threads make
     from ray_dafusion import train as train_module
@@ -271,10 +278,23 @@ def test_ray_tasks_decode_the_same_chunks_as_threads(ray_session):
                 assert torch.equal(x, y) if isinstance(x, torch.Tensor) else np.array_equal(x, y)
         assert tasks[0][0].dtype == (torch.uint8 if in_step else torch.float32)
         assert list(tasks[2][4]) == [1, 1, 1] and list(tasks[1][3]) == ["r3", "r4", "r5"]
-    # a stream stopped early cancels what it had asked for and leaves no task behind
+    # at most decode_processes tasks at once; a stream stopped early cancels those it had asked for
+    import ray
+
+    cancelled, submitted = [], []
+    cfg = TrainConfig(seed=7, image_size=24, decode_processes=2)
+    decoder_submit = train_module._TaskDecoder.submit
+
+    def counted(self, *args):
+        decoder_submit(self, *args)
+        submitted.append(len(self.pending))
+
+    monkeypatch.setattr(train_module._TaskDecoder, "submit", counted)
+    monkeypatch.setattr(ray, "cancel", lambda ref, **kw: cancelled.append(ref))
     stream = train_module._decoded_ahead(iter(chunks), cfg, tf, 3, True)
     next(stream)
     stream.close()
+    assert max(submitted) == 2 and len(cancelled) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
