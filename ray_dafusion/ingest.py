@@ -2,8 +2,8 @@
 
 Decoding, validation and writing run as Ray Data tasks; the driver only lists files and decides
 the splits from small metadata columns. Every file ends up in a split, in the errors table with
-its reason, or in a counted skip (VOC/COCO images without objects, files under hidden or
-``__MACOSX`` folders, images beyond the split sizes); nothing is dropped silently.
+its reason, or in a counted skip (VOC/COCO images without objects, hidden files and files under
+hidden or ``__MACOSX`` folders, images beyond the split sizes); nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -199,17 +199,21 @@ def _list_folder(cfg: IngestConfig) -> _Listing:
                          if not _ignored_folder(c)}) if given else top
     items, errors = [], []
     depth = 3 if given else 2
-    ignored: dict[str, int] = defaultdict(int)  # ignored split or class folder -> files in it
+    ignored: dict[str, int] = defaultdict(int)  # ignored folder (at any depth) -> files in it
+    hidden_files = 0  # .DS_Store and the like, beside the images
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         rel = posixpath.relpath(entry.path.replace(os.sep, "/"), root.replace(os.sep, "/"))
         parts = rel.split("/")
         is_file = entry.type == pafs.FileType.File
         folders = parts[:-1] if is_file else parts
-        hidden = next((i for i, p in enumerate(folders[:depth - 1]) if _ignored_folder(p)), None)
+        hidden = next((i for i, p in enumerate(folders) if _ignored_folder(p)), None)
         if hidden is not None:
             ignored["/".join(parts[:hidden + 1])] += int(is_file)
             continue
         if not is_file:
+            continue
+        if parts[-1].startswith("."):
+            hidden_files += 1
             continue
         if len(parts) < depth:
             where = "a split folder, not inside a class folder" if given and len(parts) == 2 else "the top level"
@@ -219,9 +223,11 @@ def _list_folder(cfg: IngestConfig) -> _Listing:
         items.append({"key": rel, "uri": storage.join(cfg.source, rel), "class_name": parts[depth - 2],
                       "annotation": None, "given": parts[0] if given else None})
     skipped = {"in_ignored_folders": sum(ignored.values())} if sum(ignored.values()) else {}
+    if hidden_files:
+        skipped["hidden_files"] = hidden_files
     if ignored:
-        log.info("%s: ignoring the folders %s (hidden or __MACOSX, so neither classes nor splits); the %d files in "
-                 "them are counted as skipped 'in_ignored_folders'", cfg.source,
+        log.info("%s: ignoring the folders %s (hidden or __MACOSX: neither classes, splits nor images); the %d files "
+                 "in them are counted as skipped 'in_ignored_folders'", cfg.source,
                  ", ".join(f"{d}/" for d in sorted(ignored)), sum(ignored.values()))
     return _Listing(items, errors, class_dirs, skipped)
 

@@ -423,8 +423,13 @@ def test_hidden_and_macos_folders_are_neither_classes_nor_splits(tmp_path, caplo
     # the same beside class folders
     flat = _folder(tmp_path, n=4)
     _save(_png(902), str(flat / ".git" / "x.png"))
+    # and inside a class folder (a notebook's checkpoint copy), and hidden files (.DS_Store) beside images
+    _save(_png(903), str(flat / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png"))
+    (flat / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     res = ingest(IngestConfig(source=str(flat), output=str(tmp_path / "f"), examples_per_class=1))
-    assert res.classes == ["cat", "dog"] and res.skipped["in_ignored_folders"] == 1
+    assert res.classes == ["cat", "dog"] and res.errors == 0
+    assert res.skipped["in_ignored_folders"] == 2 and res.skipped["hidden_files"] == 1
+    assert res.counts["train"] + res.counts["val"] + res.counts["test"] + res.skipped["unused"] == 8
 
 
 def test_split_names_beside_class_folders_are_classes_and_val_alone_is_refused(tmp_path, caplog):
