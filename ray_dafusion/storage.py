@@ -168,8 +168,6 @@ def exists(uri: str, endpoint_url: Optional[str] = None) -> bool:
     return _info(uri, endpoint_url).type != pafs.FileType.NotFound
 
 
-
-
 def read_bytes(uri: str, endpoint_url: Optional[str] = None) -> bytes:
     fs, path = resolve(uri, endpoint_url)
     try:
@@ -737,8 +735,7 @@ def _read_lease(path: str, endpoint_url: Optional[str]) -> Optional[dict[str, An
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError):
-        fs, local = resolve(path, endpoint_url)
-        info = fs.get_file_info(local)
+        info = _info(path, endpoint_url)
         modified = info.mtime.timestamp() if info.mtime is not None else time.time()
         return {"heartbeat_at": modified, "host": "unknown (lease being written)", "pid": "?"}
 
@@ -773,8 +770,12 @@ def _held_message(uri: str, holder: dict[str, Any]) -> str:
 
 
 def list_dirs(uri: str, endpoint_url: Optional[str] = None) -> list[str]:
+    """Sorted names of the folders directly under `uri` (none when it does not exist)."""
     fs, path = resolve(uri, endpoint_url)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except Exception as exc:
+        raise _wrap(uri, exc) from None
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
 
 

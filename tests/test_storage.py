@@ -159,7 +159,9 @@ def test_refused_credentials_are_named():
     try:
         for call in (lambda: storage.write_bytes("s3://bucket/x", b"1", endpoint_url=endpoint),
                      lambda: storage.read_bytes("s3://bucket/x", endpoint_url=endpoint),
-                     lambda: storage.exists("s3://bucket/x", endpoint_url=endpoint)):
+                     lambda: storage.exists("s3://bucket/x", endpoint_url=endpoint),
+                     lambda: storage.list_dirs("s3://bucket/x", endpoint_url=endpoint),
+                     lambda: storage.list_files("s3://bucket/x", endpoint_url=endpoint)):
             with pytest.raises(storage.StorageError, match="S3 refused access to s3://bucket/x: check the AWS credentials"):
                 call()
     finally:
