@@ -40,27 +40,35 @@ def sources(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-def rate(image_bytes: np.ndarray, image_size: int, threads: int, randaugment: bool, repeats: int,
-         in_step: bool = False) -> float:
-    """Rows/s of train-time decode + transform of one batch, `repeats` times after one warm-up."""
+def _workload(image_bytes: np.ndarray, image_size: int, randaugment: bool) -> tuple:
+    """The train transform (rotation 15, flips) and the rows of one batch, as the train stage holds them."""
     from ray_dafusion.classifier import make_transform
-    from ray_dafusion.train import _transform_rows, item_seed
 
     n = len(image_bytes)
     transform = make_transform(image_size, True, rotation=15.0, hflip=True, randaugment=randaugment, fill=0)
-    labels, aug = np.zeros(n, dtype=np.int64), np.full(n, -1)
-    ids = np.array([f"row-{i}" for i in range(n)], dtype=object)
+    rows = {"id": np.array([f"row-{i}" for i in range(n)], dtype=object), "image_bytes": image_bytes,
+            "label": np.zeros(n, dtype=np.int64), "aug_index": np.full(n, -1)}
+    return transform, rows
+
+
+def rate(image_bytes: np.ndarray, image_size: int, threads: int, randaugment: bool, repeats: int,
+         in_step: bool = False) -> float:
+    """Rows/s of train-time decode + transform of one batch, `repeats` times after one warm-up."""
+    from ray_dafusion.train import _transform_rows, item_seed
+
+    transform, rows = _workload(image_bytes, image_size, randaugment)
 
     def batch(pass_index: int) -> None:
-        seeds = [item_seed(0, 0, pass_index, str(i)) for i in ids]
+        seeds = [item_seed(0, 0, pass_index, str(i)) for i in rows["id"]]
         more = {"in_step": True} if in_step else {}
-        _transform_rows(transform, image_size, image_bytes, labels, aug, ids, seeds, pass_index, threads, **more)
+        _transform_rows(transform, image_size, image_bytes, rows["label"], rows["aug_index"], rows["id"], seeds,
+                        pass_index, threads, **more)
 
     batch(0)
     start = time.perf_counter()
     for r in range(repeats):
         batch(r + 1)
-    return repeats * n / (time.perf_counter() - start)
+    return repeats * len(image_bytes) / (time.perf_counter() - start)
 
 
 def process_rate(image_bytes: np.ndarray, image_size: int, processes: int, randaugment: bool, repeats: int,
@@ -68,14 +76,10 @@ def process_rate(image_bytes: np.ndarray, image_size: int, processes: int, randa
     """Rows/s of the same work in Ray tasks of one CPU each (`decode_processes`): the train stage's
     `_decoded_ahead`, `processes` batches at a time, over `repeats` x `processes` batches after two
     untimed rounds (which start the worker processes)."""
-    from ray_dafusion.classifier import make_transform
     from ray_dafusion.config import TrainConfig
     from ray_dafusion.train import _decoded_ahead
 
-    n = len(image_bytes)
-    transform = make_transform(image_size, True, rotation=15.0, hflip=True, randaugment=randaugment, fill=0)
-    rows = {"id": np.array([f"row-{i}" for i in range(n)], dtype=object), "image_bytes": image_bytes,
-            "label": np.zeros(n, dtype=np.int64), "aug_index": np.full(n, -1)}
+    transform, rows = _workload(image_bytes, image_size, randaugment)
     cfg = TrainConfig(image_size=image_size, decode_processes=processes, prefetch_batches=1)
 
     def run(batches: int) -> None:
@@ -85,7 +89,7 @@ def process_rate(image_bytes: np.ndarray, image_size: int, processes: int, randa
     run(2 * processes)
     start = time.perf_counter()
     run(repeats * processes)
-    return repeats * processes * n / (time.perf_counter() - start)
+    return repeats * processes * len(image_bytes) / (time.perf_counter() - start)
 
 
 def finish_on_gpu(image_bytes: np.ndarray, image_size: int, repeats: int = 20) -> dict:
