@@ -156,7 +156,10 @@ def _bench_loop(loop: dict) -> None:
         float(loss)  # wait for the step to finish (CUDA is asynchronous)
         times.append(time.perf_counter() - t0)
     timed = sum(times[loop["warmup"]:])
-    busy = {"step_share": 1 - sum(waits[loop["warmup"]:]) / timed}  # share of the time spent inside steps
+    late = loop["warmup"] + loop["steps"] // 2  # the second half: a wait there is not the stream's ramp-up
+    busy = {"step_share": 1 - sum(waits[loop["warmup"]:]) / timed,  # share of the time spent inside steps
+            "step_share_second_half": 1 - sum(waits[late:]) / sum(times[late:]),
+            "step_own_s_median": float(np.median([t - w for t, w in zip(times[loop["warmup"]:], waits[loop["warmup"]:])]))}
     if sampler:
         busy["nvml_utilization"] = sampler.stop()
     if ray.train.get_context().get_world_rank() == 0:  # V2 Result.metrics only carry checkpointed reports
