@@ -351,7 +351,11 @@ def read_manifest(uri: str, endpoint_url: Optional[str] = None) -> Optional[dict
 
 
 def write_manifest(uri: str, manifest: dict[str, Any], endpoint_url: Optional[str] = None) -> None:
-    """Mark an output complete. Call only after every other file of the output is written."""
+    """Mark an output complete. Call only after every other file of the output is written. A driver
+    whose lease on the output (or a folder above it) has passed to another driver does not: see
+    `_Lease.confirm`."""
+    for held in _leases_over(uri, endpoint_url):
+        held.confirm()
     manifest = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest}
     write_json(join(uri, MANIFEST), manifest, endpoint_url)
 
@@ -580,6 +584,14 @@ _LEASES: dict[tuple[str, str], "_Lease"] = {}
 _LEASES_LOCK = threading.Lock()
 
 
+def _leases_over(uri: str, endpoint_url: Optional[str]) -> list["_Lease"]:
+    """The leases this process holds on `uri` or on a folder above it."""
+    endpoint, path = _lease_key(uri, endpoint_url)
+    with _LEASES_LOCK:
+        return [held for (ep, top), held in _LEASES.items()
+                if ep == endpoint and (path == top or path.startswith(top + "/"))]
+
+
 class _Lease:
     """`<output>/_lease.json`: host, pid, start time and a heartbeat refreshed by a thread."""
 
@@ -623,6 +635,23 @@ class _Lease:
                 self.write()
             except Exception as exc:  # a transient storage error: try again at the next beat
                 log.warning("%s: could not refresh the lease: %s", self.uri, exc)
+
+    def confirm(self) -> None:
+        """Raise LeaseError unless the lease file still names this driver. A driver paused past the
+        ttl (a stopped process, a suspended machine) or whose clock runs far behind the others'
+        looks dead to another driver, which takes the output over; the heartbeat notices only at
+        its next beat, so the commit itself asks, and of two drivers only the one the file names
+        marks the output complete."""
+        try:
+            current = read_json(self.path, self.endpoint_url)
+        except FileNotFoundError:
+            current = None
+        if current is not None and current.get("token") == self.token:
+            return
+        self.lost = self.lost or (f"{current.get('host')} pid {current.get('pid')} took over the output"
+                                  if current is not None else "its lease file was removed by another driver")
+        raise LeaseError(f"{self.uri}: {self.lost} while this driver was writing; it was not marked complete "
+                         "by this driver (check the output, or re-run to resume it)")
 
     def release(self) -> None:
         self._stop.set()

@@ -335,6 +335,31 @@ def test_a_lease_from_another_host_lives_by_its_heartbeat(tmp_path):
         pass
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_driver_whose_lease_passed_to_another_does_not_mark_the_output_complete(where, tmp_path, s3_bucket):
+    """A driver paused past its lease's ttl (or with a clock far behind) looks dead and is taken
+    over; when it resumes, its commit asks the lease file and refuses before its heartbeat would
+    notice, and leaves the other driver's lease in place."""
+    import time
+
+    uri = str(tmp_path / "out") if where == "local" else s3_bucket("fence-" + where) + "/out"
+    with pytest.raises(storage.LeaseError, match="gpu-node-7 pid 4242 took over the output") as err:
+        with storage.lease(uri, "augment", ttl=3600):  # no heartbeat within the test
+            storage.write_manifest(storage.join(uri, "part"), {"stage": "augment"})  # still ours: written
+            storage.write_json(storage.join(uri, "_lease.json"), {"stage": "augment", "host": "gpu-node-7", "pid": 4242,
+                                                                  "token": "theirs", "heartbeat_at": time.time()})
+            storage.write_manifest(uri, {"stage": "augment"})
+    assert "not marked complete" in str(err.value)
+    assert storage.read_manifest(uri) is None
+    assert storage.read_manifest(storage.join(uri, "part"))["stage"] == "augment"
+    assert storage.read_json(storage.join(uri, "_lease.json"))["token"] == "theirs"
+    with pytest.raises(storage.LeaseError, match="lease file was removed"):
+        with storage.lease(str(tmp_path / "other"), "augment", ttl=3600):
+            storage.delete(storage.join(str(tmp_path / "other"), "_lease.json"))
+            storage.write_manifest(str(tmp_path / "other"), {"stage": "augment"})
+    assert storage.read_manifest(str(tmp_path / "other")) is None
+
+
 def test_a_lease_file_left_empty_ages_by_its_modification_time(tmp_path):
     """A crash between creating a lease file and writing it (an older version wrote in two steps)
     left an empty file that read as "being written" forever; it is as old as its last write."""
