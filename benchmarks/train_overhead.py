@@ -6,7 +6,8 @@ fractional CPUs). Only the batch source differs:
 * stream: the train stage's own path: parquet (real + M synthetic per real) -> Ray Data union ->
   streaming_split -> per-pass exact mixing filter on each block, a seeded shuffle buffer of the
   chosen rows, decode and train transforms ahead of the step (in a thread pool, or with
-  `--decode-processes` in Ray tasks) -> exact-size
+  `--decode-processes` in Ray tasks, the chunks then planned, submitted and fetched by a thread of
+  the training process running ahead; `--no-run-ahead`: between steps) -> exact-size
   batches cut across passes (on a GPU, as in the train stage, the threads decode,
   resize and draw, and the timed step finishes flips, rotations and float conversion on the GPU);
 * preloaded: the same rows, mixed, decoded and transformed once into tensors in worker memory
@@ -20,6 +21,10 @@ including the wait for each next batch (Ray start-up, dataset planning and the p
 timed). samples/s = steps x global batch / time. Prints both and their ratio (stream / preloaded).
 
     python benchmarks/train_overhead.py --arch resnet50 --image-size 128 --batch-size 16 --steps 12
+
+`--step-wait-ms W` replaces the step by a wait of W ms that releases the interpreter lock, as a
+training process waiting on a GPU does: on a CPU it measures what the batch supply still costs the
+training process per step (preloaded then takes W ms a step; the ratio is W over the stream's).
 """
 
 from __future__ import annotations
@@ -113,6 +118,10 @@ def _bench_loop(loop: dict) -> None:
     from ray_dafusion.train import _stream_pass, augments_in_step, batch_images, exact_batches, train_step
 
     cfg = TrainConfig.from_dict(loop["config"])
+    if loop["no_run_ahead"]:  # the chunks planned, submitted and fetched between steps, as before the thread
+        import ray_dafusion.train as stage
+
+        stage._CHUNKS_AHEAD = 0
     world = ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(0)
@@ -152,8 +161,11 @@ def _bench_loop(loop: dict) -> None:
         x, y, _, _, _, *drawn = next(source)
         waits.append(time.perf_counter() - t0)  # waiting for the next batch: the GPU idles
         x = batch_images(tf, x, drawn, device)
-        loss = train_step(model, optimizer, scaler, x, y, device, cfg.channels_last)
-        float(loss)  # wait for the step to finish (CUDA is asynchronous)
+        if loop["step_wait"]:  # a GPU step as the training process sees it: a wait without the interpreter lock
+            time.sleep(loop["step_wait"])
+        else:
+            loss = train_step(model, optimizer, scaler, x, y, device, cfg.channels_last)
+            float(loss)  # wait for the step to finish (CUDA is asynchronous)
         times.append(time.perf_counter() - t0)
     timed = sum(times[loop["warmup"]:])
     late = loop["warmup"] + loop["steps"] // 2  # the second half: a wait there is not the stream's ramp-up
@@ -191,7 +203,8 @@ def run(mode: str, args, real: str, synth: str) -> dict:
         _bench_loop,
         train_loop_config={"config": cfg.to_dict(), "mode": mode, "alpha": cfg.alpha, "candidates": data.candidates,
                            "num_classes": len(data.classes), "rows_per_real": data.rows_per_real,
-                           "warmup": args.warmup, "steps": args.steps, "result_file": result_file},
+                           "warmup": args.warmup, "steps": args.steps, "result_file": result_file,
+                           "step_wait": args.step_wait_ms / 1e3, "no_run_ahead": args.no_run_ahead},
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu,
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
         run_config=RunConfig(name=f"bench-{mode}-{time.time_ns()}", storage_path=args.workdir),
@@ -218,6 +231,11 @@ def main() -> int:
                    help="train config decode_threads (rows decoded in parallel; 0, the default: one per whole CPU)")
     p.add_argument("--decode-processes", type=int, default=0,
                    help="train config decode_processes (Ray tasks of one CPU that decode batches; 0: the threads)")
+    p.add_argument("--step-wait-ms", type=float, default=0.0,
+                   help="replace the training step by a wait of this many ms that holds no interpreter lock (how a GPU "
+                        "step looks to the training process): on a CPU, what the batch supply still costs it per step")
+    p.add_argument("--no-run-ahead", action="store_true",
+                   help="with --decode-processes: plan, submit and fetch chunks between steps, not in a thread ahead")
     p.add_argument("--contiguous", action="store_true",
                    help="train config channels_last false on both sides (the stage's default is true)")
     p.add_argument("--backbone", default="finetune")
@@ -259,7 +277,8 @@ def main() -> int:
     summary = {"decode_threads": metrics["decode_threads"], "decode_processes": metrics["decode_processes"], "channels_last": metrics["channels_last"], "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
                "steps": args.steps, "warmup": args.warmup, "alpha": args.alpha, "m": args.m, "backbone": args.backbone,
                "stream_samples_per_s": stream, "preloaded_samples_per_s": preloaded, "ratio": stream / preloaded,
-               "runs": results, "busy_last_run": busy, "use_gpu": args.use_gpu}
+               "runs": results, "busy_last_run": busy, "use_gpu": args.use_gpu, "step_wait_ms": args.step_wait_ms,
+               "run_ahead": bool(args.decode_processes) and not args.no_run_ahead}
     print(json.dumps(summary, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -622,8 +622,81 @@ def _decoded_ahead(planned: Iterator[tuple[int, dict[str, np.ndarray]]], cfg: Tr
                    in_step: bool) -> Iterator[tuple]:
     """Transformed chunks of `planned` (pass, rows), in order, each decoded while the ones before it
     train: prefetch_batches chunks ahead in this process's threads, or with decode_processes, that
-    many in Ray tasks (never more at once). Every row's transform is seeded by its id, so either way
+    many in Ray tasks (never more at once), the planning, submitting and fetching then run ahead
+    in a thread of their own (`_run_ahead`). Every row's transform is seeded by its id, so either way
     the same bytes are trained on."""
+    chunks = _decode_in_order(planned, cfg, transform, epoch, in_step)
+    return _run_ahead(chunks, _CHUNKS_AHEAD) if cfg.decode_processes and _CHUNKS_AHEAD else chunks
+
+
+_CHUNKS_AHEAD = 2
+"""Decoded chunks `_run_ahead` holds ready for the step (with decode_processes); 0: no thread
+(benchmarks/train_overhead.py --no-run-ahead measures what the thread saves)."""
+
+
+def _run_ahead(items: Iterator[tuple], depth: int) -> Iterator[tuple]:
+    """`items` produced by a thread of this process, at most `depth` ahead of the consumer, in order.
+
+    With decode_processes, what a batch still costs the training process (Ray Data's blocks, the
+    mixing mask and draws, submitting a chunk, fetching and copying its arrays) ran between steps
+    while the GPU idled, since each step waits for the GPU (the AMP scaler's check, the loss): on an
+    H200 node the stream of 6 decoding tasks waited 27% of its time (docs/benchmarks.md). In a thread it runs
+    while the training thread waits on the GPU with the interpreter lock released. The thread owns
+    `items` (a generator is closed by the thread that runs it): the consumer's close stops it after
+    the item in hand, and closing `items` there cancels what it had asked for; an error in it is
+    raised in the consumer."""
+    import queue
+
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def hand(entry: tuple) -> bool:  # False once the consumer stopped
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not hand((item, None)):
+                    return
+            hand((end, None))
+        except BaseException as exc:  # raised again in the consumer, with its traceback
+            hand((None, exc))
+        finally:
+            close = getattr(items, "close", None)  # a generator's: what it had asked for is cancelled
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="chunks ahead", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while True:
+            item, exc = ready.get()
+            if exc is not None:
+                raise exc
+            if item is end:
+                finished = True
+                return
+            yield item
+    except GeneratorExit:  # an ordinary early stop (iterations_per_epoch reached)
+        finished = True
+        raise
+    finally:
+        stop.set()
+        # an interrupt (the stall watchdog) must not wait on a thread stuck in a read
+        thread.join(timeout=None if finished else 5.0)
+
+
+def _decode_in_order(planned: Iterator[tuple[int, dict[str, np.ndarray]]], cfg: TrainConfig, transform: Any,
+                     epoch: int, in_step: bool) -> Iterator[tuple]:
+    """`_decoded_ahead`'s chunks, decoded by threads or Ray tasks, in `planned`'s order."""
     decoder = (_TaskDecoder if cfg.decode_processes else _ThreadDecoder)(transform, cfg, epoch, in_step)
     ahead = cfg.decode_processes or cfg.prefetch_batches
     try:

@@ -279,6 +279,7 @@ def test_ray_tasks_decode_the_same_chunks_as_threads(ray_session, monkeypatch):
         assert tasks[0][0].dtype == (torch.uint8 if in_step else torch.float32)
         assert list(tasks[2][4]) == [1, 1, 1] and list(tasks[1][3]) == ["r3", "r4", "r5"]
     # at most decode_processes tasks at once; a stream stopped early cancels those it had asked for
+    # (the thread running ahead holds at most 2 decoded chunks and one in hand, then stops)
     import ray
 
     cancelled, submitted = [], []
@@ -291,10 +292,40 @@ def test_ray_tasks_decode_the_same_chunks_as_threads(ray_session, monkeypatch):
 
     monkeypatch.setattr(train_module._TaskDecoder, "submit", counted)
     monkeypatch.setattr(ray, "cancel", lambda ref, **kw: cancelled.append(ref))
-    stream = train_module._decoded_ahead(iter(chunks), cfg, tf, 3, True)
+    stream = train_module._decoded_ahead(iter(chunks * 3), cfg, tf, 3, True)
     next(stream)
     stream.close()
-    assert max(submitted) == 2 and len(cancelled) == 2
+    assert max(submitted) == 2 and len(cancelled) == 2 and len(submitted) <= 1 + 3 + 2 < 12
+
+
+def test_chunks_run_ahead_in_a_thread_in_order_and_stop_with_the_consumer():
+    # _run_ahead: the same items in the same order; an error in the producer reaches the consumer;
+    # a consumer that stops early stops the producer, which closes its generator in its own thread
+    import threading
+
+    from ray_dafusion.train import _run_ahead
+
+    assert list(_run_ahead(iter(range(50)), 2)) == list(range(50))
+    log = {"made": 0, "closed_in": None}
+
+    def source(fail_at=None):
+        try:
+            for i in range(1000):
+                if i == fail_at:
+                    raise ValueError(f"bad chunk {i}")
+                log["made"] += 1
+                yield i
+        finally:
+            log["closed_in"] = threading.current_thread().name
+
+    with pytest.raises(ValueError, match="bad chunk 5"):
+        assert list(_run_ahead(source(fail_at=5), 2)) == []
+    log["made"] = 0
+    stream = _run_ahead(source(), 2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert log["closed_in"] == "chunks ahead" and log["made"] <= 3 + 2 + 1
+    assert not [t for t in threading.enumerate() if t.name == "chunks ahead"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
