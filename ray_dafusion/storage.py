@@ -636,16 +636,27 @@ class _Lease:
             except Exception as exc:  # a transient storage error: try again at the next beat
                 log.warning("%s: could not refresh the lease: %s", self.uri, exc)
 
-    def confirm(self) -> None:
-        """Raise LeaseError unless the lease file still names this driver. A driver paused past the
-        ttl (a stopped process, a suspended machine) or whose clock runs far behind the others'
-        looks dead to another driver, which takes the output over; the heartbeat notices only at
-        its next beat, so the commit itself asks, and of two drivers only the one the file names
-        marks the output complete."""
-        try:
-            current = read_json(self.path, self.endpoint_url)
-        except FileNotFoundError:
-            current = None
+    def confirm(self, attempts: int = 3) -> None:
+        """Raise LeaseError when the lease file names another driver, or none. A driver paused past
+        the ttl (a stopped process, a suspended machine) or whose clock runs far behind the others'
+        looks dead to another driver, which takes the output over; the heartbeat notices only at its
+        next beat, so the commit asks first. That narrows the window to the moments between this read
+        and the manifest's write; it does not close it (object stores have no compare-and-swap). A
+        lease that cannot be read (a storage error, `attempts` times a second apart) does not fail
+        the commit of finished work: the heartbeat still watches it."""
+        for attempt in range(attempts):
+            try:
+                current = read_json(self.path, self.endpoint_url)
+                break
+            except FileNotFoundError:
+                current = None
+                break
+            except Exception as exc:
+                if attempt == attempts - 1:
+                    log.warning("%s: could not read the lease before marking the output complete (%s); "
+                                "marking it complete", self.uri, exc)
+                    return
+                time.sleep(1.0)
         if current is not None and current.get("token") == self.token:
             return
         self.lost = self.lost or (f"{current.get('host')} pid {current.get('pid')} took over the output"

@@ -586,14 +586,19 @@ class _TaskDecoder:
         return tuple(torch.from_numpy(a.copy()) if t else a.copy() for a, t in zip(arrays, tensors))
 
     def close(self) -> None:
+        self.cancel_pending()  # a stopped epoch (an error, a closed stream) leaves nothing running
+        self.pending.clear()
+
+    def cancel_pending(self) -> None:
+        """Cancel the tasks asked for and not yet taken; safe from another thread than the one that
+        asks (a snapshot: nothing is removed, and the asker meets the cancellation at its next take)."""
         import ray
 
-        for ref in self.pending:  # a stopped epoch (an error, a closed stream) leaves nothing running
+        for ref in list(self.pending):
             try:
                 ray.cancel(ref)
             except Exception as e:  # never in place of the error that stopped the epoch
                 log.debug("could not cancel a decoding task: %s", e)
-        self.pending.clear()
 
 
 class _ThreadDecoder:
@@ -625,16 +630,21 @@ def _decoded_ahead(planned: Iterator[tuple[int, dict[str, np.ndarray]]], cfg: Tr
     many in Ray tasks (never more at once), the planning, submitting and fetching then run ahead
     in a thread of their own (`_run_ahead`). Every row's transform is seeded by its id, so either way
     the same bytes are trained on."""
-    chunks = _decode_in_order(planned, cfg, transform, epoch, in_step)
-    return _run_ahead(chunks, _CHUNKS_AHEAD) if cfg.decode_processes and _CHUNKS_AHEAD else chunks
+    decoder = (_TaskDecoder if cfg.decode_processes else _ThreadDecoder)(transform, cfg, epoch, in_step)
+    chunks = _decode_in_order(planned, decoder, cfg.decode_processes or cfg.prefetch_batches)
+    if cfg.decode_processes and _CHUNKS_AHEAD:
+        return _run_ahead(chunks, _CHUNKS_AHEAD, abandon=decoder.cancel_pending)
+    return chunks
 
 
 _CHUNKS_AHEAD = 2
 """Decoded chunks `_run_ahead` holds ready for the step (with decode_processes); 0: no thread
 (benchmarks/train_overhead.py --no-run-ahead measures what the thread saves)."""
+_STOP_WAIT = 5.0
+"""Seconds a stopped consumer waits for the thread of `_run_ahead` to end before leaving it behind."""
 
 
-def _run_ahead(items: Iterator[tuple], depth: int) -> Iterator[tuple]:
+def _run_ahead(items: Iterator[tuple], depth: int, abandon: Optional[Any] = None) -> Iterator[tuple]:
     """`items` produced by a thread of this process, at most `depth` ahead of the consumer, in order.
 
     With decode_processes, what a batch still costs the training process (Ray Data's blocks, the
@@ -642,11 +652,15 @@ def _run_ahead(items: Iterator[tuple], depth: int) -> Iterator[tuple]:
     while the GPU idled, since each step waits for the GPU (the AMP scaler's check, the loss): on an
     H200 node the stream of 6 decoding tasks waited 27% of its time (docs/benchmarks.md). In a thread it runs
     while the training thread waits on the GPU with the interpreter lock released. The thread owns
-    `items` (a generator is closed by the thread that runs it): the consumer's close stops it after
-    the item in hand, and closing `items` there cancels what it had asked for; an error in it is
-    raised in the consumer."""
+    `items` (a generator is closed by the thread that runs it): the consumer's close or error stops
+    it after the item in hand, and closing `items` there cancels what it had asked for; an error in
+    it is raised in the consumer. A thread still inside a read `_STOP_WAIT` s after the consumer
+    stopped is left to end on its own, after `abandon()` (cancelling the tasks it had asked for):
+    a stage failing, or interrupted by the stall watchdog, never waits on a hung read."""
     import queue
 
+    if depth < 1:  # a Queue of maxsize 0 would hold everything
+        raise ValueError(f"depth must be at least 1, got {depth}")
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
@@ -685,20 +699,19 @@ def _run_ahead(items: Iterator[tuple], depth: int) -> Iterator[tuple]:
                 finished = True
                 return
             yield item
-    except GeneratorExit:  # an ordinary early stop (iterations_per_epoch reached)
-        finished = True
-        raise
     finally:
         stop.set()
-        # an interrupt (the stall watchdog) must not wait on a thread stuck in a read
-        thread.join(timeout=None if finished else 5.0)
+        thread.join(timeout=None if finished else _STOP_WAIT)
+        if thread.is_alive():
+            log.warning("the thread reading training chunks ahead is still inside a read %gs after the epoch "
+                        "stopped; cancelling its decoding tasks and leaving it to end on its own", _STOP_WAIT)
+            if abandon is not None:
+                abandon()
 
 
-def _decode_in_order(planned: Iterator[tuple[int, dict[str, np.ndarray]]], cfg: TrainConfig, transform: Any,
-                     epoch: int, in_step: bool) -> Iterator[tuple]:
-    """`_decoded_ahead`'s chunks, decoded by threads or Ray tasks, in `planned`'s order."""
-    decoder = (_TaskDecoder if cfg.decode_processes else _ThreadDecoder)(transform, cfg, epoch, in_step)
-    ahead = cfg.decode_processes or cfg.prefetch_batches
+def _decode_in_order(planned: Iterator[tuple[int, dict[str, np.ndarray]]], decoder: Any, ahead: int) -> Iterator[tuple]:
+    """`_decoded_ahead`'s chunks, decoded by `decoder` (threads or Ray tasks) `ahead` at a time, in
+    `planned`'s order; the decoder is closed at the end."""
     try:
         for pass_index, rows in planned:
             if len(decoder.pending) >= ahead:  # take the oldest, then refill: `ahead` decode during the step
@@ -783,7 +796,9 @@ def _train_epoch(cfg: TrainConfig, loop: dict[str, Any], model: Any, optimizer: 
     for segment, last in _segments(shard, cache, cfg, loop, transform, epoch, rank, local_batch, in_step):
         # uneven shards: a worker that runs out shadows the others' collectives until they finish
         segment_steps = 0
-        with Join([model]) if world > 1 else contextlib.nullcontext():
+        # closing: an error in a step stops the segment's chunks (and a thread reading them ahead) now,
+        # not whenever the error's traceback lets the generator go
+        with contextlib.closing(segment), Join([model]) if world > 1 else contextlib.nullcontext():
             for x, y, aug, ids, passes, *drawn in exact_batches(segment, local_batch, carry, last):
                 x = batch_images(transform, x, drawn, device)
                 loss = train_step(model, optimizer, scaler, x, y, device, cfg.channels_last)

@@ -353,11 +353,30 @@ def test_a_driver_whose_lease_passed_to_another_does_not_mark_the_output_complet
     assert storage.read_manifest(uri) is None
     assert storage.read_manifest(storage.join(uri, "part"))["stage"] == "augment"
     assert storage.read_json(storage.join(uri, "_lease.json"))["token"] == "theirs"
+    with storage.lease(str(tmp_path / "a"), "augment", ttl=3600):  # a lease on a says nothing of a2
+        storage.delete(storage.join(str(tmp_path / "a"), "_lease.json"))
+        storage.write_manifest(str(tmp_path / "a2"), {"stage": "augment"})
+    assert storage.read_manifest(str(tmp_path / "a2"))["stage"] == "augment"
     with pytest.raises(storage.LeaseError, match="lease file was removed"):
         with storage.lease(str(tmp_path / "other"), "augment", ttl=3600):
             storage.delete(storage.join(str(tmp_path / "other"), "_lease.json"))
             storage.write_manifest(str(tmp_path / "other"), {"stage": "augment"})
     assert storage.read_manifest(str(tmp_path / "other")) is None
+
+
+def test_a_lease_that_cannot_be_read_does_not_fail_the_commit(tmp_path, monkeypatch, caplog):
+    # a storage error reading the lease (a 503, throttling) must not fail hours of finished work
+    import time
+
+    uri = str(tmp_path / "out")
+    real_read = storage.read_json
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    with storage.lease(uri, "augment", ttl=3600):
+        monkeypatch.setattr(storage, "read_json", lambda u, *a, **k: (_ for _ in ()).throw(OSError("503 Slow Down"))
+                            if u.endswith("_lease.json") else real_read(u, *a, **k))
+        storage.write_manifest(uri, {"stage": "augment"})
+        monkeypatch.setattr(storage, "read_json", real_read)
+    assert storage.read_manifest(uri)["stage"] == "augment" and "503 Slow Down" in caplog.text
 
 
 def test_a_lease_file_left_empty_ages_by_its_modification_time(tmp_path):

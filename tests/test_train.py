@@ -289,6 +289,7 @@ def test_ray_tasks_decode_the_same_chunks_as_threads(ray_session, monkeypatch):
     def counted(self, *args):
         decoder_submit(self, *args)
         submitted.append(len(self.pending))
+        assert threading.current_thread().name == "chunks ahead"  # planned and submitted ahead of the step
 
     monkeypatch.setattr(train_module._TaskDecoder, "submit", counted)
     monkeypatch.setattr(ray, "cancel", lambda ref, **kw: cancelled.append(ref))
@@ -301,8 +302,6 @@ def test_ray_tasks_decode_the_same_chunks_as_threads(ray_session, monkeypatch):
 def test_chunks_run_ahead_in_a_thread_in_order_and_stop_with_the_consumer():
     # _run_ahead: the same items in the same order; an error in the producer reaches the consumer;
     # a consumer that stops early stops the producer, which closes its generator in its own thread
-    import threading
-
     from ray_dafusion.train import _run_ahead
 
     assert list(_run_ahead(iter(range(50)), 2)) == list(range(50))
@@ -326,6 +325,41 @@ def test_chunks_run_ahead_in_a_thread_in_order_and_stop_with_the_consumer():
     stream.close()
     assert log["closed_in"] == "chunks ahead" and log["made"] <= 3 + 2 + 1
     assert not [t for t in threading.enumerate() if t.name == "chunks ahead"]
+    with pytest.raises(ValueError, match="at least 1"):
+        next(_run_ahead(source(), 0))
+
+
+def test_a_consumer_that_stops_never_waits_on_a_hung_read(monkeypatch):
+    # an error in the step (or the stall watchdog's interrupt) leaves a thread stuck in a read behind
+    # after _STOP_WAIT, cancelling what it had asked for; the thread closes its source once it wakes
+    from ray_dafusion import train as train_module
+
+    monkeypatch.setattr(train_module, "_STOP_WAIT", 0.2)
+    release, abandoned, closed_in = threading.Event(), [], []
+
+    def hung():
+        try:
+            yield 0
+            release.wait(30)  # a read that does not return
+            yield 1
+        finally:
+            closed_in.append(threading.current_thread().name)
+
+    stream = train_module._run_ahead(hung(), 2, abandon=lambda: abandoned.append(True))
+    assert next(stream) == 0
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="step failed"):
+        try:
+            raise RuntimeError("step failed")
+        finally:
+            stream.close()
+    assert time.perf_counter() - start < 5 and abandoned == [True] and closed_in == []
+    release.set()
+    for _ in range(100):
+        if closed_in:
+            break
+        time.sleep(0.05)
+    assert closed_in == ["chunks ahead"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
