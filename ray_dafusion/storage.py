@@ -405,10 +405,19 @@ def _refuse_dangerous_delete(uri: str, stage: str) -> None:
 def _refuse_nested_outputs(uri: str, stage: str, endpoint_url: Optional[str]) -> None:
     """Never delete another stage's output nested inside this one (an invert output at real/tokens/
     inside an ingest output at real/). Score tables at <augment output>/scores/<scorer>/ belong to
-    the augment output and go with it."""
+    the augment output and go with it, unless a live driver is writing them (a score run beside
+    an augment re-run with overwrite): a nested output whose lease lives is never deleted."""
     top = uri.rstrip("/")
     for f in list_files(uri, "", endpoint_url, recursive=True, skip_prefixes=()):
         parts = f[len(top) + 1:].split("/")
+        if len(parts) >= 2 and parts[-1] == LEASE:
+            holder = _read_lease(f, endpoint_url)
+            with _LEASES_LOCK:
+                ours = holder is not None and any(held.token == holder.get("token") for held in _LEASES.values())
+            if holder is not None and not ours and _holder_alive(holder, float(holder.get("ttl_seconds", 60.0))):
+                raise LeaseError(f"refusing to delete {uri} for {stage} overwrite: "
+                                 + _held_message(posixpath.dirname(f), holder))
+            continue
         if len(parts) < 2 or parts[-1] not in (MANIFEST, RUN_RECORD):
             continue
         try:

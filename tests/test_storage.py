@@ -249,6 +249,17 @@ def test_overwrite_never_deletes_another_stages_output_nested_inside(root):
     scores = storage.join(synthetic, "scores", "clip")
     storage.ensure_fresh_output(scores, "score", "fps", False)
     storage.write_manifest(scores, {"stage": "score", "config_fingerprint": "fps"})
+    # ... unless a live driver is writing them: a score run beside an augment re-run with overwrite
+    import time
+
+    lease = {"stage": "score", "host": "gpu-node-7", "pid": 4242, "token": "x", "started_at": time.time() - 100,
+             "ttl_seconds": 60}
+    storage.write_json(storage.join(scores, "_lease.json"), {**lease, "heartbeat_at": time.time() - 5})
+    with pytest.raises(storage.LeaseError, match=r"overwrite: .*scores/clip is being written by another score driver: "
+                                                 r"host gpu-node-7, pid 4242"):
+        storage.ensure_fresh_output(synthetic, "augment", "fpb", True)
+    assert storage.read_manifest(scores)["stage"] == "score" and storage.read_manifest(synthetic)["stage"] == "augment"
+    storage.write_json(storage.join(scores, "_lease.json"), {**lease, "heartbeat_at": time.time() - 61})  # dead
     assert storage.ensure_fresh_output(synthetic, "augment", "fpb", True) is None
     assert storage.read_manifest(scores) is None and storage.read_manifest(synthetic) is None
 
