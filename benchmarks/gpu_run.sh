@@ -5,7 +5,8 @@
 #                                         # `--configs fast,compiled --num-real 24` 310 s on an H200
 #   bash benchmarks/gpu_run.sh profile    # one actor call: UNet / VAE / rest shares, top kernels, ~2 min
 #   bash benchmarks/gpu_run.sh train      # rows/s the CPUs decode, training stream vs preloaded,
-#                                         # then train/evaluate/score lines, ~5 min
+#                                         # then train/evaluate/score lines, ~5 min (STAGES=0: without
+#                                         # those lines, ~3 min)
 # Figures and logs go to $OUT (the device tool's folder that comes back), else /tmp/gpu-out.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -38,7 +39,8 @@ case "${1:-generate}" in
       --batch-size 64 --steps 150 --warmup 5 --m 2 --cpus-per-worker 2 --decode-processes 6 --out "$OUT/train_gpu.json" > "$OUT/train_gpu.log" 2>&1
     echo "train_overhead rc $?"; grep -E "samples/s|ratio" "$OUT/train_gpu.log" | grep -v INFO | tail -4
     # the stages train on the synthetic rows of the latest generate call (and the real set they were
-    # made from, whatever its --num-real/--size); on a fresh machine, make a few
+    # made from, whatever its --num-real/--size); on a fresh machine, make a few. STAGES=0: skip them
+    [ "${STAGES:-1}" = 0 ] && exit 0
     configs=(--configs "")
     [ -f $WORK/latest.json ] || configs=(--configs fast --num-real 8 --m 2 --steps 10)
     python3 benchmarks/gpu_ray_job.py --workdir $WORK "${configs[@]}" --stages --train-steps 10 \
