@@ -412,9 +412,7 @@ def _refuse_nested_outputs(uri: str, stage: str, endpoint_url: Optional[str]) ->
         parts = f[len(top) + 1:].split("/")
         if len(parts) >= 2 and parts[-1] == LEASE:
             holder = _read_lease(f, endpoint_url)
-            with _LEASES_LOCK:
-                ours = holder is not None and any(held.token == holder.get("token") for held in _LEASES.values())
-            if holder is not None and not ours and _holder_alive(holder, float(holder.get("ttl_seconds", 60.0))):
+            if holder is not None and _holder_alive(holder, float(holder.get("ttl_seconds", 60.0))):
                 raise LeaseError(f"refusing to delete {uri} for {stage} overwrite: "
                                  + _held_message(posixpath.dirname(f), holder))
             continue
@@ -637,7 +635,7 @@ class _Lease:
             except Exception:
                 current = None
             if current is not None and current.get("token") != self.token:
-                self.lost = f"{current.get('host')} pid {current.get('pid')} took over the output"
+                self.lost = _taken_by(current)
                 log.error("%s: lease lost: %s", self.uri, self.lost)
                 return
             try:
@@ -668,8 +666,7 @@ class _Lease:
                 time.sleep(1.0)
         if current is not None and current.get("token") == self.token:
             return
-        self.lost = self.lost or (f"{current.get('host')} pid {current.get('pid')} took over the output"
-                                  if current is not None else "its lease file was removed by another driver")
+        self.lost = self.lost or _taken_by(current)
         raise LeaseError(f"{self.uri}: {self.lost} while this driver was writing; it was not marked complete "
                          "by this driver (check the output, or re-run to resume it)")
 
@@ -688,6 +685,13 @@ class _Lease:
                 os.rmdir(made)
             except OSError:  # not empty: the stage wrote there
                 break
+
+
+def _taken_by(current: Optional[dict[str, Any]]) -> str:
+    """What became of a lease whose file no longer carries its holder's token."""
+    if current is None:
+        return "its lease file was removed by another driver"
+    return f"{current.get('host')} pid {current.get('pid')} took over the output"
 
 
 def _holder_alive(holder: dict[str, Any], ttl: float) -> bool:

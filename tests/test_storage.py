@@ -359,9 +359,9 @@ def test_a_driver_whose_lease_passed_to_another_does_not_mark_the_output_complet
             storage.write_manifest(storage.join(uri, "part"), {"stage": "augment"})  # still ours: written
             storage.write_json(storage.join(uri, "_lease.json"), {"stage": "augment", "host": "gpu-node-7", "pid": 4242,
                                                                   "token": "theirs", "heartbeat_at": time.time()})
-            storage.write_manifest(uri, {"stage": "augment"})
+            storage.write_manifest(storage.join(uri, "deeper"), {"stage": "augment"})  # below the lease: asked too
     assert "not marked complete" in str(err.value)
-    assert storage.read_manifest(uri) is None
+    assert storage.read_manifest(storage.join(uri, "deeper")) is None
     assert storage.read_manifest(storage.join(uri, "part"))["stage"] == "augment"
     assert storage.read_json(storage.join(uri, "_lease.json"))["token"] == "theirs"
     with storage.lease(str(tmp_path / "a"), "augment", ttl=3600):  # a lease on a says nothing of a2
@@ -382,9 +382,13 @@ def test_a_lease_that_cannot_be_read_does_not_fail_the_commit(tmp_path, monkeypa
     uri = str(tmp_path / "out")
     real_read = storage.read_json
     monkeypatch.setattr(time, "sleep", lambda s: None)
+    def throttled(u, *args, **kwargs):
+        if u.endswith("_lease.json"):
+            raise OSError("503 Slow Down")
+        return real_read(u, *args, **kwargs)
+
     with storage.lease(uri, "augment", ttl=3600):
-        monkeypatch.setattr(storage, "read_json", lambda u, *a, **k: (_ for _ in ()).throw(OSError("503 Slow Down"))
-                            if u.endswith("_lease.json") else real_read(u, *a, **k))
+        monkeypatch.setattr(storage, "read_json", throttled)
         storage.write_manifest(uri, {"stage": "augment"})
         monkeypatch.setattr(storage, "read_json", real_read)
     assert storage.read_manifest(uri)["stage"] == "augment" and "503 Slow Down" in caplog.text

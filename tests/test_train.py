@@ -296,7 +296,8 @@ def test_ray_tasks_decode_the_same_chunks_as_threads(ray_session, monkeypatch):
     stream = train_module._decoded_ahead(iter(chunks * 3), cfg, tf, 3, True)
     next(stream)
     stream.close()
-    assert max(submitted) == 2 and len(cancelled) == 2 and len(submitted) <= 1 + 3 + 2 < 12
+    # taken 1, then at most 2 ready and 1 in hand: the 2 in flight were asked for by at most 4 yields
+    assert max(submitted) == 2 and len(cancelled) == 2 and len(submitted) <= 6
 
 
 def test_chunks_run_ahead_in_a_thread_in_order_and_stop_with_the_consumer():
